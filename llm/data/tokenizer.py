@@ -1,0 +1,109 @@
+"""Tokenizers: a byte-level BPE trained on the training corpus (the default, cached on disk), or any pretrained
+tokenizer that `transformers.AutoTokenizer` can load (a hub name such as `gpt2`, or a local directory).
+
+Both return a `transformers.PreTrainedTokenizerFast` with BOS, EOS and PAD tokens set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from loguru import logger
+
+from llm.errors import ConfigError, DataError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+def _cache_root(cache_dir: str) -> Path:
+    return Path(os.path.expanduser(str(cache_dir)))
+
+
+def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", min_frequency: int = 2,
+              max_train_bytes: int | None = 50_000_000):
+    """Train (or load from cache) a byte-level BPE on `corpus` (a source from llm.data.sources).
+
+    The cache key is the corpus fingerprint plus the training settings, so a second run loads in milliseconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 260:
+        raise ConfigError(f"tokenizer.vocab_size={vocab_size!r} must be an integer >= 260 (256 bytes + specials)")
+    key = hashlib.sha256(
+        f"bpe-v1|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
+    ).hexdigest()[:16]
+    path = _cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
+    if (path / "tokenizer.json").exists():
+        logger.info(f"tokenizer: cached byte-level BPE ({vocab_size}) from {path}")
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+    logger.info(f"tokenizer: training a byte-level BPE of {vocab_size} tokens on {corpus.describe()}")
+
+    def texts():
+        seen = 0
+        for row in corpus.load():
+            text = row["text"]
+            yield text
+            seen += len(text)
+            if max_train_bytes and seen >= max_train_bytes:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer=trainer)
+    if tok.get_vocab_size() <= 259:
+        raise DataError(f"tokenizer: the corpus ({corpus.describe()}) is too small or empty to train a BPE")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fast.save_pretrained(str(tmp))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
+    """Load any tokenizer AutoTokenizer knows: a local directory or a hub name (needs network the first time).
+    A missing PAD token is set to EOS; a missing BOS to EOS."""
+    from transformers import AutoTokenizer
+
+    if not name_or_path:
+        raise ConfigError("tokenizer.name_or_path is empty")
+    local = os.path.expanduser(str(name_or_path))
+    if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(local):
+        raise DataError(f"tokenizer.name_or_path={name_or_path!r}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise DataError(
+            f"tokenizer.name_or_path={name_or_path!r}: not a tokenizer directory and not loadable from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"tokenizer.name_or_path={name_or_path!r}: only fast (Rust) tokenizers are supported")
+    if tok.eos_token is None:
+        raise DataError(f"tokenizer.name_or_path={name_or_path!r} has no EOS token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.bos_token is None:
+        tok.bos_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that changes the token ids produced."""
+    backend = tokenizer.backend_tokenizer.to_str()
+    specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, len(tokenizer))
+    return hashlib.sha256(f"{backend}|{specials}".encode()).hexdigest()[:16]

@@ -1,0 +1,16 @@
+"""The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
+
+from llm.model.gpt import GPT, GPTConfig, KVCache, build_gpt, sample_next_token
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "build_gpt", "sample_next_token", "unwrap_model"]
+
+
+def unwrap_model(model):
+    """The plain GPT under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            return model

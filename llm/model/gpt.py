@@ -1,0 +1,291 @@
+"""A decoder-only GPT, readable top to bottom: config, attention, MLP, block, model, generation with a KV cache.
+
+Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab.
+Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm); MLP GELU or SwiGLU;
+grouped-query attention through `scaled_dot_product_attention`; LM head tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llm.errors import ConfigError, check_choice, check_positive
+from llm.model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096  # real tokenizer size; the embedding is padded up to `pad_vocab_to`
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
+    d_model: int = 256
+    ffn_hidden: int | None = None  # None: 4*D for GELU, 8/3*D rounded up to a multiple of 64 for SwiGLU
+    max_seq_len: int = 256  # the training context; learned positions cannot go past it
+    pos_emb: str = "rope"  # rope | learned
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    bias: bool = False  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # length extrapolation (see llm/model/rope.py)
+    init_std: float = 0.02
+    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls)
+    extra: dict = field(default_factory=dict)  # free-form notes carried into model_config.json
+
+    def __post_init__(self):
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):
+            check_positive(f"model.{key}", getattr(self, key))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        check_positive("model.n_kv_head", self.n_kv_head)
+        check_choice("model.pos_emb", self.pos_emb, {"rope", "learned"})
+        check_choice("model.norm", self.norm, {"rmsnorm", "layernorm"})
+        check_choice("model.mlp", self.mlp, {"swiglu", "gelu"})
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k, v [n_layer, B, K, max_len, hd]; `length` positions filled."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already written (the same for every layer after a full forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, K, T, hd] after the cached positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache of {self.k.size(3)} positions is full")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual_projection = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(self.layer, k, v)  # [B, K, past+T, hd]
+        if attn_mask is None and past > 0 and T > 1:  # causal mask aligned to the end of the keys
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past == 0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # [B, H, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        width = 2 * cfg.ffn_hidden if self.swiglu else cfg.ffn_hidden  # SwiGLU: gate and up in one matmul
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.down.is_residual_projection = True
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = False  # set by llm.train.distributed.parallelize
+
+    def _forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+    def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
+        if self.activation_checkpointing and self.training and kv_cache is None:
+            return checkpoint(self._forward, x, cos, sin, attn_mask, use_reentrant=False)
+        return self._forward(x, cos, sin, attn_mask, kv_cache)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.pos_emb == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); norms to 1, biases to 0."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_projection", 0) else 1
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        if self.rope is not None and self.rope.inv_freq.device.type != "meta":
+            self.rope.reset_parameters()
+
+    def num_params(self) -> int:
+        """Number of unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V_padded] (or final hidden states [B, T, D] with return_hidden).
+
+        position_ids [B, T] (optional) restart positions for packed sequences; attn_mask (optional) is a bool
+        [B, 1, T, T_keys] mask, True where attention is allowed; without it attention is causal.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)  # [T]
+        x = self.tok_emb(input_ids)  # [B, T, D]
+        cos = sin = None
+        if self.pos_emb is not None:
+            last = past + T if position_ids.dim() == 1 else int(position_ids.max()) + 1
+            if last > self.config.max_seq_len:
+                raise ConfigError(
+                    f"sequence of {last} positions exceeds the learned position table of "
+                    f"model.max_seq_len={self.config.max_seq_len} (learned positions cannot extrapolate; use RoPE)"
+                )
+            x = x + self.pos_emb(position_ids)
+        else:
+            cos, sin = self.rope(position_ids, x.dtype)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm_f(x)  # [B, T, D]
+        return x if return_hidden else self.lm_head(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None):
+        """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
+
+        Stops early once every row has produced eos_token_id. With use_cache the prompt is processed once and
+        every later step feeds one token against a preallocated KV cache.
+        """
+        was_training = self.training
+        self.eval()
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, input_ids.size(0), input_ids.size(1) + max_new_tokens,
+                            input_ids.device, self.tok_emb.weight.dtype)
+        out, step_input = input_ids, input_ids
+        done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else out, kv_cache=cache)[:, -1, : self.config.vocab_size]
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
+            if eos_token_id is not None:
+                next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
+                done |= next_token[:, 0] == eos_token_id
+            out = torch.cat([out, next_token], dim=1)
+            step_input = next_token
+            if eos_token_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return out
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits [B, V] -> token ids [B, 1]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def build_gpt(**kwargs) -> GPT:
+    """Build a GPT from plain keyword arguments (what `conf/model/*.yaml` holds plus vocab_size, rope_scaling)."""
+    known = GPTConfig.__dataclass_fields__
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown model key(s) {unknown}; known keys: {sorted(known)}")
+    return GPT(GPTConfig(**kwargs))

@@ -1,0 +1,195 @@
+"""Checkpoints without pickle: `checkpoints/step_NNNNNNN/` holds
+
+- `model.safetensors`   the plain model's weights (tied weights stored once),
+- `optimizer.safetensors` + `optimizer.json`   optimizer tensors and hyper-parameters,
+- `trainer_state.json`  step, tokens seen, data position, RNG states, ... (everything the loop needs to go on),
+- `model_config.json`   the GPTConfig to rebuild the model, and `tokenizer/` to encode the same way,
+- `manifest.json`       size and sha256 of every file: written last, so its presence marks a complete checkpoint.
+
+A checkpoint is written into `step_NNNNNNN.tmp/`, flushed, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from llm.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able hyper-parameters."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    trainer_state: dict, model_config: dict, tokenizer=None) -> Path:
+    """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        tensors, meta = optimizer_to_flat(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for path in files:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    _fsync_dir(directory.parent)
+    return directory
+
+
+def is_complete(directory: str | Path, verify: bool = True) -> bool:
+    """True when the manifest exists and every file has its recorded size (and sha256 with verify)."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    for name, info in manifest.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != info["size"]:
+            return False
+        if verify and _sha256(path) != info["sha256"]:
+            return False
+    return True
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run dir; incomplete or corrupt ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if is_complete(path):
+            return path
+        logger.warning(f"checkpoint {path} is incomplete or corrupt; skipping it")
+    return None
+
+
+def resolve_checkpoint(path: str | Path, key: str) -> Path:
+    """A checkpoint dir, or a run dir (-> its newest complete checkpoint). `key` names the option in errors."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise ConfigError(f"{key}={str(path)!r}: no such run or checkpoint directory")
+    if (path / MANIFEST).exists():
+        if not is_complete(path):
+            raise ConfigError(f"{key}={str(path)!r}: checkpoint is incomplete or corrupt")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(f"{key}={str(path)!r}: no complete checkpoint in it (looked in {path / 'checkpoints'})")
+    return found
+
+
+def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
+    missing, unexpected = load_model(model, str(Path(directory) / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {directory}: weights do not match the model "
+                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    directory = Path(directory)
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    meta = json.loads((directory / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+
+
+def read_json(directory: str | Path, name: str) -> dict:
+    return json.loads((Path(directory) / name).read_text())
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (called after a new one is complete)."""
+    if not keep_last:
+        return
+    complete = [p for p in list_checkpoints(run_dir) if is_complete(p, verify=False)]
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
+    """`checkpoints/last` names the newest complete checkpoint (written atomically)."""
+    root = Path(run_dir) / "checkpoints"
+    tmp = root / "last.tmp"
+    tmp.write_text(checkpoint.name + "\n")
+    tmp.replace(root / "last")
+
+
+# Model-config keys that must match for weights to be loadable (init_from); resume compares every key.
+ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "pos_emb", "norm", "mlp",
+             "bias", "pad_vocab_to")
+
+
+def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
+    """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
+    keys = [k for k in now if k != "extra"] if strict else list(ARCH_KEYS)
+    if not strict and now.get("pos_emb") == "learned":
+        keys.append("max_seq_len")  # the learned position table has that many rows
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"{key}={str(path)!r}: incompatible model ({shown})")

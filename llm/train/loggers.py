@@ -1,0 +1,82 @@
+"""Metric loggers: one small interface, `log(metrics, step)` and `close()`.
+
+`JsonlLogger` (metrics.jsonl) is always on; TensorBoard and W&B are chosen with `logger=...` (several at once with
+`logger=[tensorboard,wandb]`). Each is built by the trainer on rank 0 with the run dir and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+    return value
+
+
+class JsonlLogger:
+    """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`."""
+
+    def __init__(self, run_dir: str, config: dict | None = None, filename: str = "metrics.jsonl"):
+        self.path = Path(run_dir) / filename
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardLogger:
+    """TensorBoard event files under `<run_dir>/tb/` (view with `tensorboard --logdir outputs`)."""
+
+    def __init__(self, run_dir: str, config: dict | None = None, subdir: str = "tb"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        if config:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Weights & Biases. Offline by default (no account needed; `wandb sync <run_dir>/wandb/...` uploads later);
+    set `logger.wandb.mode=online` and `logger.wandb.project=...` to stream. The run id is kept in the run dir so a
+    resumed run continues the same W&B run."""
+
+    def __init__(self, run_dir: str, config: dict | None = None, project: str = "llm", name: str | None = None,
+                 entity: str | None = None, mode: str | None = "offline", tags: list | None = None,
+                 group: str | None = None):
+        import wandb
+
+        id_file = Path(run_dir) / "wandb_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=project, name=name or Path(run_dir).name, entity=entity, mode=mode or os.environ.get("WANDB_MODE"),
+            tags=list(tags) if tags else None, group=group, dir=str(run_dir), config=config, id=run_id,
+            resume="allow", reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()

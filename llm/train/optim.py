@@ -1,0 +1,61 @@
+"""AdamW with the usual parameter groups, and the learning-rate schedule as a pure function of the step.
+
+No weight decay on norms, biases and embeddings (every parameter with fewer than 2 dims, plus embeddings).
+The schedule keeps no state of its own: lr_at(step) is all a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm.errors import ConfigError, check_choice, check_positive
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear)
+    fused: bool | None = None  # None: fused kernel on CUDA
+
+    def __post_init__(self):
+        check_positive("optim.lr", self.lr)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_choice("optim.schedule", self.schedule, {"cosine", "linear", "constant"})
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be between 0 and 1")
+        self.betas = tuple(float(b) for b in self.betas)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        seen = set()
+        for p in model.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def build(self, model: nn.Module, device_type: str) -> torch.optim.AdamW:
+        fused = device_type == "cuda" if self.fused is None else self.fused
+        return torch.optim.AdamW(self.param_groups(model), lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
+
+    def lr_at(self, step: int, max_steps: int) -> float:
+        """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, max_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * shape)

@@ -1,0 +1,65 @@
+"""The trainer's whole progress in one small JSON-able dataclass, and the RNG states it carries."""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # training tokens consumed (all ranks)
+    sampler: dict = field(default_factory=dict)  # data position (ResumableSampler.state_dict())
+    rng: dict = field(default_factory=dict)  # capture_rng() at save time
+    skipped_steps: int = 0  # optimizer steps skipped (non-finite loss or gradient)
+    seconds: float = 0.0  # training wall time so far
+    initial_val_loss: float | None = None  # validation loss before the first step
+    last_val_loss: float | None = None
+    train_loss: float | None = None  # mean training loss of the latest logging window
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainerState":
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def capture_rng() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states as JSON-able values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    if not state:
+        return
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])

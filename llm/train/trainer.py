@@ -1,0 +1,281 @@
+"""The one training loop, for every task. What differs between tasks lives in the objective and the data.
+
+fit(): prepare data -> wrap the model -> (resume) -> evaluate once -> loop over optimizer steps (gradient
+accumulation over micro-batches, clipping, schedule) with periodic logging, evaluation and checkpoints ->
+final evaluation, checkpoint, `results.json` and a generated sample. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from llm.data.sampler import ResumableSampler
+from llm.errors import ConfigError, check_choice, check_positive
+from llm.model import unwrap_model
+from llm.train import checkpoint as ckpt
+from llm.train.distributed import dist_env, parallelize
+from llm.train.loggers import JsonlLogger
+from llm.train.optim import OptimizerConfig
+from llm.train.state import TrainerState, capture_rng, restore_rng
+
+
+class Trainer:
+    def __init__(self, model, data, objective, optim: OptimizerConfig, run_dir: str, tokenizer=None,
+                 loggers=(), run_config: dict | None = None, task: str = "pretrain", max_steps: int = 200,
+                 batch_size: int = 16, micro_batch_size: int | None = None, seq_len: int = 128,
+                 eval_every: int = 50, eval_batches: int | None = 20, save_every: int = 0,
+                 keep_last: int | None = None, log_every: int = 10, grad_clip: float | None = 1.0,
+                 device: str = "auto", precision: str = "auto", compile: bool = False,
+                 activation_checkpointing: bool = False, strategy: str = "single", seed: int = 0,
+                 resume: str | None = None, sample: dict | None = None, progress: bool = True,
+                 peak_flops: float = 989e12):
+        for key in ("max_steps", "batch_size", "seq_len", "log_every"):
+            check_positive(f"trainer.{key}", locals()[key])
+        for key in ("eval_every", "save_every"):
+            check_positive(f"trainer.{key}", locals()[key], allow_zero=True)
+        micro_batch_size = micro_batch_size or batch_size
+        check_positive("trainer.micro_batch_size", micro_batch_size)
+        check_choice("trainer.precision", precision, {"auto", "fp32", "bf16"})
+        if eval_batches is not None:
+            check_positive("trainer.eval_batches", eval_batches)
+        max_ctx = model.config.max_seq_len
+        if seq_len > max_ctx:
+            raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
+                              f"model.max_seq_len={max_ctx}")
+        self.model, self.data, self.objective, self.optim = model, data, objective, optim
+        self.run_dir, self.tokenizer, self.config, self.task = Path(run_dir), tokenizer, run_config or {}, task
+        self.logger_factories = list(loggers or [])
+        self.max_steps, self.batch_size, self.micro_batch_size, self.seq_len = max_steps, batch_size, micro_batch_size, seq_len
+        self.eval_every, self.eval_batches, self.save_every, self.keep_last = eval_every, eval_batches, save_every, keep_last
+        self.log_every, self.grad_clip, self.device_name, self.precision = log_every, grad_clip, device, precision
+        self.compile, self.activation_checkpointing, self.strategy = compile, activation_checkpointing, strategy
+        self.seed, self.resume, self.sample_cfg, self.progress, self.peak_flops = seed, resume, sample, progress, peak_flops
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        self.env = dist_env(self.device_name)
+        self.device = self.env.device
+        per_rank = self.batch_size // self.env.world_size
+        if self.batch_size % (self.micro_batch_size * self.env.world_size):
+            raise ConfigError(
+                f"trainer.batch_size={self.batch_size} must be a multiple of trainer.micro_batch_size="
+                f"{self.micro_batch_size} x {self.env.world_size} rank(s)"
+            )
+        self.accum_steps = per_rank // self.micro_batch_size
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.data.prepare()
+        self.sampler = ResumableSampler(len(self.data.train), self.batch_size, seed=self.seed,
+                                        rank=self.env.rank, world_size=self.env.world_size)
+        self.raw_model = unwrap_model(self.model)
+        self.n_params = self.raw_model.num_params()
+        self.model = parallelize(self.raw_model, self.env, self.strategy, self.compile, self.activation_checkpointing)
+        self.optimizer = self.optim.build(self.raw_model, self.device.type)
+        if hasattr(self.objective, "setup"):
+            self.objective.setup(self.model, self.data)
+        if self.resume:
+            self._restore(self.resume)
+        self.loggers = []
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.loggers = [JsonlLogger(str(self.run_dir))] + [
+                make(run_dir=str(self.run_dir), config=self.config) for make in self.logger_factories
+            ]
+        cfg = self.raw_model.config
+        pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
+        # 6N (matmuls forward+backward) + 12 L D T (attention scores and values), per token
+        self.flops_per_token = 6 * (self.n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * self.seq_len
+        logger.info(
+            f"trainer: {self.task} on {self.device} ({self.env.world_size} rank(s)), model {self.n_params:,} "
+            f"parameters, {self.max_steps} steps x {self.batch_size} sequences x {self.seq_len} tokens "
+            f"({self.accum_steps} micro-batch(es) of {self.micro_batch_size} per rank), "
+            f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if self.compile else ''}"
+        )
+
+    def _restore(self, resume: str) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else ckpt.resolve_checkpoint(resume, "resume")
+        if path is None:
+            logger.info(f"resume=auto: no checkpoint in {self.run_dir}; starting from scratch")
+            return
+        ckpt.check_compatible(ckpt.read_json(path, "model_config.json"), self.raw_model.config.to_dict(),
+                              "resume", path, strict=True)
+        ckpt.load_model_weights(path, self.raw_model)
+        ckpt.load_optimizer(path, self.optimizer)
+        self.state = TrainerState.from_dict(ckpt.read_json(path, "trainer_state.json"))
+        self.sampler.load_state_dict(self.state.sampler)
+        restore_rng(self.state.rng)
+        logger.info(f"resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ steps
+    def _batch(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
+        batch = dataset.collate([dataset[i] for i in indices])
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over `accum_steps` micro-batches. Returns metrics as device tensors (no sync)."""
+        indices = self.sampler.next_indices()
+        lr = self.optim.lr_at(self.state.step, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        for m in range(self.accum_steps):
+            batch = self._batch(indices[m * self.micro_batch_size : (m + 1) * self.micro_batch_size], self.data.train)
+            with self.autocast():
+                loss, metrics = self.objective.loss(self.model, batch)
+            (loss / self.accum_steps).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() / self.accum_steps
+        clip = self.grad_clip if self.grad_clip else float("inf")
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += self.batch_size * self.seq_len
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean objective metrics over the first eval_batches micro-batches of the validation split."""
+        if hasattr(self.objective, "evaluate"):
+            return self.objective.evaluate(self.model, self.data)
+        self.model.eval()
+        n = len(self.data.val)
+        if self.eval_batches:
+            n = min(n, self.eval_batches * self.micro_batch_size)
+        sums, count = {}, 0
+        for start in range(0, n, self.micro_batch_size):
+            batch = self._batch(list(range(start, min(n, start + self.micro_batch_size))), self.data.val)
+            with self.autocast():
+                _, metrics = self.objective.loss(self.model, batch)
+            weight = batch["input_ids"].size(0)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() * weight
+            count += weight
+        self.model.train()
+        return {f"val_{k}": (v / count).item() for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        self._setup()
+        st = self.state
+        if st.step == 0 or st.initial_val_loss is None:
+            val = self.evaluate()
+            st.initial_val_loss = st.last_val_loss = val.get("val_loss")
+            logger.info(f"step {st.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            for lg in self.loggers[1:]:
+                lg.log(val, st.step)
+        self.model.train()
+        bar = tqdm(total=self.max_steps, initial=st.step, desc=self.task, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.env.is_main and sys.stderr.isatty()))
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_tokens, t_window, t_start = 0, 0, time.perf_counter(), time.perf_counter()
+        seconds_before = st.seconds
+        while st.step < self.max_steps:
+            metrics = self.train_step()
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0) + v
+            window_steps += 1
+            window_tokens += self.batch_size * self.seq_len
+            bar.update(1)
+            last = st.step == self.max_steps
+            do_eval = last or (self.eval_every and st.step % self.eval_every == 0)
+            if do_eval or last or st.step % self.log_every == 0:
+                record = {k: (v / window_steps).item() for k, v in window.items()}  # the one host sync
+                elapsed = time.perf_counter() - t_window
+                record["lr"] = self.optimizer.param_groups[0]["lr"]
+                record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                record["tokens"] = st.tokens_seen
+                if self.device.type == "cuda":
+                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
+                    record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                st.train_loss = record.get("loss")
+                if do_eval:
+                    record.update(self.evaluate())
+                    st.last_val_loss = record.get("val_loss", st.last_val_loss)
+                self._log(record, bar)
+                window, window_steps, window_tokens, t_window = {}, 0, 0, time.perf_counter()
+            st.seconds = seconds_before + time.perf_counter() - t_start
+            if last or (self.save_every and st.step % self.save_every == 0):
+                self.save()
+        bar.close()
+        return self._finish()
+
+    def _log(self, record: dict, bar) -> None:
+        st = self.state
+        if not math.isfinite(record.get("loss", 0.0)):
+            logger.warning(f"step {st.step}: non-finite training loss {record.get('loss')}")
+        for lg in self.loggers:
+            lg.log(record, st.step)
+        parts = [f"step {st.step}/{self.max_steps}"] + [
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tokens"
+        ]
+        logger.info(" | ".join(parts))
+        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    # ------------------------------------------------------------------ checkpoint and results
+    def save(self) -> Path | None:
+        if not self.env.is_main:
+            return None
+        self.state.sampler = self.sampler.state_dict()
+        self.state.rng = capture_rng()
+        path = self.run_dir / "checkpoints" / ckpt.step_dir_name(self.state.step)
+        ckpt.save_checkpoint(path, self.raw_model, self.optimizer, self.state.to_dict(),
+                             self.raw_model.config.to_dict(), self.tokenizer)
+        ckpt.write_last_pointer(self.run_dir, path)
+        ckpt.prune_checkpoints(self.run_dir, self.keep_last)
+        logger.info(f"checkpoint: {path}")
+        return path
+
+    def generate_sample(self) -> str | None:
+        cfg = self.sample_cfg
+        if not cfg or self.tokenizer is None or not cfg.get("max_new_tokens"):
+            return None
+        prompt = cfg.get("prompt") or ""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.tokenizer.bos_token_id]
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        with self.autocast():
+            out = self.raw_model.generate(
+                torch.tensor([ids], device=self.device), cfg["max_new_tokens"], temperature=cfg.get("temperature", 0.8),
+                top_k=cfg.get("top_k"), top_p=cfg.get("top_p"), eos_token_id=self.tokenizer.eos_token_id,
+                generator=generator,
+            )
+        return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+
+    def _finish(self) -> dict:
+        st = self.state
+        results = {
+            "task": self.task,
+            "steps": st.step,
+            "tokens": st.tokens_seen,
+            "seconds": round(st.seconds, 2),
+            "tokens_per_s": st.tokens_seen / max(st.seconds, 1e-9),
+            "train_loss": st.train_loss,
+            "val_loss": st.last_val_loss,
+            "initial_val_loss": st.initial_val_loss,
+            "params": self.n_params,
+            "skipped_steps": st.skipped_steps,
+            "device": str(self.device),
+        }
+        sample = self.generate_sample()
+        if sample is not None:
+            results["sample"] = sample
+        if self.env.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            if sample is not None:
+                (self.run_dir / "sample.txt").write_text(sample)
+                logger.info("sample:\n" + sample)
+            for lg in self.loggers:
+                lg.close()
+        logger.info(f"done: {st.step} steps in {st.seconds:.1f}s, val_loss {st.initial_val_loss} -> "
+                    f"{st.last_val_loss}; results in {self.run_dir / 'results.json'}")
+        return results

@@ -1,0 +1,96 @@
+"""Entry point: compose the config with Hydra, build plain objects from it, train. Everything else is in `llm/`.
+
+    python run.py                                  # tiny model, pretraining on the standard library, CPU
+    python run.py model=125m trainer=gpu optim.lr=6e-4
+    python run.py -m optim.lr=1e-4,3e-4            # a sweep: one job dir each under multirun_outputs/
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llm.errors import ConfigError, LLMError
+from llm.utils import seed_everything
+from llm.utils.logging import setup_logging
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """instantiate() one `_target_`, logging it; errors a user caused come out as our own one-line errors."""
+    logger.info(f"instantiating {what}: {node._target_}")
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, LLMError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        if isinstance(e.__cause__, TypeError) or isinstance(e, OmegaConfBaseException):
+            raise ConfigError(f"{what} ({node._target_}): {str(e.__cause__ or e).splitlines()[0]}") from e
+        raise
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    from llm.train.checkpoint import read_json, resolve_checkpoint
+
+    seed_everything(cfg.seed)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    init_ckpt = resolve_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None
+    if init_ckpt is not None:  # the earlier run's tokenizer, so token ids mean the same
+        from llm.data.tokenizer import load_pretrained
+
+        logger.info(f"init_from: {init_ckpt}")
+        tokenizer = load_pretrained(str(init_ckpt / "tokenizer"))
+    else:
+        tokenizer = build(cfg.tokenizer, "tokenizer")
+    rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
+    model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
+    logger.info(f"model: {model.num_params():,} parameters")
+    if init_ckpt is not None:
+        from llm.train.checkpoint import check_compatible, load_model_weights
+
+        check_compatible(read_json(init_ckpt, "model_config.json"), model.config.to_dict(), "init_from", init_ckpt)
+        load_model_weights(init_ckpt, model)
+    data = build(cfg.task.data, "data", tokenizer=tokenizer)
+    objective = build(cfg.task.objective, "objective")
+    optim = build(cfg.optim, "optimizer")
+    loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    # objects are passed to the partial, not to instantiate(), which would re-instantiate `_target_`s inside them
+    make_trainer = build(cfg.trainer, "trainer", _partial_=True)
+    try:
+        trainer = make_trainer(model=model, data=data, objective=objective, optim=optim, loggers=loggers,
+                               run_dir=str(run_dir), tokenizer=tokenizer, run_config=plain_cfg, task=cfg.task.name,
+                               seed=cfg.seed, resume=cfg.resume)
+    except TypeError as e:
+        raise ConfigError(f"trainer ({cfg.trainer._target_}): {e}") from e
+    return trainer.fit()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    setup_logging(run_dir, rank=int(os.environ.get("RANK", 0)))
+    logger.info(f"run dir: {run_dir}")
+    try:
+        results = train(cfg, run_dir)
+    except (LLMError, OmegaConfBaseException) as e:
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
+            raise
+        logger.remove()
+        print(f"error: {e}".splitlines()[0] if isinstance(e, OmegaConfBaseException) else f"error: {e}",
+              file=sys.stderr)
+        sys.exit(2)
+    return results.get("val_loss")  # what a Hydra sweeper minimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: configs composed with Hydra's compose API, shrunk for CPU; a session-wide token cache; a helper
+that runs `run.py` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# Overrides that make a run take seconds on 2 CPU cores: a 2-layer 64-wide model, a 1k BPE trained on ~2 MB.
+SMALL = [
+    "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=128",
+    "data.max_bytes=2000000", "tokenizer.vocab_size=1024",
+    "trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=64", "trainer.eval_every=10",
+    "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false", "trainer.sample.max_new_tokens=16",
+    "optim.lr=3e-3", "optim.warmup_steps=5", "logger=tensorboard",
+]
+
+
+def compose_config(overrides=(), return_hydra_config=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token/tokenizer cache for the whole session (LLM_CACHE_DIR), so the corpus is tokenized once."""
+    path = Path(os.environ.get("LLM_TEST_CACHE_DIR") or tmp_path_factory.mktemp("llm-cache"))
+    os.environ["LLM_CACHE_DIR"] = str(path)
+    return path
+
+
+def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
+    """python run.py <args> in a subprocess; returns CompletedProcess (stdout+stderr as text)."""
+    full_env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, cache_dir) -> Path:
+    """One small pretraining run through run.py, shared by the tests that inspect its run dir."""
+    run_dir = tmp_path_factory.mktemp("runs") / "small"
+    run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={run_dir}"], cache_dir)
+    return run_dir

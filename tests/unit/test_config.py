@@ -1,0 +1,84 @@
+"""Every config option composes; presets build with the expected parameter counts (on the meta device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from tests.conftest import CONF, compose_config
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    assert cfg is not None
+    if group == "experiment":
+        assert cfg.model is not None and cfg.trainer is not None
+
+
+def test_default_config():
+    cfg = compose_config()
+    assert cfg.model.n_layer == 4 and cfg.task.name == "pretrain"
+    assert cfg.model._target_ == "llm.model.build_gpt"
+    for key in ("max_steps", "batch_size", "micro_batch_size", "seq_len", "eval_every", "save_every", "log_every",
+                "device"):
+        assert key in cfg.trainer, key
+    for key in ("seed", "init_from", "resume"):
+        assert key in cfg, key
+    assert "lr" in cfg.optim
+
+
+def test_run_and_sweep_dirs():
+    from omegaconf import OmegaConf
+
+    hc = OmegaConf.to_container(compose_config(return_hydra_config=True).hydra, resolve=False)
+    assert hc["run"]["dir"].startswith("outputs/${now:")
+    assert hc["sweep"]["dir"].startswith("multirun_outputs/${now:")
+    assert hc["sweep"]["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+
+
+def test_several_loggers_at_once():
+    cfg = compose_config(["logger=[tensorboard,wandb]"])
+    assert set(cfg.logger) == {"tensorboard", "wandb"}
+    assert not compose_config(["logger=none"]).logger
+
+
+def _meta_model(preset: str, **overrides):
+    cfg = compose_config([f"model={preset}"])
+    with torch.device("meta"):
+        return instantiate(cfg.model, _convert_="all", vocab_size=50304, **overrides)
+
+
+def expected_params(L, D, V, ffn, K_over_H=1.0, learned_ctx=0, gelu_bias=False):
+    attn = D * D * (2 + 2 * K_over_H)  # q, proj + k, v
+    mlp = 3 * D * ffn
+    norms = 2 * D
+    return L * (attn + mlp + norms) + D + V * D + learned_ctx * D
+
+
+@pytest.mark.parametrize("preset,L,D,ffn,approx", [("125m", 12, 768, 2048, 124e6), ("1b", 24, 1600, 4288, 820e6)])
+def test_preset_parameter_counts(preset, L, D, ffn, approx):
+    model = _meta_model(preset)
+    assert model.config.ffn_hidden == ffn
+    n = model.num_params()
+    assert n == expected_params(L, D, 50304, ffn)
+    assert abs(n - approx) / approx < 0.02, n
+
+
+def test_125m_gpt2_block_matches_gpt2_small():
+    model = _meta_model("125m", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    # GPT-2 small with the 50304-padded vocab (nanoGPT's count including the position table): 124,475,904
+    assert model.num_params() == 124_475_904
+
+
+def test_tiny_is_a_few_million():
+    cfg = compose_config()
+    model = instantiate(cfg.model, _convert_="all", vocab_size=4096)
+    assert 1e6 < model.num_params() < 5e6

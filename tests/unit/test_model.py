@@ -1,0 +1,139 @@
+"""The transformer: causality, both position schemes train, GQA shapes, KV-cache generation, sampling filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.errors import ConfigError
+from llm.model import build_gpt, sample_next_token
+from llm.model.rope import RotaryEmbedding, apply_rotary
+from llm.train.objectives import chunked_cross_entropy, cross_entropy
+
+SMALL = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return build_gpt(**{**SMALL, **kw}).eval()
+
+
+@pytest.mark.parametrize("pos_emb,norm,mlp,bias", [("rope", "rmsnorm", "swiglu", False),
+                                                   ("learned", "layernorm", "gelu", True)])
+def test_causal(pos_emb, norm, mlp, bias):
+    model = small(pos_emb=pos_emb, norm=norm, mlp=mlp, bias=bias)
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 97  # change one future token
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_both_position_schemes_train(pos_emb):
+    model = small(pos_emb=pos_emb).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # a sequence that needs positions to predict: a fixed random permutation repeated
+    x = torch.randperm(97)[:33].repeat(4, 1)
+    losses = []
+    for _ in range(60):
+        loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_gqa_shapes():
+    model = small(n_head=8, n_kv_head=2)
+    attn = model.blocks[0].attn
+    hd = 32 // 8
+    assert attn.qkv.weight.shape == ((8 + 2 * 2) * hd, 32)
+    assert model(torch.randint(0, 97, (3, 7))).shape == (3, 7, model.config.padded_vocab_size)
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        build_gpt(**{**SMALL, "n_head": 4, "n_kv_head": 3})
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_generate_cache_matches_no_cache(pos_emb):
+    model = small(pos_emb=pos_emb)
+    prompt = torch.randint(0, 97, (2, 5))
+    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
+    without = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 35)
+    assert torch.equal(with_cache, without)
+
+
+def test_kv_cache_prefill_in_chunks_matches_full_forward():
+    from llm.model import KVCache
+
+    model = small()
+    x = torch.randint(0, 97, (2, 24))
+    full = model(x)
+    cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+    parts = [model(x[:, :10], kv_cache=cache), model(x[:, 10:11], kv_cache=cache), model(x[:, 11:], kv_cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_learned_positions_cannot_pass_their_table():
+    model = small(pos_emb="learned", max_seq_len=16)
+    with pytest.raises(ConfigError, match="learned position"):
+        model(torch.randint(0, 97, (1, 17)))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, temperature=0).item() == 4
+    top2 = {sample_next_token(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert top2 == {3, 4}
+    # softmax of [0..4]: p(4)=0.636, p(3)=0.234 -> top_p=0.6 keeps only token 4, 0.8 keeps {3, 4}
+    assert {sample_next_token(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(100)} == {4}
+    assert {sample_next_token(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(300)} == {3, 4}
+
+
+def test_generate_stops_at_eos():
+    model = small()
+    prompt = torch.randint(0, 97, (1, 4))
+    first = model.generate(prompt, 1, temperature=0)[0, -1].item()
+    out = model.generate(prompt, 20, temperature=0, eos_token_id=first)
+    assert out.shape[1] == 5
+
+
+def test_rope_is_a_rotation():
+    rope = RotaryEmbedding(16)
+    x = torch.randn(2, 3, 10, 16)
+    cos, sin = rope(torch.arange(10), torch.float32)
+    torch.testing.assert_close(apply_rotary(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+    # relative: <R_m q, R_n k> depends only on m - n
+    q, k = torch.randn(16), torch.randn(16)
+    c, s = rope(torch.arange(20), torch.float32)
+    dot = lambda m, n: (apply_rotary(q.view(1, 1, 1, 16), c[m], s[m]) * apply_rotary(k.view(1, 1, 1, 16), c[n], s[n])).sum()
+    torch.testing.assert_close(dot(5, 2), dot(15, 12))
+
+
+def test_chunked_loss_equals_full_loss_and_grads():
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    full = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    gh, gw = torch.autograd.grad(full, (h, w))
+    chunked = chunked_cross_entropy(h, w, labels, chunk_size=4)
+    ch, cw = torch.autograd.grad(chunked, (h, w))
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(ch, gh)
+    torch.testing.assert_close(cw, gw)
+
+
+def test_init_scales_residual_projections():
+    model = build_gpt(vocab_size=512, n_layer=8, n_head=4, d_model=256)
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8)
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert model.lm_head.weight is model.tok_emb.weight
