@@ -19,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.errors import ConfigError, LLMError
-from llm.utils import seed_everything
+from llm.utils import safe_dirname, seed_everything
 from llm.utils.logging import setup_logging
+
+# used by conf/hydra/default.yaml to name sweep job dirs; must exist before Hydra resolves the config
+OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
 
 
 def build(node: DictConfig, what: str, **kwargs):

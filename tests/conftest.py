@@ -21,7 +21,7 @@ SMALL = [
     "data.max_bytes=2000000", "tokenizer.vocab_size=1024",
     "trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=64", "trainer.eval_every=10",
     "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false", "trainer.sample.max_new_tokens=16",
-    "optim.lr=3e-3", "optim.warmup_steps=5", "logger=tensorboard",
+    "optim.lr=1e-2", "optim.warmup_steps=5", "logger=tensorboard",
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 
@@ -67,7 +68,7 @@ class WandbLogger:
         import wandb
 
         id_file = Path(run_dir) / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=project, name=name or Path(run_dir).name, entity=entity, mode=mode or os.environ.get("WANDB_MODE"),

@@ -1,4 +1,6 @@
-"""Small helpers for the entry point: seeding (here) and logging setup (`llm.utils.logging`)."""
+"""Small helpers for the entry point: seeding, dir names (here) and logging setup (`llm.utils.logging`)."""
+
+import hashlib
 
 
 def seed_everything(seed: int) -> None:
@@ -11,3 +13,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def safe_dirname(name: str, max_len: int = 120) -> str:
+    """A sweep job's dir name from its overrides: '/' replaced, and names longer than max_len cut with a short
+    hash of the whole appended (file systems refuse names over 255 bytes)."""
+    name = str(name).replace("/", "_")
+    if len(name) <= max_len:
+        return name
+    return name[: max_len - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]

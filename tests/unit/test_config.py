@@ -41,7 +41,17 @@ def test_run_and_sweep_dirs():
     hc = OmegaConf.to_container(compose_config(return_hydra_config=True).hydra, resolve=False)
     assert hc["run"]["dir"].startswith("outputs/${now:")
     assert hc["sweep"]["dir"].startswith("multirun_outputs/${now:")
-    assert hc["sweep"]["subdir"] == "${hydra.job.num}_${hydra.job.override_dirname}"
+    assert hc["sweep"]["subdir"] == "${hydra.job.num}_${safe_dirname:${hydra.job.override_dirname}}"
+
+
+def test_safe_dirname():
+    from llm.utils import safe_dirname
+
+    assert safe_dirname("optim.lr=0.001") == "optim.lr=0.001"
+    assert safe_dirname("data.paths=a/b") == "data.paths=a_b"
+    long = ",".join(f"key{i}=value{i}" for i in range(50))
+    cut = safe_dirname(long)
+    assert len(cut) == 120 and cut != safe_dirname(long + "x")
 
 
 def test_several_loggers_at_once():

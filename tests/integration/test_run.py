@@ -1,0 +1,162 @@
+"""run.py end to end in a subprocess: the run-dir contract, learning, checkpoints that load back, init_from,
+exact resume, sweeps, loggers and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm.data import PretrainData, StdlibCorpus, load_pretrained
+from llm.model import GPT, GPTConfig
+from llm.train.checkpoint import latest_checkpoint, load_model_weights, read_json
+from llm.train.objectives import cross_entropy
+from tests.conftest import ROOT, SMALL, read_metrics, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_dir_contract(small_run):
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "results.json",
+                 "sample.txt"):
+        assert (small_run / name).is_file(), name
+    assert list((small_run / "tb").glob("events.out.tfevents.*"))
+    metrics = read_metrics(small_run)
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(m) for m in metrics)
+    assert "val_loss" in metrics[1] and "val_loss" in metrics[3]
+    for step in (10, 20):
+        ckpt = small_run / "checkpoints" / f"step_{step:07d}"
+        for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "model_config.json",
+                     "manifest.json", "tokenizer/tokenizer.json"):
+            assert (ckpt / name).is_file(), (step, name)
+    assert (small_run / "checkpoints" / "last").read_text().strip() == "step_0000020"
+    results = json.loads((small_run / "results.json").read_text())
+    for key in ("task", "steps", "tokens", "seconds", "train_loss", "val_loss", "initial_val_loss", "params"):
+        assert key in results, key
+    assert results["task"] == "pretrain" and results["steps"] == 20 and results["tokens"] == 20 * 8 * 64
+    assert results["sample"] and (small_run / "sample.txt").read_text() == results["sample"]
+    log = (small_run / "train.log").read_text()
+    assert "instantiating model: llm.model.build_gpt" in log and "parameters" in log
+
+
+def test_validation_loss_improves(small_run):
+    results = json.loads((small_run / "results.json").read_text())
+    assert results["val_loss"] < results["initial_val_loss"] - 0.5, results
+
+
+def test_checkpoint_loads_into_fresh_model(small_run, cache_dir):
+    """A fresh model from model_config.json + model.safetensors reproduces the run's final validation loss."""
+    ckpt = latest_checkpoint(small_run)
+    model = GPT(GPTConfig(**read_json(ckpt, "model_config.json")))
+    load_model_weights(ckpt, model)
+    model.eval()
+    tokenizer = load_pretrained(str(ckpt / "tokenizer"))
+    data = PretrainData(tokenizer, StdlibCorpus(max_bytes=2_000_000), seq_len=64, cache_dir=str(cache_dir)).prepare()
+    assert data.from_cache
+    with torch.no_grad():
+        losses = [cross_entropy(model(b["input_ids"]), b["labels"]).item() for b in
+                  (data.val.collate([data.val[i] for i in range(s, s + 8)]) for s in range(0, 32, 8))]
+    results = json.loads((small_run / "results.json").read_text())
+    assert sum(losses) / len(losses) == pytest.approx(results["val_loss"], abs=1e-5)
+
+
+def test_init_from_starts_where_the_run_ended(small_run, cache_dir, tmp_path):
+    run_dir = tmp_path / "init"
+    run_cli([*SMALL, "trainer.max_steps=2", f"init_from={small_run}", "tokenizer.vocab_size=999",  # ignored: taken from the run
+             f"hydra.run.dir={run_dir}"], cache_dir)
+    before = json.loads((small_run / "results.json").read_text())
+    after = json.loads((run_dir / "results.json").read_text())
+    assert after["initial_val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)
+
+
+def test_init_from_incompatible_model_is_one_line_error(small_run, cache_dir, tmp_path):
+    proc = run_cli([*SMALL, "model.d_model=96", f"init_from={small_run}", f"hydra.run.dir={tmp_path / 'x'}"],
+                   cache_dir, check=False)
+    assert proc.returncode != 0
+    assert "d_model: checkpoint 64 vs model 96" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_exact_resume_from_checkpoint(small_run, cache_dir, tmp_path):
+    """Cut the run back to its step-10 checkpoint, resume: steps 15 and 20 log exactly the same numbers."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(small_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000020")
+    (run_dir / "results.json").unlink()
+    metrics = read_metrics(run_dir)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= 10))
+    run_cli([*SMALL, "trainer.save_every=10", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir)
+    original, resumed = read_metrics(small_run), read_metrics(run_dir)
+    assert [m["step"] for m in resumed] == [5, 10, 15, 20]
+    for a, b in zip(original[2:], resumed[2:]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"]
+    assert a["val_loss"] == b["val_loss"]
+
+
+def test_sweep_writes_one_dir_per_job(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(["-m", *SMALL, "trainer.max_steps=3", "trainer.eval_every=0", "logger=none",
+             "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"], cache_dir)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_"), jobs
+    assert all(len(job) <= 122 for job in jobs)  # many overrides: the name is cut and hashed
+    for job, lr in zip(jobs, ("optim.lr=0.001", "optim.lr=0.002")):
+        assert lr in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["steps"] == 3
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+
+
+def test_several_loggers_at_once(cache_dir, tmp_path):
+    run_dir = tmp_path / "loggers"
+    run_cli([*SMALL, "trainer.max_steps=2", "trainer.eval_every=0", "logger=[tensorboard,wandb]",
+             f"hydra.run.dir={run_dir}"], cache_dir)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "wandb_run_id.txt").read_text().strip()
+
+
+def test_print_composed_config():
+    proc = subprocess.run([sys.executable, "run.py", "model=1b", "--cfg", "job"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "d_model: 1600" in proc.stdout and "max_seq_len: 2048" in proc.stdout
+
+
+ERRORS = [
+    (["trainer.seq_len=512"], "trainer.seq_len=512 is longer than the model's context model.max_seq_len=128"),
+    (["data=files", "data.paths=/nonexistent/corpus.txt"], "file not found: /nonexistent/corpus.txt"),
+    (["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"], "no such directory"),
+    (["trainer.device=tpu"], "trainer.device='tpu' is not allowed"),
+    (["model.pos_emb=alibi"], "model.pos_emb='alibi' is not allowed"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be a positive number"),
+    (["trainer.micro_batch_size=3"], "must be a multiple of trainer.micro_batch_size=3"),
+    (["resume=/nonexistent/run"], "resume='/nonexistent/run': no such run or checkpoint directory"),
+    (["+model.n_layers=3"], "unknown model key(s) ['n_layers']"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ERRORS, ids=[e[0][-1] for e in ERRORS])
+def test_bad_input_is_a_one_line_error(overrides, message, cache_dir, tmp_path):
+    groups = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}  # e.g. data=files
+    base = [o for o in SMALL if o.split(".")[0] not in groups]  # drop the shrink keys of a replaced group
+    proc = run_cli([*base, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
+    (["model=no_such_model"], "Could not find 'model/no_such_model'"),
+])
+def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
+    run_dir = tmp_path / "never"
+    proc = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cache_dir, check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not run_dir.exists()
