@@ -1,0 +1,279 @@
+"""Training throughput benchmark: our GPT against the Hugging Face `transformers` model of identical dimensions
+(Llama for RoPE/RMSNorm/SwiGLU, GPT-2 for learned positions/LayerNorm/GELU), measured in the same process on the
+same batch, reported as tokens/s, step time, peak memory, MFU (CUDA) and the ratio ours / HF.
+
+    python -m llm.bench                                   # tiny preset on CPU, ours vs HF Llama
+    python -m llm.bench --model tiny --arch gpt2 --repeats 3
+    python -m llm.bench --model 125m --batch-size 16 --seq-len 1024 --device cuda --compile
+    python -m llm.bench --model conf/model/1b.yaml --only ours --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from llm.model import GPTConfig, build_gpt
+from llm.train.objectives import LanguageModeling, cross_entropy
+
+PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
+GPT2_FIELDS = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+LLAMA_FIELDS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+
+
+def load_preset(name: str) -> dict:
+    """A preset name (`tiny`, `125m`, `1b`) or a path to a model yaml -> GPTConfig kwargs."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"no model preset {name!r} (looked for {path}); presets: "
+                         f"{sorted(p.stem for p in PRESETS.glob('*.yaml'))}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg.pop("_target_", None)
+    return cfg
+
+
+def model_kwargs(args) -> tuple[dict, str]:
+    """Our GPTConfig kwargs with the architecture fields set to match the HF counterpart, and that arch."""
+    cfg = load_preset(args.model)
+    arch = args.arch
+    if arch == "auto":
+        gpt2_like = (cfg.get("pos_emb") == "learned" or cfg.get("norm") == "layernorm" or cfg.get("mlp") == "gelu")
+        arch = "gpt2" if gpt2_like else "llama"
+    cfg.update(GPT2_FIELDS if arch == "gpt2" else LLAMA_FIELDS)
+    if arch == "gpt2":
+        cfg["n_kv_head"] = cfg["n_head"]  # GPT-2 has no grouped-query attention
+    cfg.update(dropout=0.0, rope_scaling=None)  # neither side drops out; HF has no length-scaling counterpart
+    if args.vocab_size is not None:
+        cfg["vocab_size"] = args.vocab_size
+    elif "vocab_size" not in cfg:
+        cfg["vocab_size"] = 4096 if Path(args.model).stem == "tiny" else 50304
+    return cfg, arch
+
+
+def build_hf(arch: str, c):
+    """The transformers model with the dimensions of our resolved GPTConfig `c` (tied head, SDPA, no cache)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if arch == "llama":
+        hf_cfg = transformers.LlamaConfig(
+            vocab_size=c.padded_vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_hidden,
+            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+            max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=True,
+            attention_bias=False, mlp_bias=False, hidden_act="silu", use_cache=False,
+            bos_token_id=None, eos_token_id=None)
+    else:
+        hf_cfg = transformers.GPT2Config(
+            vocab_size=c.padded_vocab_size, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
+            n_positions=c.max_seq_len, n_inner=c.ffn_hidden, activation_function="gelu_new", resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=c.norm_eps, use_cache=False,
+            bos_token_id=None, eos_token_id=None)
+    return transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set size every `interval` s in a background thread; `.peak` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and hand freed heap back to the OS so the next side's RSS baseline is honest."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, device: torch.device) -> dict:
+    """Build one side fresh (seed 0), run warmup + timed training steps; tok/s, step ms, peak memory, params."""
+    free_memory(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    meter = contextlib.nullcontext() if cuda else PeakRSS()
+    base = torch.cuda.memory_allocated(device) if cuda else meter.peak
+    with meter:
+        torch.manual_seed(0)
+        model = build_gpt(**kwargs) if side == "ours" else build_hf(arch, GPTConfig(**kwargs))
+        model.to(device).train()
+        params = sum(p.numel() for p in model.parameters())
+        pos = model.pos_emb if side == "ours" else getattr(getattr(model, "transformer", None), "wpe", None)
+        pos_table = pos.weight.numel() if pos is not None else 0
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda)
+        step_model = torch.compile(model) if args.compile else model
+        objective = LanguageModeling()
+        x, y = window[:, :-1], window[:, 1:]
+        use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if side == "ours":
+                    loss, _ = objective.loss(step_model, {"input_ids": x, "labels": y})
+                else:  # the same fp32 cross-entropy on the same shifted targets (not HF's internal labels= loss)
+                    loss = cross_entropy(step_model(input_ids=x).logits, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else meter.peak) - base
+    del model, step_model, opt  # memory is freed at the start of the next measurement
+    return {"params": params, "params_no_pos": params - pos_table, "tok_s": x.numel() * args.steps / elapsed,
+            "step_ms": 1000 * elapsed / args.steps, "peak_mib": peak / 2**20}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llm.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="preset name in conf/model or a path to a model yaml")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="default: min(256, the preset's max_seq_len)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer size to assume (default: the preset's, else 4096 for tiny and 50304 otherwise)")
+    p.add_argument("--arch", choices=["auto", "llama", "gpt2"], default="auto",
+                   help="HF counterpart; our model's architecture fields are set to match it")
+    p.add_argument("--only", choices=["ours", "hf", "both"], default="both")
+    p.add_argument("--repeats", type=int, default=1, help="alternate ours/HF this many times; report medians")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100 dense bf16)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import transformers
+
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    kwargs, arch = model_kwargs(args)
+    T = args.seq_len or min(256, kwargs.get("max_seq_len", 256))
+    if T > kwargs.get("max_seq_len", 256):
+        raise SystemExit(f"--seq-len {T} exceeds the preset's max_seq_len {kwargs.get('max_seq_len', 256)}")
+    gen = torch.Generator().manual_seed(0)
+    window = torch.randint(0, kwargs["vocab_size"], (args.batch_size, T + 1), generator=gen).to(device)
+    sides = ["ours", "hf"] if args.only == "both" else [args.only]
+
+    # One untimed step per side first: the first run in a process pays one-time costs (lazy imports, thread
+    # pools, allocator and kernel caches) that would otherwise be charged to whichever side happens to go first.
+    prime = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+    for side in sides:
+        measure(side, prime, kwargs, arch, window, device)
+    runs = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            runs[side].append(measure(side, args, kwargs, arch, window, device))
+    c = GPTConfig(**kwargs)  # resolved: ffn_hidden, padded_vocab_size
+    results = {
+        "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "model": args.model, "arch": arch, "batch_size": args.batch_size,
+        "seq_len": T, "vocab_size": c.vocab_size, "padded_vocab_size": c.padded_vocab_size,
+        "dtype": "bf16" if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else "fp32",
+        "compile": args.compile, "steps": args.steps, "repeats": args.repeats,
+        "memory": "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS increase (approx.)",
+    }
+    for side, measured in runs.items():
+        r = {k: statistics.median(m[k] for m in measured) for k in ("tok_s", "step_ms", "peak_mib")}
+        r.update(params=measured[0]["params"], tok_s_all=[m["tok_s"] for m in measured])
+        if device.type == "cuda":
+            flops_per_token = 6 * measured[0]["params_no_pos"] + 12 * c.n_layer * c.d_model * T
+            r["mfu"] = r["tok_s"] * flops_per_token / args.peak_flops
+        results[side] = r
+    if args.only == "both":
+        if results["ours"]["params"] != results["hf"]["params"]:
+            print(f"WARNING: parameter counts differ: ours {results['ours']['params']:,} "
+                  f"vs hf {results['hf']['params']:,}")
+        results["ratio_tok_s"] = results["ours"]["tok_s"] / results["hf"]["tok_s"]
+        results["ratio_mem"] = results["ours"]["peak_mib"] / max(results["hf"]["peak_mib"], 1e-9)
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def report(res: dict) -> None:
+    print(f"device: {res['device']} | torch {res['torch']} | transformers {res['transformers']} | "
+          f"threads {res['threads']}")
+    print(f"model {res['model']} (arch {res['arch']}), B{res['batch_size']} x T{res['seq_len']}, vocab "
+          f"{res['vocab_size']} (padded {res['padded_vocab_size']}), {res['dtype']}, compile={res['compile']}, "
+          f"{res['steps']} steps x {res['repeats']} repeat(s), medians")
+    if "hf" in res:
+        print("HF loss: fp32 cross-entropy on HF logits against the same shifted targets as ours (not labels=)")
+    cuda = "mfu" in res.get("ours", res.get("hf", {}))
+    header = f"{'name':<6}{'params':>14}{'tok/s':>12}{'step ms':>10}{'peak MiB':>10}" + (f"{'MFU':>8}" if cuda else "")
+    print(header + f"   memory: {res['memory']}")
+    for side in ("ours", "hf"):
+        if side in res:
+            r = res[side]
+            line = f"{side:<6}{r['params']:>14,}{r['tok_s']:>12,.0f}{r['step_ms']:>10.1f}{r['peak_mib']:>10.1f}"
+            print(line + (f"{r['mfu']:>8.1%}" if cuda else ""))
+    if "ratio_tok_s" in res:
+        print(f"ratio ours/hf tok/s: {res['ratio_tok_s']:.2f}x | peak memory: {res['ratio_mem']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

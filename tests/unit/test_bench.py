@@ -1,0 +1,32 @@
+"""Smoke test for `python -m llm.bench`: both sides run, have identical parameter counts, and a ratio comes out."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from llm import bench  # noqa: E402
+
+TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bench_ours_vs_hf(arch, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    res = bench.main(TINY + ["--arch", arch, "--json", str(out)])
+    assert res["arch"] == arch
+    assert res["ours"]["tok_s"] > 0 and res["hf"]["tok_s"] > 0
+    assert res["ours"]["params"] == res["hf"]["params"] > 0
+    assert res["ratio_tok_s"] > 0 and res["ratio_mem"] > 0
+    assert "mfu" not in res["ours"]  # CUDA only
+    assert json.loads(out.read_text())["ratio_tok_s"] == pytest.approx(res["ratio_tok_s"])
+    assert "ratio ours/hf tok/s:" in capsys.readouterr().out
+
+
+def test_bench_only_ours_and_auto_arch():
+    res = bench.main(TINY + ["--only", "ours"])
+    assert res["arch"] == "llama"  # the tiny preset is RoPE/RMSNorm/SwiGLU
+    assert "hf" not in res and "ratio_tok_s" not in res
+    assert res["ours"]["tok_s"] > 0
