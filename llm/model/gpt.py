@@ -8,6 +8,7 @@ grouped-query attention through `scaled_dot_product_attention`; LM head tied to 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -211,8 +212,10 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        seq_len = None  # max position + 1 when known on the host (dynamic NTK then needs no look at position_ids)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)  # [T]
+            seq_len = past + T
         x = self.tok_emb(input_ids)  # [B, T, D]
         cos = sin = None
         if self.pos_emb is not None:
@@ -224,7 +227,7 @@ class GPT(nn.Module):
                 )
             x = x + self.pos_emb(position_ids)
         else:
-            cos, sin = self.rope(position_ids, x.dtype)
+            cos, sin = self.rope(position_ids, x.dtype, seq_len)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask, kv_cache)
@@ -242,6 +245,12 @@ class GPT(nn.Module):
         Stops early once every row has produced eos_token_id. With use_cache the prompt is processed once and
         every later step feeds one token against a preallocated KV cache.
         """
+        total = input_ids.size(1) + max_new_tokens  # RoPE runs past its context (learned positions raise instead)
+        if self.rope is not None and total > (limit := self.rope.context_limit(self.config.max_seq_len)):
+            what = ("model.max_seq_len" if self.rope.scaling["type"] == "none"
+                    else "extrapolation.factor x extrapolation.original_max_position_embeddings")
+            warnings.warn(f"generating up to {total} positions, past the {limit} this model's positions are meant "
+                          f"for ({what}); quality may degrade", stacklevel=3)
         was_training = self.training
         self.eval()
         cache = None
