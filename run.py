@@ -43,10 +43,13 @@ def build(node: DictConfig, what: str, **kwargs):
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    from llm.train.checkpoint import read_json, resolve_checkpoint
+    from llm.train.checkpoint import check_compatible, load_model_weights, read_json, resolve_checkpoint
 
     seed_everything(cfg.seed)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.task.get("requires_init_from") and not cfg.init_from and not cfg.task.get("allow_scratch"):
+        raise ConfigError(f"task={cfg.task.name} starts from a trained model: set init_from=<run or checkpoint dir> "
+                          f"(or init_from=latest:sft), or task.allow_scratch=true to start from random weights")
     init_ckpt = resolve_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None
     if init_ckpt is not None:  # the earlier run's tokenizer, so token ids mean the same
         from llm.data.tokenizer import load_pretrained
@@ -55,15 +58,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer = load_pretrained(str(init_ckpt / "tokenizer"))
     else:
         tokenizer = build(cfg.tokenizer, "tokenizer")
+    data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
-    model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
-    logger.info(f"model: {model.num_params():,} parameters")
     if init_ckpt is not None:
-        from llm.train.checkpoint import check_compatible, load_model_weights
-
-        check_compatible(read_json(init_ckpt, "model_config.json"), model.config.to_dict(), "init_from", init_ckpt)
+        saved = read_json(init_ckpt, "model_config.json")
+        model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling)
+        check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
         load_model_weights(init_ckpt, model)
-    data = build(cfg.task.data, "data", tokenizer=tokenizer)
+        if len(tokenizer) != model.config.vocab_size:
+            logger.info(f"model: vocabulary grown from {model.config.vocab_size} to {len(tokenizer)} tokens")
+            model.resize_vocab(len(tokenizer))
+    else:
+        model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
+    logger.info(f"model: {model.num_params():,} parameters")
     objective = build(cfg.task.objective, "objective")
     optim = build(cfg.optim, "optimizer")
     loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]

@@ -20,7 +20,7 @@ SMALL = [
     "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=128",
     "data.max_bytes=2000000", "tokenizer.vocab_size=1024",
     "trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=64", "trainer.eval_every=10",
-    "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false", "trainer.sample.max_new_tokens=16",
+    "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false", "task.sample.max_new_tokens=16",
     "optim.lr=1e-2", "optim.warmup_steps=5", "logger=tensorboard",
 ]
 

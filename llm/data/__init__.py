@@ -1,9 +1,13 @@
-"""Data: tokenizers, corpus sources, packed pretraining windows and the resumable sampler."""
+"""Data: tokenizers, corpus sources, packed pretraining windows, chat/preference data, built-in tasks, the
+resumable sampler."""
 
+from llm.data.posttrain import PreferenceData, SFTData
 from llm.data.pretrain import PackedTokens, PretrainData
+from llm.data.rows import HubRows, LocalRows
 from llm.data.sampler import ResumableSampler
 from llm.data.sources import FileCorpus, HubCorpus, StdlibCorpus
+from llm.data.synthetic import VerifiableTasks
 from llm.data.tokenizer import load_pretrained, train_bpe
 
-__all__ = ["PackedTokens", "PretrainData", "ResumableSampler", "FileCorpus", "HubCorpus", "StdlibCorpus",
+__all__ = ["HubRows", "LocalRows", "PreferenceData", "SFTData", "VerifiableTasks", "PackedTokens", "PretrainData", "ResumableSampler", "FileCorpus", "HubCorpus", "StdlibCorpus",
            "load_pretrained", "train_bpe"]

@@ -14,7 +14,10 @@ from loguru import logger
 
 from llm.errors import ConfigError, DataError
 
+from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+CHAT = [SYSTEM, USER, ASSISTANT, END]  # reserved from the start, so SFT after pretraining needs no new rows
 
 
 def _cache_root(cache_dir: str) -> Path:
@@ -30,10 +33,10 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if not isinstance(vocab_size, int) or vocab_size < 260:
-        raise ConfigError(f"tokenizer.vocab_size={vocab_size!r} must be an integer >= 260 (256 bytes + specials)")
+    if not isinstance(vocab_size, int) or vocab_size < 264:
+        raise ConfigError(f"tokenizer.vocab_size={vocab_size!r} must be an integer >= 264 (256 bytes + 7 special tokens)")
     key = hashlib.sha256(
-        f"bpe-v1|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
+        f"bpe-v2|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
     ).hexdigest()[:16]
     path = _cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     if (path / "tokenizer.json").exists():
@@ -55,13 +58,15 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS, PAD],
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS, PAD, *CHAT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts(), trainer=trainer)
-    if tok.get_vocab_size() <= 259:
+    if tok.get_vocab_size() <= 263:
         raise DataError(f"tokenizer: the corpus ({corpus.describe()}) is too small or empty to train a BPE")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=CHAT)
+    fast.chat_template = BUILTIN_TEMPLATE
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     fast.save_pretrained(str(tmp))
     try:

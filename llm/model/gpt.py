@@ -199,6 +199,23 @@ class GPT(nn.Module):
         if self.rope is not None and self.rope.inv_freq.device.type != "meta":
             self.rope.reset_parameters()
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow the (tied) embedding to `vocab_size` tokens, e.g. after adding chat tokens to a tokenizer. Existing
+        rows are kept; new rows (if the padded size grows) are initialised like the embedding."""
+        if vocab_size < self.config.vocab_size:
+            raise ConfigError(f"cannot shrink the vocabulary from {self.config.vocab_size} to {vocab_size}")
+        old = self.tok_emb.weight
+        self.config.vocab_size = vocab_size
+        if self.config.padded_vocab_size != old.size(0):
+            emb = nn.Embedding(self.config.padded_vocab_size, self.config.d_model, device=old.device, dtype=old.dtype)
+            nn.init.normal_(emb.weight, 0.0, self.config.init_std)
+            emb.weight[: old.size(0)] = old
+            self.tok_emb = emb
+            self.lm_head = nn.Linear(self.config.d_model, self.config.padded_vocab_size, bias=False,
+                                     device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.tok_emb.weight
+
     def num_params(self) -> int:
         """Number of unique parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())

@@ -129,8 +129,27 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def latest_run(task: str, roots=("outputs", "multirun_outputs")) -> Path:
+    """The newest run dir (by its results.json time) under `roots` whose results.json says `task`."""
+    best = None
+    for root in roots:
+        for results in Path(root).glob("**/results.json"):
+            try:
+                done = json.loads(results.read_text()).get("task") == task
+            except (OSError, ValueError):
+                continue
+            if done and (best is None or results.stat().st_mtime > best.stat().st_mtime):
+                best = results
+    if best is None:
+        raise ConfigError(f"latest:{task}: no finished {task} run under {list(roots)} (run that task first)")
+    return best.parent
+
+
 def resolve_checkpoint(path: str | Path, key: str) -> Path:
-    """A checkpoint dir, or a run dir (-> its newest complete checkpoint). `key` names the option in errors."""
+    """A checkpoint dir, a run dir (-> its newest complete checkpoint), or `latest:<task>` (the newest finished run
+    of that task under outputs/ and multirun_outputs/). `key` names the option in errors."""
+    if str(path).startswith("latest:"):
+        path = latest_run(str(path).split(":", 1)[1])
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise ConfigError(f"{key}={str(path)!r}: no such run or checkpoint directory")

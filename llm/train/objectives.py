@@ -55,3 +55,137 @@ class LanguageModeling:
         else:
             loss = cross_entropy(model(batch["input_ids"], **kwargs), batch["labels"])
         return loss, {"loss": loss.detach()}
+
+
+class SFT(LanguageModeling):
+    """Supervised fine-tuning: the language-modelling loss on assistant tokens only (the data sets labels to -100
+    elsewhere), plus exact match of greedy replies on held-out prompts at every evaluation."""
+
+    def __init__(self, loss_chunk_size: int = 0, max_new_tokens: int = 32):
+        super().__init__(loss_chunk_size)
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, model, data) -> dict:
+        from llm.eval import exact_match
+
+        return {"exact_match": exact_match(model, data.tokenizer, data.eval_examples, self.max_new_tokens)}
+
+
+def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label | prefix) over the labelled (response) tokens of each row: [B, T] -> [B]."""
+    logits = model(input_ids)
+    token_logp = -F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return token_logp.sum(dim=-1)
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DPO-family losses on summed response log-probs, each [B]. h = (log pi/ref)(chosen) - (log pi/ref)(rejected).
+
+    sigmoid (DPO, Rafailov et al. 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    ipo (Azar et al. 2023):              (h - 1/(2 beta))^2
+    hinge (SLiC, Zhao et al. 2023):      max(0, 1 - beta h)
+    """
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(loss_type)
+    rewards_chosen, rewards_rejected = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {
+        "loss": losses.mean().detach(),
+        "rewards/chosen": rewards_chosen.mean(),
+        "rewards/rejected": rewards_rejected.mean(),
+        "rewards/margin": (rewards_chosen - rewards_rejected).mean(),
+        "rewards/accuracy": (rewards_chosen > rewards_rejected).float().mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    return losses.mean(), metrics
+
+
+class DPO:
+    """Direct preference optimisation against a frozen reference (the starting weights).
+
+    reference=precomputed: before training, the reference log-probs of every train and validation pair are
+    computed once (batched, no gradient) and stored with the samples — no second model in memory. They are
+    computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
+    gives the same numbers. reference=live: a frozen copy of the starting model scores each batch.
+    Chosen and rejected go through the policy in one concatenated forward pass.
+    """
+
+    LOSSES = ("sigmoid", "ipo", "hinge")
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 reference: str = "precomputed", max_new_tokens: int = 32, ref_batch_size: int = 32):
+        from llm.errors import ConfigError, check_choice
+
+        check_choice("task.objective.loss_type", loss_type, set(self.LOSSES))
+        check_choice("task.objective.reference", reference, {"precomputed", "live"})
+        if not beta > 0:
+            raise ConfigError(f"task.objective.beta={beta!r} must be positive")
+        if not 0 <= label_smoothing < 0.5:
+            raise ConfigError(f"task.objective.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
+        self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
+        self.max_new_tokens, self.ref_batch_size = max_new_tokens, ref_batch_size
+        self.ref_model = None
+
+    def setup(self, model, data) -> None:
+        import copy
+
+        plain = unwrap_model(model)
+        if self.reference == "live":
+            self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)
+            return
+        device = next(plain.parameters()).device
+        was_training = plain.training
+        plain.eval()
+        with torch.no_grad():
+            for ds in (data.train, data.val):
+                for start in range(0, len(ds), self.ref_batch_size):
+                    items = [ds[i] for i in range(start, min(len(ds), start + self.ref_batch_size))]
+                    batch = {k: v.to(device) for k, v in ds.collate(items).items()}
+                    chosen, rejected = self._logps(plain, batch)
+                    for item, c, r in zip(items, chosen.tolist(), rejected.tolist()):
+                        item["ref_chosen_logp"], item["ref_rejected_logp"] = c, r
+        plain.train(was_training)
+
+    @staticmethod
+    def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over chosen and rejected stacked on the batch dim -> (chosen [B], rejected [B])."""
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        return sequence_logps(model, ids, labels).chunk(2)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
+        policy_chosen, policy_rejected = self._logps(model, batch)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
+        else:
+            ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        return preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
+                               self.label_smoothing)
+
+    def evaluate(self, model, data) -> dict:
+        """Over every held-out pair: preference accuracy and mean reward margin (policy vs reference), and exact
+        match of greedy replies against the chosen answers."""
+        from llm.eval import exact_match
+
+        device = next(unwrap_model(model).parameters()).device
+        margins = []
+        for start in range(0, len(data.val), self.ref_batch_size):
+            batch = data.val.collate([data.val[i] for i in range(start, min(len(data.val), start + self.ref_batch_size))])
+            _, metrics_margin = self.loss(model, {k: v.to(device) for k, v in batch.items()})
+            margins.append((metrics_margin["rewards/accuracy"], metrics_margin["rewards/margin"], batch["chosen_input_ids"].size(0)))
+        n = sum(m[2] for m in margins)
+        return {
+            "preference_accuracy": float(sum(a * k for a, _, k in margins) / n),
+            "reward_margin": float(sum(r * k for _, r, k in margins) / n),
+            "exact_match": exact_match(model, data.tokenizer, data.eval_examples, self.max_new_tokens),
+        }

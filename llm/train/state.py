@@ -21,6 +21,8 @@ class TrainerState:
     initial_val_loss: float | None = None  # validation loss before the first step
     last_val_loss: float | None = None
     train_loss: float | None = None  # mean training loss of the latest logging window
+    initial_eval: dict = field(default_factory=dict)  # evaluation metrics before the first step
+    last_eval: dict = field(default_factory=dict)  # metrics of the latest evaluation
 
     def to_dict(self) -> dict:
         return asdict(self)

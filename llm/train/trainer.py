@@ -81,8 +81,9 @@ class Trainer:
         self.n_params = self.raw_model.num_params()
         self.model = parallelize(self.raw_model, self.env, self.strategy, self.compile, self.activation_checkpointing)
         self.optimizer = self.optim.build(self.raw_model, self.device.type)
-        if hasattr(self.objective, "setup"):
-            self.objective.setup(self.model, self.data)
+        if hasattr(self.objective, "setup"):  # before a resume restores weights: sees the starting model
+            with self.autocast():
+                self.objective.setup(self.model, self.data)
         if self.resume:
             self._restore(self.resume)
         self.loggers = []
@@ -128,8 +129,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
+        tokens = 0
         for m in range(self.accum_steps):
             batch = self._batch(indices[m * self.micro_batch_size : (m + 1) * self.micro_batch_size], self.data.train)
+            tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))  # shapes only: no sync
             with self.autocast():
                 loss, metrics = self.objective.loss(self.model, batch)
             (loss / self.accum_steps).backward()
@@ -140,29 +143,33 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.tokens_seen += self.batch_size * self.seq_len
+        self.state.tokens_seen += tokens * self.env.world_size
+        self._last_step_tokens = tokens * self.env.world_size
         return sums
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective metrics over the first eval_batches micro-batches of the validation split."""
-        if hasattr(self.objective, "evaluate"):
-            return self.objective.evaluate(self.model, self.data)
+        """Mean objective metrics (val_*) over the first eval_batches micro-batches of the validation split, plus
+        whatever the objective's own `evaluate(model, data)` measures (exact match, preference accuracy, ...)."""
         self.model.eval()
         n = len(self.data.val)
         if self.eval_batches:
             n = min(n, self.eval_batches * self.micro_batch_size)
         sums, count = {}, 0
         for start in range(0, n, self.micro_batch_size):
-            batch = self._batch(list(range(start, min(n, start + self.micro_batch_size))), self.data.val)
+            indices = list(range(start, min(n, start + self.micro_batch_size)))
             with self.autocast():
-                _, metrics = self.objective.loss(self.model, batch)
-            weight = batch["input_ids"].size(0)
+                _, metrics = self.objective.loss(self.model, self._batch(indices, self.data.val))
+            weight = len(indices)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() * weight
             count += weight
+        out = {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        if hasattr(self.objective, "evaluate"):
+            with self.autocast():
+                out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()
-        return {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        return out
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -170,6 +177,7 @@ class Trainer:
         st = self.state
         if st.step == 0 or st.initial_val_loss is None:
             val = self.evaluate()
+            st.initial_eval, st.last_eval = val, val
             st.initial_val_loss = st.last_val_loss = val.get("val_loss")
             logger.info(f"step {st.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
             for lg in self.loggers[1:]:
@@ -185,7 +193,7 @@ class Trainer:
             for k, v in metrics.items():
                 window[k] = window.get(k, 0) + v
             window_steps += 1
-            window_tokens += self.batch_size * self.seq_len
+            window_tokens += self._last_step_tokens
             bar.update(1)
             last = st.step == self.max_steps
             do_eval = last or (self.eval_every and st.step % self.eval_every == 0)
@@ -200,8 +208,10 @@ class Trainer:
                     record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 st.train_loss = record.get("loss")
                 if do_eval:
-                    record.update(self.evaluate())
-                    st.last_val_loss = record.get("val_loss", st.last_val_loss)
+                    val = self.evaluate()
+                    record.update(val)
+                    st.last_eval = val
+                    st.last_val_loss = val.get("val_loss", st.last_val_loss)
                 self._log(record, bar)
                 window, window_steps, window_tokens, t_window = {}, 0, 0, time.perf_counter()
             st.seconds = seconds_before + time.perf_counter() - t_start
@@ -241,15 +251,23 @@ class Trainer:
         if not cfg or self.tokenizer is None or not cfg.get("max_new_tokens"):
             return None
         prompt = cfg.get("prompt") or ""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.tokenizer.bos_token_id]
+        stop = self.tokenizer.eos_token_id
+        if cfg.get("chat"):  # the prompt as a user turn, the reply generated until the end of the assistant turn
+            from llm.data.chat import encode_chat, stop_token_id
+
+            ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+            stop = stop_token_id(self.tokenizer)
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.tokenizer.bos_token_id]
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         with self.autocast():
             out = self.raw_model.generate(
                 torch.tensor([ids], device=self.device), cfg["max_new_tokens"], temperature=cfg.get("temperature", 0.8),
-                top_k=cfg.get("top_k"), top_p=cfg.get("top_p"), eos_token_id=self.tokenizer.eos_token_id,
+                top_k=cfg.get("top_k"), top_p=cfg.get("top_p"), eos_token_id=stop,
                 generator=generator,
             )
-        return self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+        text = self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        return f"{prompt} -> {text}" if cfg.get("chat") else prompt + text
 
     def _finish(self) -> dict:
         st = self.state
@@ -266,6 +284,11 @@ class Trainer:
             "skipped_steps": st.skipped_steps,
             "device": str(self.device),
         }
+        for k, v in st.last_eval.items():  # final evaluation, and the same metrics before the first step
+            if not k.startswith("val_"):
+                results[k] = v
+                if k in st.initial_eval:
+                    results[f"{k}_before"] = st.initial_eval[k]
         sample = self.generate_sample()
         if sample is not None:
             results["sample"] = sample

@@ -160,3 +160,43 @@ def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
     proc = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cache_dir, check=False)
     assert proc.returncode != 0 and message in proc.stderr
     assert not run_dir.exists()
+
+
+def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
+    """SFT from the pretraining run, then DPO from the SFT run, through run.py; the results carry the
+    post-training metrics."""
+    post = ["task.data.eval_samples=16", "post_data.train.num_examples=200", "post_data.val.num_examples=16",
+            "trainer.seq_len=64", "trainer.eval_every=5", "trainer.log_every=5"]
+    base = [o for o in SMALL if not o.startswith(("trainer.seq_len", "trainer.eval_every", "trainer.log_every"))]
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    run_cli([*base, *post, "task=sft", "trainer.max_steps=10", f"init_from={small_run}", "task.data.packing=true",
+             f"hydra.run.dir={sft_dir}"], cache_dir)
+    sft = json.loads((sft_dir / "results.json").read_text())
+    assert sft["task"] == "sft" and 0 <= sft["exact_match"] <= 1 and "exact_match_before" in sft
+    assert sft["val_loss"] < sft["initial_val_loss"]
+    assert "packed" in (sft_dir / "train.log").read_text()
+    run_cli([*base, *post, "task=dpo", "trainer.max_steps=10", f"init_from={sft_dir}", f"hydra.run.dir={dpo_dir}"],
+            cache_dir)
+    dpo = json.loads((dpo_dir / "results.json").read_text())
+    assert dpo["task"] == "dpo"
+    for key in ("preference_accuracy", "reward_margin", "exact_match", "preference_accuracy_before"):
+        assert key in dpo, key
+    assert dpo["initial_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    assert dpo["reward_margin"] > 0 and dpo["val_loss"] < dpo["initial_val_loss"]
+    metrics = read_metrics(dpo_dir)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"} <= set(metrics[0])
+
+
+def test_dpo_without_init_from_is_refused(cache_dir, tmp_path):
+    proc = run_cli(["task=dpo", f"hydra.run.dir={tmp_path / 'r'}"], cache_dir, check=False)
+    assert proc.returncode != 0
+    assert "task=dpo starts from a trained model: set init_from" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_sft_bad_rows_name_file_and_line(cache_dir, tmp_path, small_run):
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": ""}\n')
+    proc = run_cli([*SMALL, "task=sft", f"init_from={small_run}", "post_data=files", f"post_data.train.paths={rows}",
+                    f"hydra.run.dir={tmp_path / 'r'}"], cache_dir, check=False)
+    assert proc.returncode != 0
+    assert f"{rows}:2: field 'response' is empty" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,107 @@
+"""Built-in instruction tasks with checkable answers, generated from a seed (no download).
+
+Tasks: `reverse` (reverse a list of words), `sort` (sort words alphabetically), `add` (add two numbers), `count`
+(how often a word occurs in a list). Every answer depends on the prompt: no constant answer scores above 0.2
+exact match (tested). Each example also carries a plausible wrong answer (`rejected`) for preference data.
+
+Prompts are split into train and held-out by a hash of the prompt text, so a held-out prompt never appears in
+training data, whatever the number of examples drawn.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from llm.errors import ConfigError
+
+# Short words that are frequent in Python sources, so the default BPE has most of them as single tokens.
+WORDS = ("self", "list", "data", "name", "file", "type", "value", "key", "path", "line", "time", "size", "mode",
+         "text", "node", "item", "code", "base", "user", "args", "next", "last", "left", "right", "true", "false",
+         "read", "open", "close", "load", "sort", "find", "string", "index", "count", "error", "result", "start",
+         "end", "new")
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return rng.sample(WORDS, n)
+
+
+def _reverse(rng):
+    w = _words(rng, rng.randint(3, 5))
+    wrong = w[:]
+    i = rng.randrange(len(w) - 1)
+    wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]  # one adjacent swap away from the input order
+    return f"reverse: {' '.join(w)}", " ".join(reversed(w)), " ".join(reversed(wrong))
+
+
+def _sort(rng):
+    w = _words(rng, rng.randint(3, 5))
+    answer = sorted(w)
+    wrong = answer[:]
+    i = rng.randrange(len(w) - 1)
+    wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+    return f"sort: {' '.join(w)}", " ".join(answer), " ".join(wrong)
+
+
+def _add(rng):
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    wrong = a + b + rng.choice((-10, -1, 1, 10))
+    return f"add: {a} + {b}", str(a + b), str(wrong if wrong >= 0 else a + b + 1)
+
+
+def _count(rng):
+    target = rng.choice(WORDS)
+    k = rng.randint(1, 6)
+    others = [x for x in WORDS if x != target]
+    items = [target] * k + rng.sample(others, rng.randint(1, 7 - k) if k < 7 else 0)
+    rng.shuffle(items)
+    wrong = k + rng.choice((-1, 1)) if k > 1 else k + 1
+    return f"count {target}: {' '.join(items)}", str(k), str(wrong)
+
+
+TASKS = {"reverse": _reverse, "sort": _sort, "add": _add, "count": _count}
+
+
+def is_heldout(prompt: str, heldout_fraction: float, seed: int) -> bool:
+    return zlib.crc32(f"{seed}|{prompt}".encode()) % 10_000 < heldout_fraction * 10_000
+
+
+class VerifiableTasks:
+    """Rows {prompt, response, chosen, rejected, task} of the built-in tasks, for one split.
+
+    split: train | heldout. The same seed gives the same rows; train and held-out never share a prompt.
+    """
+
+    def __init__(self, split: str = "train", tasks=("reverse", "sort", "add", "count"), num_examples: int = 4000,
+                 heldout_fraction: float = 0.1, seed: int = 0):
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"data tasks {unknown} are not built in; choose from {sorted(TASKS)}")
+        if split not in ("train", "heldout"):
+            raise ConfigError(f"split={split!r} is not allowed; choose one of ['heldout', 'train']")
+        if not isinstance(num_examples, int) or num_examples < 1:
+            raise ConfigError(f"num_examples={num_examples!r} must be a positive integer")
+        self.split, self.tasks, self.num_examples = split, list(tasks), num_examples
+        self.heldout_fraction, self.seed = heldout_fraction, seed
+
+    def rows(self):
+        """Yield (where, row) for `num_examples` distinct prompts of this split, tasks in round robin."""
+        rng = random.Random(self.seed)
+        seen: set[str] = set()
+        want_heldout = self.split == "heldout"
+        attempts = 0
+        while len(seen) < self.num_examples:
+            attempts += 1
+            if attempts > 200 * self.num_examples:
+                raise ConfigError(f"built-in tasks {self.tasks}: cannot draw {self.num_examples} distinct "
+                                  f"{self.split} prompts; ask for fewer")
+            task = self.tasks[attempts % len(self.tasks)]
+            prompt, answer, wrong = TASKS[task](rng)
+            if prompt in seen or is_heldout(prompt, self.heldout_fraction, self.seed) != want_heldout:
+                continue
+            seen.add(prompt)
+            yield (f"built-in {self.split} #{len(seen)}",
+                   {"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong, "task": task})
+
+    def describe(self) -> str:
+        return f"built-in tasks {self.tasks} ({self.split}, {self.num_examples} examples, seed {self.seed})"
