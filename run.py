@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from loguru import logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.errors import ConfigError, LLMError
@@ -43,14 +43,23 @@ def build(node: DictConfig, what: str, **kwargs):
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    from llm.train.checkpoint import check_compatible, load_model_weights, read_json, resolve_checkpoint
+    from llm.train.checkpoint import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
 
     seed_everything(cfg.seed)
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if cfg.task.get("requires_init_from") and not cfg.init_from and not cfg.task.get("allow_scratch"):
         raise ConfigError(f"task={cfg.task.name} starts from a trained model: set init_from=<run or checkpoint dir> "
-                          f"(or init_from=latest:sft), or task.allow_scratch=true to start from random weights")
+                          f"(or init_from=latest:<task>), or task.allow_scratch=true to start from random weights")
     init_ckpt = resolve_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None
+    saved = read_json(init_ckpt, "model_config.json") if init_ckpt is not None else None
+    if saved is not None:  # the checkpoint's architecture, except model keys set on the command line
+        explicit = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        with open_dict(cfg):
+            for key in (*ARCH_KEYS, "max_seq_len", "rope_theta"):
+                if key in saved and key in cfg.model and "model" not in explicit and f"model.{key}" not in explicit:
+                    cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
+            if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
+                cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if init_ckpt is not None:  # the earlier run's tokenizer, so token ids mean the same
         from llm.data.tokenizer import load_pretrained
 
@@ -60,8 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer = build(cfg.tokenizer, "tokenizer")
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
-    if init_ckpt is not None:
-        saved = read_json(init_ckpt, "model_config.json")
+    if saved is not None:
         model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling)
         check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
         load_model_weights(init_ckpt, model)

@@ -6,6 +6,7 @@ same batch, reported as tokens/s, step time, peak memory, MFU (CUDA) and the rat
     python -m llm.bench --model tiny --arch gpt2 --repeats 3
     python -m llm.bench --model 125m --batch-size 16 --seq-len 1024 --device cuda --compile
     python -m llm.bench --model conf/model/1b.yaml --only ours --json bench.json
+    python -m llm.bench --sft-vs-dpo --seq-len 64 --batch-size 32     # DPO step time over SFT step time
 """
 
 from __future__ import annotations
@@ -169,6 +170,52 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
             "step_ms": 1000 * elapsed / args.steps, "peak_mib": peak / 2**20}
 
 
+def measure_sft_vs_dpo(args, kwargs: dict, device: torch.device, T: int) -> dict:
+    """Our model's step time for SFT (B sequences of T tokens, loss on the second half) and for DPO (B pairs of T
+    tokens, chosen and rejected in one forward, precomputed reference log-probs), same B and T; alternated."""
+    from llm.train.objectives import DPO
+
+    torch.manual_seed(0)
+    model = build_gpt(**kwargs).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model) if args.compile else model
+    gen = torch.Generator().manual_seed(1)
+    B, V = args.batch_size, kwargs["vocab_size"]
+
+    def seqs():
+        ids = torch.randint(0, V, (B, T + 1), generator=gen)
+        labels = ids[:, 1:].clone()
+        labels[:, : T // 2] = -100  # prompt half: no loss
+        return ids[:, :-1].to(device), labels.to(device)
+
+    x, y = seqs()
+    (cx, cy), (rx, ry) = seqs(), seqs()
+    batches = {
+        "sft": (LanguageModeling(), {"input_ids": x, "labels": y}),
+        "dpo": (DPO(), {"chosen_input_ids": cx, "chosen_labels": cy, "rejected_input_ids": rx, "rejected_labels": ry,
+                        "ref_chosen_logp": torch.full((B,), -50.0, device=device),
+                        "ref_rejected_logp": torch.full((B,), -50.0, device=device)}),
+    }
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    times = {"sft": [], "dpo": []}
+    for i in range(args.warmup + args.steps * args.repeats):
+        for name, (objective, batch) in batches.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, _ = objective.loss(step_model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    sft_ms, dpo_ms = (1000 * statistics.median(times[k]) for k in ("sft", "dpo"))
+    return {"sft_step_ms": sft_ms, "dpo_step_ms": dpo_ms, "dpo_over_sft": dpo_ms / sft_ms}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -201,6 +248,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="alternate ours/HF this many times; report medians")
     p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100 dense bf16)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--sft-vs-dpo", action="store_true",
+                   help="instead of the HF comparison: our SFT step time vs our DPO step time at equal B and T")
     return p.parse_args(argv)
 
 
@@ -214,6 +263,15 @@ def main(argv=None) -> dict:
     T = args.seq_len or min(256, kwargs.get("max_seq_len", 256))
     if T > kwargs.get("max_seq_len", 256):
         raise SystemExit(f"--seq-len {T} exceeds the preset's max_seq_len {kwargs.get('max_seq_len', 256)}")
+    if args.sft_vs_dpo:
+        res = {"device": device_name(device), "model": args.model, "batch_size": args.batch_size, "seq_len": T,
+               **measure_sft_vs_dpo(args, kwargs, device, T)}
+        print(f"device: {res['device']} | model {args.model}, B{args.batch_size} x T{T} (DPO: B pairs)")
+        print(f"SFT step {res['sft_step_ms']:.1f} ms | DPO step {res['dpo_step_ms']:.1f} ms | "
+              f"ratio DPO/SFT: {res['dpo_over_sft']:.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        return res
     gen = torch.Generator().manual_seed(0)
     window = torch.randint(0, kwargs["vocab_size"], (args.batch_size, T + 1), generator=gen).to(device)
     sides = ["ours", "hf"] if args.only == "both" else [args.only]

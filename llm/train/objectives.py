@@ -78,6 +78,13 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     return token_logp.sum(dim=-1)
 
 
+def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected stacked on the batch dim -> (chosen [B], rejected [B])."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    return sequence_logps(model, ids, labels).chunk(2)
+
+
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str,
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """DPO-family losses on summed response log-probs, each [B]. h = (log pi/ref)(chosen) - (log pi/ref)(rejected).
@@ -112,6 +119,9 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
 class DPO:
     """Direct preference optimisation against a frozen reference (the starting weights).
 
+    sft_weight > 0 adds that times the mean negative log-likelihood of the chosen response tokens (RPO, Pang et
+    al. 2024), which keeps the chosen answers likely while the margin grows (plain DPO lets both fall).
+
     reference=precomputed: before training, the reference log-probs of every train and validation pair are
     computed once (batched, no gradient) and stored with the samples — no second model in memory. They are
     computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
@@ -122,7 +132,8 @@ class DPO:
     LOSSES = ("sigmoid", "ipo", "hinge")
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: str = "precomputed", max_new_tokens: int = 32, ref_batch_size: int = 32):
+                 reference: str = "precomputed", sft_weight: float = 0.0, max_new_tokens: int = 32,
+                 ref_batch_size: int = 32):
         from llm.errors import ConfigError, check_choice
 
         check_choice("task.objective.loss_type", loss_type, set(self.LOSSES))
@@ -132,7 +143,9 @@ class DPO:
         if not 0 <= label_smoothing < 0.5:
             raise ConfigError(f"task.objective.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
-        self.max_new_tokens, self.ref_batch_size = max_new_tokens, ref_batch_size
+        if not sft_weight >= 0:
+            raise ConfigError(f"task.objective.sft_weight={sft_weight!r} must be >= 0")
+        self.sft_weight, self.max_new_tokens, self.ref_batch_size = sft_weight, max_new_tokens, ref_batch_size
         self.ref_model = None
 
     def setup(self, model, data) -> None:
@@ -155,12 +168,7 @@ class DPO:
                         item["ref_chosen_logp"], item["ref_rejected_logp"] = c, r
         plain.train(was_training)
 
-    @staticmethod
-    def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over chosen and rejected stacked on the batch dim -> (chosen [B], rejected [B])."""
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        return sequence_logps(model, ids, labels).chunk(2)
+    _logps = staticmethod(_pair_logps)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         policy_chosen, policy_rejected = self._logps(model, batch)
@@ -169,8 +177,14 @@ class DPO:
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
         else:
             ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
-        return preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
-                               self.label_smoothing)
+        loss, metrics = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta,
+                                        self.loss_type, self.label_smoothing)
+        if self.sft_weight:
+            nll = -policy_chosen.sum() / (batch["chosen_labels"] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = loss + self.sft_weight * nll
+            metrics["nll/chosen"] = nll.detach()
+            metrics["loss"] = loss.detach()
+        return loss, metrics
 
     def evaluate(self, model, data) -> dict:
         """Over every held-out pair: preference accuracy and mean reward margin (policy vs reference), and exact

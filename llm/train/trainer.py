@@ -38,9 +38,9 @@ class Trainer:
                  activation_checkpointing: bool = False, strategy: str = "single", seed: int = 0,
                  resume: str | None = None, sample: dict | None = None, progress: bool = True,
                  peak_flops: float = 989e12):
-        for key in ("max_steps", "batch_size", "seq_len", "log_every"):
+        for key in ("batch_size", "seq_len", "log_every"):
             check_positive(f"trainer.{key}", locals()[key])
-        for key in ("eval_every", "save_every"):
+        for key in ("max_steps", "eval_every", "save_every"):  # max_steps=0: evaluate only
             check_positive(f"trainer.{key}", locals()[key], allow_zero=True)
         micro_batch_size = micro_batch_size or batch_size
         check_positive("trainer.micro_batch_size", micro_batch_size)
@@ -287,13 +287,15 @@ class Trainer:
         for k, v in st.last_eval.items():  # final evaluation, and the same metrics before the first step
             if not k.startswith("val_"):
                 results[k] = v
-                if k in st.initial_eval:
+                if k in st.initial_eval and st.step > 0 and isinstance(v, (int, float)):
                     results[f"{k}_before"] = st.initial_eval[k]
         sample = self.generate_sample()
         if sample is not None:
             results["sample"] = sample
         if self.env.is_main:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            if hasattr(self.objective, "finish"):  # task-specific artefacts (tables, plots)
+                self.objective.finish(results, self.run_dir)
             if sample is not None:
                 (self.run_dir / "sample.txt").write_text(sample)
                 logger.info("sample:\n" + sample)

@@ -200,3 +200,33 @@ def test_sft_bad_rows_name_file_and_line(cache_dir, tmp_path, small_run):
                     f"hydra.run.dir={tmp_path / 'r'}"], cache_dir, check=False)
     assert proc.returncode != 0
     assert f"{rows}:2: field 'response' is empty" in proc.stderr.strip().splitlines()[-1]
+
+
+EVAL = ["task=eval_length", "task.objective.multiples=[1,2]", "task.objective.windows=4",
+        "task.objective.passkey_trials=2", "task.objective.passkey_depths=[0.5]"]
+
+
+def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
+    run_dir = tmp_path / "eval"
+    base = [o for o in SMALL if not o.startswith("model.")]  # the architecture comes from the checkpoint
+    run_cli([*base, *EVAL, "extrapolation=yarn", "extrapolation.factor=2", f"init_from={small_run}",
+             f"hydra.run.dir={run_dir}"], cache_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
+    assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
+    assert all(v > 1 for v in results["ppl_by_length"].values())
+    assert (run_dir / "length_eval.png").stat().st_size > 1000
+    assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
+    assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    base = [o for o in SMALL if not o.startswith("model.")]
+    run_cli(["-m", *base, *EVAL, "extrapolation=none,ntk", f"init_from={small_run}", f"hydra.sweep.dir={sweep}"],
+            cache_dir)
+    table = (sweep / "length_eval.md").read_text()
+    assert "| none |" in table and "| ntk x4 |" in table
+    assert (sweep / "length_eval.png").stat().st_size > 1000
+    assert len(json.loads((sweep / "length_eval.json").read_text())) == 2
+    assert (sweep / "sweep_summary.md").read_text().count("\n") == 4  # header, rule, two jobs

@@ -30,3 +30,8 @@ def test_bench_only_ours_and_auto_arch():
     assert res["arch"] == "llama"  # the tiny preset is RoPE/RMSNorm/SwiGLU
     assert "hf" not in res and "ratio_tok_s" not in res
     assert res["ours"]["tok_s"] > 0
+
+
+def test_bench_sft_vs_dpo():
+    res = bench.main(TINY + ["--sft-vs-dpo"])
+    assert res["sft_step_ms"] > 0 and res["dpo_step_ms"] > 0 and res["dpo_over_sft"] > 1.0

@@ -1,0 +1,149 @@
+"""Length extrapolation: perplexity and passkey retrieval at several multiples of the training context.
+
+Perplexity at length L: windows of L held-out tokens; the loss is taken over the last `context` positions of each
+window (the part that sees a long history), so a method that keeps working past the training length keeps the
+same perplexity as in-length, and one that breaks shows it at once.
+Passkey at length L: a random 5-digit number assigned in Python-looking filler (the default corpus is Python
+source) at several depths, then `assert passkey == ` and a greedy completion of 5 digits; accuracy = exact digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm.errors import ConfigError
+from llm.model import unwrap_model
+from llm.train.objectives import LanguageModeling
+
+FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "items.append(total)",
+          "result = process(items)", "value = result[0]", "count = len(items)"]
+
+
+class LengthEval(LanguageModeling):
+    """Objective of `task=eval_length` (trainer.max_steps=0): evaluates, does not train."""
+
+    def __init__(self, context: int, multiples=(1, 2, 4, 8), windows: int = 16, passkey_trials: int = 10,
+                 passkey_depths=(0.1, 0.5, 0.9), seed: int = 0, batch_size: int = 4):
+        super().__init__()
+        if not isinstance(context, int) or context < 8:
+            raise ConfigError(f"task.objective.context={context!r} must be the training context (an integer >= 8)")
+        self.context, self.multiples, self.windows = context, [int(m) for m in multiples], windows
+        self.passkey_trials, self.passkey_depths, self.seed = passkey_trials, list(passkey_depths), seed
+        self.batch_size = batch_size
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.context * m for m in self.multiples]
+
+    @torch.no_grad()
+    def perplexity(self, model, data, length: int) -> float:
+        """Windows of `length` + 1 consecutive held-out tokens (read straight from the packed validation array)."""
+        plain = unwrap_model(model)
+        device = next(plain.parameters()).device
+        tokens = data.val.tokens
+        n = min(self.windows, (len(tokens) - 1) // length)
+        if n < 1:
+            raise ConfigError(f"the validation split has {len(tokens)} tokens, too few for one window of {length}")
+        total, count = 0.0, 0
+        for start in range(0, n, self.batch_size):
+            rows = [torch.from_numpy(tokens[i * length : (i + 1) * length + 1].astype("int64"))
+                    for i in range(start, min(n, start + self.batch_size))]
+            window = torch.stack(rows).to(device)
+            x, y = window[:, :-1], window[:, 1:]
+            logits = plain(x)[:, -self.context :]
+            total += F.cross_entropy(logits.float().flatten(0, 1), y[:, -self.context :].flatten(),
+                                     reduction="sum").item()
+            count += y[:, -self.context :].numel()
+        return math.exp(total / count)
+
+    @torch.no_grad()
+    def passkey(self, model, tokenizer, length: int) -> float:
+        plain = unwrap_model(model)
+        device = next(plain.parameters()).device
+        rng = random.Random(self.seed + length)
+        filler_ids = [tokenizer(line + "\n", add_special_tokens=False)["input_ids"] for line in FILLER]
+        hits = trials = 0
+        for depth in self.passkey_depths:
+            for _ in range(self.passkey_trials):
+                key = str(rng.randint(10000, 99999))
+                needle = tokenizer(f"passkey = {key}\n", add_special_tokens=False)["input_ids"]
+                question = tokenizer("assert passkey == ", add_special_tokens=False)["input_ids"]
+                budget = length - len(needle) - len(question)
+                lines, used = [], 0
+                while True:
+                    nxt = filler_ids[rng.randrange(len(filler_ids))]
+                    if used + len(nxt) > budget:
+                        break
+                    lines.append(nxt)
+                    used += len(nxt)
+                cut = int(depth * len(lines))
+                ids = [t for line in lines[:cut] for t in line] + needle + \
+                      [t for line in lines[cut:] for t in line] + question
+                out = plain.generate(torch.tensor([ids], device=device), 8, temperature=0)[0, len(ids):].tolist()
+                hits += tokenizer.decode(out).strip().startswith(key)
+                trials += 1
+        return hits / trials
+
+    def evaluate(self, model, data) -> dict:
+        import warnings
+
+        with warnings.catch_warnings():  # running past the context is the point here
+            warnings.simplefilter("ignore")
+            ppl = {str(L): self.perplexity(model, data, L) for L in self.lengths}
+            passkey = {str(L): self.passkey(model, data.tokenizer, L) for L in self.lengths}
+        return {"method": method_label(unwrap_model(model).config.rope_scaling), "context": self.context,
+                "ppl_by_length": ppl, "passkey_by_length": passkey}
+
+    def finish(self, results: dict, run_dir: Path) -> None:
+        """Write the table as markdown and the perplexity/passkey plot as PNG into the run dir."""
+        if "ppl_by_length" in results:
+            write_table_and_plot({results["method"]: results}, Path(run_dir), "length_eval")
+
+
+def method_label(scaling: dict | None) -> str:
+    """'none', 'linear x4', 'ntk x4', 'ntk-dynamic x4', 'yarn x4'."""
+    if not scaling or scaling.get("type", "none") == "none":
+        return "none"
+    kind = scaling["type"] + ("-dynamic" if scaling.get("dynamic") else "")
+    return f"{kind} x{scaling.get('factor', 1):g}"
+
+
+def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -> None:
+    """by_method: label -> results with ppl_by_length / passkey_by_length. Writes <stem>.md and <stem>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({int(L) for r in by_method.values() for L in r["ppl_by_length"]})
+    rows = ["| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " +
+            " | ".join(f"passkey@{L}" for L in lengths) + " |",
+            "|---" * (1 + 2 * len(lengths)) + "|"]
+    for label, r in by_method.items():
+        ppl = [f"{r['ppl_by_length'].get(str(L), float('nan')):.2f}" for L in lengths]
+        pk = [f"{r['passkey_by_length'].get(str(L), float('nan')):.2f}" for L in lengths]
+        rows.append(f"| {label} | " + " | ".join(ppl) + " | " + " | ".join(pk) + " |")
+    (out_dir / f"{stem}.md").write_text("\n".join(rows) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(by_method, indent=2, default=str))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in by_method.items():
+        axes[0].plot(lengths, [r["ppl_by_length"].get(str(L), float("nan")) for L in lengths], marker="o", label=label)
+        axes[1].plot(lengths, [r["passkey_by_length"].get(str(L), float("nan")) for L in lengths], marker="o",
+                     label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
+                title="perplexity vs length")
+    axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05),
+                title="passkey retrieval")
+    for ax in axes:
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=110)
+    plt.close(fig)
