@@ -89,7 +89,7 @@ class PretrainData:
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"trainer.seq_len={seq_len!r} must be a positive integer")
         if not 0 < val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={val_fraction!r} must be between 0 and 1")
+            raise ConfigError(f"task.data.val_fraction={val_fraction!r} must be between 0 and 1")
         self.tokenizer, self.source, self.seq_len = tokenizer, source, seq_len
         self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
         self.val_fraction, self.split_seed = val_fraction, split_seed

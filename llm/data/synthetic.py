@@ -1,7 +1,7 @@
 """Built-in instruction tasks with checkable answers, generated from a seed (no download).
 
-Tasks: `reverse` (reverse a list of words), `sort` (sort words alphabetically), `add` (add two numbers), `count`
-(how often a word occurs in a list). Every answer depends on the prompt: no constant answer scores above 0.2
+Tasks: `reverse` (reverse a list of words), `sort` (sort words alphabetically), `rotate` (move the first word to the
+end), `count` (how often a word occurs in a list), `add` (add two numbers). Every answer depends on the prompt: no constant answer scores above 0.2
 exact match (tested). Each example also carries a plausible wrong answer (`rejected`) for preference data.
 
 Prompts are split into train and held-out by a hash of the prompt text, so a held-out prompt never appears in
@@ -43,6 +43,11 @@ def _sort(rng):
     return f"sort: {' '.join(w)}", " ".join(answer), " ".join(wrong)
 
 
+def _rotate(rng):
+    w = _words(rng, rng.randint(3, 5))
+    return f"rotate: {' '.join(w)}", " ".join(w[1:] + w[:1]), " ".join(w[-1:] + w[:-1])  # wrong: the other way
+
+
 def _add(rng):
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     wrong = a + b + rng.choice((-10, -1, 1, 10))
@@ -59,7 +64,7 @@ def _count(rng):
     return f"count {target}: {' '.join(items)}", str(k), str(wrong)
 
 
-TASKS = {"reverse": _reverse, "sort": _sort, "add": _add, "count": _count}
+TASKS = {"reverse": _reverse, "sort": _sort, "rotate": _rotate, "count": _count, "add": _add}
 
 
 def is_heldout(prompt: str, heldout_fraction: float, seed: int) -> bool:
@@ -72,7 +77,7 @@ class VerifiableTasks:
     split: train | heldout. The same seed gives the same rows; train and held-out never share a prompt.
     """
 
-    def __init__(self, split: str = "train", tasks=("reverse", "sort", "add", "count"), num_examples: int = 4000,
+    def __init__(self, split: str = "train", tasks=("reverse", "sort", "rotate"), num_examples: int = 4000,
                  heldout_fraction: float = 0.1, seed: int = 0):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:

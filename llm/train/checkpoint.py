@@ -46,9 +46,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able hyper-parameters."""
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict (or the optimizer's) into tensors (for safetensors) and JSON-able
+    hyper-parameters."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -64,16 +65,33 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
+    return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict | None,
                     trainer_state: dict, model_config: dict, tokenizer=None) -> Path:
-    """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path."""
+    """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
+
+    `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
+    llm.train.distributed.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
+        raise
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    _fsync_dir(directory.parent)
+    return directory
+
+
+def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
@@ -90,11 +108,6 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    _fsync_dir(directory.parent)
-    return directory
 
 
 def is_complete(directory: str | Path, verify: bool = True) -> bool:

@@ -24,8 +24,14 @@ def _plain(value):
 class JsonlLogger:
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`."""
 
-    def __init__(self, run_dir: str, config: dict | None = None, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
+        if start_step and self.path.exists():  # resumed: drop records of steps after the checkpoint
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.path)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
@@ -39,10 +45,11 @@ class JsonlLogger:
 class TensorBoardLogger:
     """TensorBoard event files under `<run_dir>/tb/` (view with `tensorboard --logdir outputs`)."""
 
-    def __init__(self, run_dir: str, config: dict | None = None, subdir: str = "tb"):
+    def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, subdir: str = "tb"):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        # purge_step: on resume, TensorBoard hides events logged after the checkpoint by the interrupted run
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir), purge_step=start_step or None)
         if config:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 
@@ -62,7 +69,8 @@ class WandbLogger:
     set `logger.wandb.mode=online` and `logger.wandb.project=...` to stream. The run id is kept in the run dir so a
     resumed run continues the same W&B run."""
 
-    def __init__(self, run_dir: str, config: dict | None = None, project: str = "llm", name: str | None = None,
+    def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, project: str = "llm",
+                 name: str | None = None,
                  entity: str | None = None, mode: str | None = "offline", tags: list | None = None,
                  group: str | None = None):
         import wandb
@@ -76,7 +84,11 @@ class WandbLogger:
             resume="allow", reinit="finish_previous",
         )
 
+        self.start_step = start_step
+
     def log(self, metrics: dict, step: int) -> None:
+        if step < getattr(self.run, "step", 0):  # W&B steps only grow: a resumed run skips what it already recorded
+            return
         self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:

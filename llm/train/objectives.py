@@ -153,6 +153,12 @@ class DPO:
 
         plain = unwrap_model(model)
         if self.reference == "live":
+            from llm.errors import ConfigError
+            from llm.train.distributed import is_fsdp
+
+            if is_fsdp(plain):  # a sharded module cannot be deep-copied (and a full copy per rank defeats sharding)
+                raise ConfigError("task.objective.reference=live does not work with trainer.strategy=fsdp; use "
+                                  "reference=precomputed (the default) or trainer.strategy=ddp")
             self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)
             return
         device = next(plain.parameters()).device

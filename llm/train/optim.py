@@ -24,7 +24,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear)
-    fused: bool | None = None  # None: fused kernel on CUDA
+    fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device
 
     def __post_init__(self):
         check_positive("optim.lr", self.lr)
@@ -47,7 +47,7 @@ class OptimizerConfig:
         return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def build(self, model: nn.Module, device_type: str) -> torch.optim.AdamW:
-        fused = device_type == "cuda" if self.fused is None else self.fused
+        fused = True if self.fused is None else self.fused
         return torch.optim.AdamW(self.param_groups(model), lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
 
     def lr_at(self, step: int, max_steps: int) -> float:

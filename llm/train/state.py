@@ -23,6 +23,7 @@ class TrainerState:
     train_loss: float | None = None  # mean training loss of the latest logging window
     initial_eval: dict = field(default_factory=dict)  # evaluation metrics before the first step
     last_eval: dict = field(default_factory=dict)  # metrics of the latest evaluation
+    log_window: dict = field(default_factory=dict)  # metric sums since the last log line (so a resumed log matches)
 
     def to_dict(self) -> dict:
         return asdict(self)

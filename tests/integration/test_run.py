@@ -127,28 +127,71 @@ def test_print_composed_config():
     assert "d_model: 1600" in proc.stdout and "max_seq_len: 2048" in proc.stdout
 
 
+BAD_ROWS = '{"text": "fine"}\n{"text": oops}\n'
+NO_FIELD = '{"text": "fine"}\n{"body": "x"}\n'
+
+# (overrides, files to create in tmp_path {name: content} referenced as {tmp}, message in the one-line error)
 ERRORS = [
-    (["trainer.seq_len=512"], "trainer.seq_len=512 is longer than the model's context model.max_seq_len=128"),
-    (["data=files", "data.paths=/nonexistent/corpus.txt"], "file not found: /nonexistent/corpus.txt"),
-    (["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"], "no such directory"),
-    (["trainer.device=tpu"], "trainer.device='tpu' is not allowed"),
-    (["model.pos_emb=alibi"], "model.pos_emb='alibi' is not allowed"),
-    (["trainer.batch_size=0"], "trainer.batch_size=0 must be a positive number"),
-    (["trainer.micro_batch_size=3"], "must be a multiple of trainer.micro_batch_size=3"),
-    (["resume=/nonexistent/run"], "resume='/nonexistent/run': no such run or checkpoint directory"),
-    (["+model.n_layers=3"], "unknown model key(s) ['n_layers']"),
+    (["trainer.seq_len=512"], {}, "trainer.seq_len=512 is longer than the model's context model.max_seq_len=128"),
+    (["data=files", "data.paths={tmp}/missing.txt"], {}, "file not found: {tmp}/missing.txt"),
+    (["data=files", "data.paths={tmp}/empty.txt"], {"empty.txt": ""}, "file is empty: {tmp}/empty.txt"),
+    (["data=files", "data.paths={tmp}/bad.jsonl"], {"bad.jsonl": BAD_ROWS}, "{tmp}/bad.jsonl:2: not valid JSON"),
+    (["data=files", "data.paths={tmp}/nofield.jsonl"], {"nofield.jsonl": NO_FIELD},
+     "{tmp}/nofield.jsonl:2: missing field 'text'"),
+    (["data=files", "data.paths={tmp}/blank.txt"], {"blank.txt": "\n \n\n"}, "is too small or empty to train a BPE"),
+    (["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"], {}, "no such directory"),
+    (["tokenizer.vocab_size=100"], {}, "tokenizer.vocab_size=100 must be an integer >= 264"),
+    (["trainer.device=tpu"], {}, "trainer.device='tpu' is not allowed"),
+    (["trainer.precision=fp8"], {}, "trainer.precision='fp8' is not allowed"),
+    (["model.pos_emb=alibi"], {}, "model.pos_emb='alibi' is not allowed"),
+    (["model.n_head=5"], {}, "model.d_model=64 must be divisible by model.n_head=5"),
+    (["+model.n_layers=3"], {}, "unknown model key(s) ['n_layers']"),
+    (["trainer.batch_size=0"], {}, "trainer.batch_size=0 must be a positive number"),
+    (["trainer.batch_size=abc"], {}, "trainer.batch_size='abc' must be a positive number"),
+    (["trainer.max_steps=-5"], {}, "trainer.max_steps=-5 must be a non-negative number"),
+    (["trainer.micro_batch_size=3"], {}, "must be a multiple of trainer.micro_batch_size=3"),
+    (["optim.lr=-0.001"], {}, "optim.lr=-0.001 must be a positive number"),
+    (["optim.schedule=exponential"], {}, "optim.schedule='exponential' is not allowed"),
+    (["task.data.val_fraction=1.5"], {}, "task.data.val_fraction=1.5 must be between 0 and 1"),
+    (["extrapolation=yarn", "extrapolation.factor=0.5"], {}, "extrapolation.factor"),
+    (["resume=/nonexistent/run"], {}, "resume='/nonexistent/run': no such run or checkpoint directory"),
+    (["init_from=/nonexistent/run"], {}, "init_from='/nonexistent/run': no such run or checkpoint directory"),
+    (["init_from=latest:nosuchtask"], {}, "latest:nosuchtask: no finished nosuchtask run"),
+    (["task=dpo"], {}, "task=dpo starts from a trained model: set init_from"),
+    (["hydra.run.dir=/proc/llm_run"], {}, "cannot write the output dir /proc/llm_run"),
 ]
 
 
-@pytest.mark.parametrize("overrides,message", ERRORS, ids=[e[0][-1] for e in ERRORS])
-def test_bad_input_is_a_one_line_error(overrides, message, cache_dir, tmp_path):
+def _ids(errors):
+    return [f"{i}-{e[0][-1].split('/')[0][:40]}" for i, e in enumerate(errors)]
+
+
+@pytest.mark.parametrize("overrides,files,message", ERRORS, ids=_ids(ERRORS))
+def test_bad_input_is_a_one_line_error(overrides, files, message, cache_dir, tmp_path):
+    """The bad-input table: one line naming the culprit, exit code 2, no traceback."""
+    assert len(ERRORS) >= 20
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     groups = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}  # e.g. data=files
     base = [o for o in SMALL if o.split(".")[0] not in groups]  # drop the shrink keys of a replaced group
-    proc = run_cli([*base, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, check=False)
-    assert proc.returncode != 0
+    run_dir = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli([*base, *overrides, *run_dir], cache_dir, check=False)
+    assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert last.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
+    """A bad resume (incompatible model) deletes or rewrites nothing of the run it points at."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"]
+    before = {p: p.read_bytes() for p in watched}
+    proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
+    assert proc.returncode == 2 and "incompatible model (d_model: checkpoint 64 vs model 96)" in proc.stderr
+    assert {p: p.read_bytes() for p in watched} == before
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -185,12 +228,6 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     assert dpo["reward_margin"] > 0 and dpo["val_loss"] < dpo["initial_val_loss"]
     metrics = read_metrics(dpo_dir)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"} <= set(metrics[0])
-
-
-def test_dpo_without_init_from_is_refused(cache_dir, tmp_path):
-    proc = run_cli(["task=dpo", f"hydra.run.dir={tmp_path / 'r'}"], cache_dir, check=False)
-    assert proc.returncode != 0
-    assert "task=dpo starts from a trained model: set init_from" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_sft_bad_rows_name_file_and_line(cache_dir, tmp_path, small_run):

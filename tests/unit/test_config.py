@@ -39,8 +39,9 @@ def test_run_and_sweep_dirs():
     from omegaconf import OmegaConf
 
     hc = OmegaConf.to_container(compose_config(return_hydra_config=True).hydra, resolve=False)
-    assert hc["run"]["dir"].startswith("outputs/${now:")
-    assert hc["sweep"]["dir"].startswith("multirun_outputs/${now:")
+    # rank 0's time under torchrun / srun (LLM_RUN_STAMP, set by run.py), else the clock
+    assert hc["run"]["dir"] == "outputs/${oc.env:LLM_RUN_STAMP,${now:%Y-%m-%d}/${now:%H-%M-%S}}"
+    assert hc["sweep"]["dir"] == "multirun_outputs/${oc.env:LLM_RUN_STAMP,${now:%Y-%m-%d}/${now:%H-%M-%S}}"
     assert hc["sweep"]["subdir"] == "${hydra.job.num}_${safe_dirname:${hydra.job.override_dirname}}"
 
 

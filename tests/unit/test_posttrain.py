@@ -124,13 +124,15 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, tmp_path, pos_emb):
 
 
 def test_builtin_tasks_split_and_no_constant_answer():
-    train = [r for _, r in VerifiableTasks("train", num_examples=2000).rows()]
-    heldout = [r for _, r in VerifiableTasks("heldout", num_examples=400).rows()]
+    every = ("reverse", "sort", "rotate", "count", "add")
+    train = [r for _, r in VerifiableTasks("train", tasks=every, num_examples=2500).rows()]
+    heldout = [r for _, r in VerifiableTasks("heldout", tasks=every, num_examples=500).rows()]
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
-    assert [r["prompt"] for _, r in VerifiableTasks("train", num_examples=50).rows()] == [r["prompt"] for r in train[:50]]
+    again = VerifiableTasks("train", tasks=every, num_examples=50).rows()
+    assert [r["prompt"] for _, r in again] == [r["prompt"] for r in train[:50]]
     assert all(r["chosen"] != r["rejected"] for r in train + heldout)
     # the most frequent training answer, given to every held-out prompt, scores <= 0.2 exact match
-    for task in ("reverse", "sort", "add", "count"):
+    for task in every:
         task_train = [r for r in train if r["task"] == task]
         task_held = [r for r in heldout if r["task"] == task]
         top, _ = Counter(r["response"] for r in task_train).most_common(1)[0]

@@ -1,0 +1,130 @@
+"""Reliability end to end: kill -9 then resume=auto gives a bit-identical loss trace (pretrain, SFT, DPO);
+SIGTERM saves and exits with the documented code; a corrupt newest checkpoint is skipped; non-finite steps are
+skipped and too many in a row stop the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llm.train.trainer import PREEMPTED_EXIT_CODE
+from tests.conftest import ROOT, SMALL, read_metrics, run_cli
+
+pytestmark = pytest.mark.integration
+
+COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps", "rewards/margin", "tokens")
+STEPS = ["trainer.max_steps=30", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=10"]
+POST = ["trainer.seq_len=64", "task.data.eval_samples=8", "post_data.train.num_examples=300",
+        "post_data.val.num_examples=8"]
+
+
+def _task_args(task: str, small_run) -> list[str]:
+    if task == "pretrain":
+        return []
+    return [f"task={task}", f"init_from={small_run}", *POST]
+
+
+def _start(args, cache_dir):
+    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, run_dir, step: int, timeout: float = 300) -> int:
+    """Poll metrics.jsonl until a record of `step` or later exists; return the last step seen."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return json.loads(lines[-1])["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def _assert_same_trace(reference, resumed):
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference]
+    for a, b in zip(reference, resumed):
+        for key in COMPARED:
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, small_run, cache_dir):
+    """Uninterrupted runs, one per task."""
+    out = {}
+    for task in ("pretrain", "sft", "dpo"):
+        run_dir = tmp_path_factory.mktemp("ref") / task
+        run_cli([*SMALL, *STEPS, *_task_args(task, small_run), f"hydra.run.dir={run_dir}"], cache_dir)
+        out[task] = read_metrics(run_dir)
+    return out
+
+
+@pytest.mark.parametrize("task,seed", [("pretrain", 0), ("pretrain", 1), ("sft", 2), ("dpo", 3)])
+def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *STEPS, *_task_args(task, small_run), f"hydra.run.dir={run_dir}"]
+    kill_at = random.Random(seed).randint(4, 24)
+    proc = _start(args, cache_dir)
+    _wait_for_step(proc, run_dir, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+    run_cli([*args, "resume=auto"], cache_dir)
+    _assert_same_trace(references[task], read_metrics(run_dir))
+
+
+def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
+    proc = _start(args, cache_dir)
+    _wait_for_step(proc, run_dir, 8)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE == 75
+    stopped = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / f"step_{stopped:07d}" / "manifest.json").exists()
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == f"step_{stopped:07d}"
+    run_cli([*args, "resume=auto"], cache_dir)
+    _assert_same_trace(references["pretrain"], read_metrics(run_dir))
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(references, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
+    run_cli([*args, "trainer.max_steps=12"], cache_dir)  # a shorter run: checkpoints 3, 6, 9, 12
+    newest = run_dir / "checkpoints" / "step_0000012" / "optimizer.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    proc = run_cli([*args, "resume=auto", "trainer.max_steps=12"], cache_dir)
+    assert "step_0000012 is incomplete or corrupt; skipping it" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_0000009 at step 9" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_and_counted(cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli([*SMALL, "trainer.max_steps=8", "trainer.log_every=1", "trainer.nan_steps=[3,4]",
+             f"hydra.run.dir={run_dir}"], cache_dir)
+    metrics = {m["step"]: m for m in read_metrics(run_dir)}
+    assert metrics[2]["skipped_steps"] == 0 and metrics[4]["skipped_steps"] == 2 and metrics[8]["skipped_steps"] == 2
+    assert metrics[3]["loss"] == "nan" and isinstance(metrics[5]["loss"], float)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["skipped_steps"] == 2 and results["val_loss"] < results["initial_val_loss"]
+
+
+def test_too_many_consecutive_non_finite_steps_stop_the_run(cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*SMALL, "trainer.max_steps=20", "trainer.log_every=1", "trainer.save_every=2",
+                    "trainer.max_consecutive_skips=3", "trainer.nan_steps=[5,6,7,8,9,10]",
+                    f"hydra.run.dir={run_dir}"], cache_dir, check=False)
+    assert proc.returncode == 2
+    assert "3 consecutive steps had a non-finite loss" in proc.stderr.strip().splitlines()[-1]
+    assert (run_dir / "checkpoints" / "step_0000004").is_dir()  # the finite checkpoints stay
