@@ -26,7 +26,9 @@ FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "ite
 
 
 class LengthEval(LanguageModeling):
-    """Objective of `task=eval_length` (trainer.max_steps=0): evaluates, does not train."""
+    """Objective of `task=eval_length`: evaluates, does not train (the trainer runs no step)."""
+
+    evaluate_only = True
 
     def __init__(self, context: int, multiples=(1, 2, 4, 8), windows: int = 16, passkey_trials: int = 10,
                  passkey_depths=(0.1, 0.5, 0.9), seed: int = 0, batch_size: int = 4):

@@ -73,9 +73,10 @@ class SFT(LanguageModeling):
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label | prefix) over the labelled (response) tokens of each row: [B, T] -> [B]."""
-    logits = model(input_ids)
-    token_logp = -F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return token_logp.sum(dim=-1)
+    logits = model(input_ids)  # [B, T, V]
+    token_logp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                  reduction="none")  # [B*T], 0 where ignored
+    return token_logp.view_as(labels).sum(dim=-1)
 
 
 def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,6 +81,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        if getattr(self.objective, "evaluate_only", False):  # e.g. task=eval_length: measure, do not train
+            self.max_steps = 0
         self.env = dist_env(self.device_name)
         self.device = self.env.device
         per_rank = self.batch_size // self.env.world_size
@@ -226,7 +228,8 @@ class Trainer:
             val = self.evaluate()
             st.initial_eval, st.last_eval = val, val
             st.initial_val_loss = st.last_val_loss = val.get("val_loss")
-            logger.info(f"step {st.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            logger.info(f"step {st.step}: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in val.items()))
             for lg in self.loggers[1:]:
                 lg.log(val, st.step)
         self.model.train()
