@@ -122,6 +122,7 @@ def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lengths = sorted({int(L) for r in by_method.values() for L in r["ppl_by_length"]})
     rows = ["| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " +
@@ -143,6 +144,7 @@ def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -
     axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05),
                 title="passkey retrieval")
     for ax in axes:
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured lengths on the log axis
         ax.set_xticks(lengths, [str(L) for L in lengths])
         ax.grid(alpha=0.3)
         ax.legend()

@@ -39,7 +39,8 @@ def summarize(sweep_dir: Path) -> dict:
         job = results.parent
         overrides = (job / ".hydra" / "overrides.yaml")
         jobs[job.name] = {"results": json.loads(results.read_text()),
-                          "overrides": overrides.read_text().strip().replace("\n", " ") if overrides.exists() else ""}
+                          "overrides": " ".join(line.lstrip("- ").strip() for line in overrides.read_text().splitlines()
+                                                if line.strip()) if overrides.exists() else ""}
     if not jobs:
         return {}
     keys = [k for k in SCALARS if any(k in j["results"] for j in jobs.values())]
