@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from llm.errors import ConfigError, DataError
-from llm.data.sources import FileCorpus
+from llm.data.sources import FileCorpus, iter_jsonl
 
 
 class LocalRows:
@@ -28,7 +28,7 @@ class LocalRows:
                 for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
                     count += 1
                     yield f"{path}:row {i}", row
-            elif suffix == ".json" and open(path, encoding="utf-8").read(1).strip() == "[":
+            elif suffix == ".json" and _starts_with_bracket(path):
                 try:
                     items = json.loads(Path(path).read_text(encoding="utf-8"))
                 except json.JSONDecodeError as e:
@@ -37,16 +37,9 @@ class LocalRows:
                     count += 1
                     yield f"{path}:item {i}", _check_object(row, f"{path}:item {i}")
             elif suffix in (".jsonl", ".json"):
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                        count += 1
-                        yield f"{path}:{lineno}", _check_object(row, f"{path}:{lineno}")
+                for lineno, row in iter_jsonl(path):
+                    count += 1
+                    yield f"{path}:{lineno}", _check_object(row, f"{path}:{lineno}")
             else:
                 raise ConfigError(f"data: {path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
         if count == 0:
@@ -54,6 +47,11 @@ class LocalRows:
 
     def describe(self) -> str:
         return f"local files {self.patterns}"
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return f.read(1).strip() == "["
 
 
 def _check_object(row, where: str) -> dict:

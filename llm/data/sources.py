@@ -142,6 +142,19 @@ class FileCorpus:
         return f"local files {self.patterns}"
 
 
+def iter_jsonl(path: str):
+    """(line number, parsed row) for every non-blank line of a JSONL file; a malformed line is a DataError naming
+    the file and line (datasets' own message has neither)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def _check_jsonl(files: list[str], field: str) -> None:
     """Fail on the first malformed JSONL row with its file and line number (datasets' own message has neither)."""
     for path in files:
@@ -150,18 +163,11 @@ def _check_jsonl(files: list[str], field: str) -> None:
                 head = f.read(1).strip()
             if head == "[":  # a JSON array file: let datasets read it
                 continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise DataError(f"{path}:{lineno}: missing field {field!r}")
-                if not isinstance(row[field], str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} must be a string")
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row, dict) or field not in row:
+                raise DataError(f"{path}:{lineno}: missing field {field!r}")
+            if not isinstance(row[field], str):
+                raise DataError(f"{path}:{lineno}: field {field!r} must be a string")
 
 
 class HubCorpus:
