@@ -104,7 +104,7 @@ class _PostTrainData:
             train, val = [r for r in train if not is_val(r[0])], [r for r in train if is_val(r[0])]
         return train, val
 
-    def _fit(self, ids: list[int], mask: list[bool], where: str, counts: dict) -> tuple[list, list] | None:
+    def _fit(self, ids: list[int], mask: list[bool], counts: dict) -> tuple[list, list] | None:
         """Apply the over-long policy to a sequence of seq_len + 1 tokens at most; None = drop it."""
         if len(ids) <= self.seq_len + 1:
             return ids, mask
@@ -159,7 +159,7 @@ class SFTData(_PostTrainData):
 
     def _encode(self, row, where, counts):
         ids, mask = encode_chat(self.tokenizer, to_messages(row, where, **self.fields))
-        fitted = self._fit(ids, mask, where, counts)
+        fitted = self._fit(ids, mask, counts)
         return shifted(*fitted) if fitted else None
 
     def _finish(self, samples):
@@ -203,15 +203,16 @@ class PreferenceData(_PostTrainData):
 
     def _encode(self, row, where, counts):
         prompt, chosen, rejected = self._messages(row, where)
-        sample = {}
+        sample, sides = {}, {"overlong": 0}
         for side, reply in (("chosen", chosen), ("rejected", rejected)):
             ids, mask = encode_chat(self.tokenizer, prompt + reply)
-            fitted = self._fit(ids, mask, where, counts)
+            fitted = self._fit(ids, mask, sides)
             if fitted is None:
-                return None
+                break
             s = shifted(*fitted)
             sample[f"{side}_input_ids"], sample[f"{side}_labels"] = s["input_ids"], s["labels"]
-        return sample
+        counts["overlong"] += bool(sides["overlong"])  # a pair counts once, whichever side was too long
+        return sample if len(sample) == 4 else None
 
     def _eval_example(self, row, where):
         prompt, chosen, _ = self._messages(row, where)

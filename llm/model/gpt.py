@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ class GPTConfig:
     rope_scaling: dict | None = None  # length extrapolation (see llm/model/rope.py)
     init_std: float = 0.02
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls)
-    extra: dict = field(default_factory=dict)  # free-form notes carried into model_config.json
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):

@@ -218,7 +218,7 @@ ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hid
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
-    keys = [k for k in now if k != "extra"] if strict else list(ARCH_KEYS)
+    keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows
     diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
