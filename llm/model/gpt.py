@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import ConfigError, check_choice, check_positive
+from llm.model.fused_loss import linear_cross_entropy
 from llm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -133,20 +134,17 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        width = 2 * cfg.ffn_hidden if self.swiglu else cfg.ffn_hidden  # SwiGLU: gate and up in one matmul
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        # SwiGLU's gate and up are two matmuls, not one of twice the width: measured faster on CPU (narrower
+        # outputs, and backward needs no concatenation of the two gradients)
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_projection = True
 
-    def forward(self, x):
-        h = self.up(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.down(h)
+    def forward(self, x):  # [B, T, D] -> [B, T, F] -> [B, T, D]
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -220,9 +218,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False):
-        """input_ids [B, T] -> logits [B, T, V_padded] (or final hidden states [B, T, D] with return_hidden).
+                labels=None, reduction: str = "sum", loss_chunk_size: int = 0):
+        """input_ids [B, T] -> logits [B, T, V_padded].
 
+        With labels [B, T] (-100 = no loss) it returns the fp32 negative log-likelihood instead of logits, through
+        the fused head + cross-entropy of `fused_loss.py` (full logits never exist): summed to a scalar
+        (reduction="sum") or per token [B, T] (reduction="none").
         position_ids [B, T] (optional) restart positions for packed sequences; attn_mask (optional) is a bool
         [B, 1, T, T_keys] mask, True where attention is allowed; without it attention is causal.
         """
@@ -250,7 +251,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm_f(x)  # [B, T, D]
-        return x if return_hidden else self.lm_head(x)
+        if labels is not None:  # NLL: scalar, or [B, T]
+            return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size)
+        return self.lm_head(x)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -265,7 +265,7 @@ def parallelize(model: torch.nn.Module, env: DistEnv, strategy: str = "auto", co
                 block.compile()  # in place: the block stays the module fully_shard wraps
             fully_shard(block, mp_policy=mp)
         # the root holds the embedding and the tied LM head (one parameter); it is needed again right at the start
-        # of backward, and an objective may read lm_head.weight outside forward (chunked loss): keep it unsharded
+        # of backward (the fused loss at the end of forward forms its gradient there): keep it unsharded
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         return model
     if strategy == "ddp":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llm.model import unwrap_model
 
@@ -20,27 +19,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.t()
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
-    """The same value as cross_entropy(hidden @ weight.T, labels), computed `chunk_size` tokens at a time with
-    each chunk's logits recomputed in backward, so full [B*T, V] fp32 logits never exist at once."""
-    hidden, labels = hidden.flatten(0, -2), labels.flatten()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.size(0), chunk_size):
-        sl = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss_sum, hidden[sl], weight, labels[sl], use_reentrant=False)
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
 class LanguageModeling:
     """Next-token prediction: mean cross-entropy over every labelled position (labels of -100 are ignored).
 
-    loss_chunk_size > 0 computes the loss in chunks of that many tokens (saves the fp32 logits' memory at large
-    vocab × sequence sizes, at the cost of recomputing the LM head in backward).
+    The model computes it with its fused LM head + cross-entropy (`llm/model/fused_loss.py`), loss_chunk_size
+    tokens at a time (0 = auto), so the [tokens, vocab] logits never exist at once.
     """
 
     def __init__(self, loss_chunk_size: int = 0):
@@ -48,12 +31,9 @@ class LanguageModeling:
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         kwargs = {k: batch[k] for k in ("position_ids", "attn_mask") if k in batch}
-        if self.loss_chunk_size:
-            hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
-            loss = chunked_cross_entropy(hidden, unwrap_model(model).lm_head.weight, batch["labels"],
-                                         self.loss_chunk_size)
-        else:
-            loss = cross_entropy(model(batch["input_ids"], **kwargs), batch["labels"])
+        labels = batch["labels"]
+        nll = model(batch["input_ids"], labels=labels, loss_chunk_size=self.loss_chunk_size, **kwargs)
+        loss = nll / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
 
@@ -73,10 +53,7 @@ class SFT(LanguageModeling):
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label | prefix) over the labelled (response) tokens of each row: [B, T] -> [B]."""
-    logits = model(input_ids)  # [B, T, V]
-    token_logp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                  reduction="none")  # [B*T], 0 where ignored
-    return token_logp.view_as(labels).sum(dim=-1)
+    return -model(input_ids, labels=labels, reduction="none").sum(dim=-1)  # per-token NLL [B, T], 0 where ignored
 
 
 def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from llm.errors import ConfigError
 from llm.model import build_gpt, sample_next_token
 from llm.model.rope import RotaryEmbedding, apply_rotary
-from llm.train.objectives import chunked_cross_entropy, cross_entropy
+from llm.model.fused_loss import linear_cross_entropy
+from llm.train.objectives import cross_entropy
 
 SMALL = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
 
@@ -116,19 +117,58 @@ def test_rope_is_a_rotation():
     torch.testing.assert_close(dot(5, 2), dot(15, 12))
 
 
-def test_chunked_loss_equals_full_loss_and_grads():
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("chunk_size", [0, 4, 7, 100])
+def test_fused_loss_equals_plain_cross_entropy_and_grads(reduction, chunk_size):
     torch.manual_seed(0)
     h = torch.randn(2, 9, 8, requires_grad=True)
     w = torch.randn(50, 8, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :3] = -100
-    full = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), ignore_index=-100)
-    gh, gw = torch.autograd.grad(full, (h, w))
-    chunked = chunked_cross_entropy(h, w, labels, chunk_size=4)
-    ch, cw = torch.autograd.grad(chunked, (h, w))
-    torch.testing.assert_close(chunked, full)
-    torch.testing.assert_close(ch, gh)
-    torch.testing.assert_close(cw, gw)
+    plain = F.cross_entropy((h @ w.t()).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    fused = linear_cross_entropy(h, w, labels, reduction, chunk_size)
+    if reduction == "sum":
+        plain = plain.sum()
+        upstream = torch.tensor(0.37)
+    else:  # a different incoming gradient per token, as DPO's per-sequence sums give
+        plain, upstream = plain.view(2, 9), torch.randn(2, 9)
+        assert fused.shape == (2, 9) and bool((fused[0, :3] == 0).all())
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(torch.autograd.grad(fused, (h, w), upstream), torch.autograd.grad(plain, (h, w), upstream)):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # evaluation: no gradient is formed, same value
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, reduction, chunk_size), plain.detach())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_loss_under_bf16_autocast_matches_plain(reduction):
+    """The CUDA training path (bf16 matmuls, fp32 softmax), exercised with CPU autocast."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 10, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)
+    labels = torch.randint(0, 64, (3, 10))
+    upstream = torch.rand(3, 10) if reduction == "none" else torch.tensor(1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, labels, reduction, chunk_size=8)
+        plain = F.cross_entropy((h @ w.t()).float().flatten(0, 1), labels.flatten(), reduction="none")
+        plain = plain.sum() if reduction == "sum" else plain.view(3, 10)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
+    grads = torch.autograd.grad(fused, (h, w), upstream), torch.autograd.grad(plain, (h, w), upstream)
+    for got, want in zip(*grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_model_loss_path_equals_logits_path():
+    torch.manual_seed(0)
+    model = build_gpt(vocab_size=100, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
+    x = torch.randint(0, 100, (3, 16))
+    labels = x.roll(-1, 1)
+    labels[:, -1] = -100
+    torch.testing.assert_close(model(x, labels=labels) / 45, cross_entropy(model(x), labels))
+    torch.testing.assert_close(model(x, labels=labels, reduction="none").sum(1),
+                               F.cross_entropy(model(x).transpose(1, 2), labels, reduction="none").sum(1))
 
 
 def test_init_scales_residual_projections():
