@@ -75,10 +75,12 @@ class VerifiableTasks:
     """Rows {prompt, response, chosen, rejected, task} of the built-in tasks, for one split.
 
     split: train | heldout. The same seed gives the same rows; train and held-out never share a prompt.
+    offset: skip the first `offset` prompts of the sequence, e.g. the ones an SFT run trained on, so that a DPO
+    run with offset = SFT's num_examples sees only prompts new to the model.
     """
 
     def __init__(self, split: str = "train", tasks=("reverse", "sort", "rotate"), num_examples: int = 4000,
-                 heldout_fraction: float = 0.1, seed: int = 0):
+                 heldout_fraction: float = 0.1, seed: int = 0, offset: int = 0):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ConfigError(f"data tasks {unknown} are not built in; choose from {sorted(TASKS)}")
@@ -86,18 +88,21 @@ class VerifiableTasks:
             raise ConfigError(f"split={split!r} is not allowed; choose one of ['heldout', 'train']")
         if not isinstance(num_examples, int) or num_examples < 1:
             raise ConfigError(f"num_examples={num_examples!r} must be a positive integer")
-        self.split, self.tasks, self.num_examples = split, list(tasks), num_examples
+        if not isinstance(offset, int) or offset < 0:
+            raise ConfigError(f"offset={offset!r} must be a non-negative integer")
+        self.split, self.tasks, self.num_examples, self.offset = split, list(tasks), num_examples, offset
         self.heldout_fraction, self.seed = heldout_fraction, seed
 
     def rows(self):
-        """Yield (where, row) for `num_examples` distinct prompts of this split, tasks in round robin."""
+        """Yield (where, row) for `num_examples` distinct prompts of this split (after the first `offset`), tasks
+        in round robin."""
         rng = random.Random(self.seed)
         seen: set[str] = set()
         want_heldout = self.split == "heldout"
-        attempts = 0
-        while len(seen) < self.num_examples:
+        attempts, total = 0, self.offset + self.num_examples
+        while len(seen) < total:
             attempts += 1
-            if attempts > 200 * self.num_examples:
+            if attempts > 200 * total:
                 raise ConfigError(f"built-in tasks {self.tasks}: cannot draw {self.num_examples} distinct "
                                   f"{self.split} prompts; ask for fewer")
             task = self.tasks[attempts % len(self.tasks)]
@@ -105,8 +110,11 @@ class VerifiableTasks:
             if prompt in seen or is_heldout(prompt, self.heldout_fraction, self.seed) != want_heldout:
                 continue
             seen.add(prompt)
+            if len(seen) <= self.offset:
+                continue
             yield (f"built-in {self.split} #{len(seen)}",
                    {"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong, "task": task})
 
     def describe(self) -> str:
-        return f"built-in tasks {self.tasks} ({self.split}, {self.num_examples} examples, seed {self.seed})"
+        skip = f", after the first {self.offset}" if self.offset else ""
+        return f"built-in tasks {self.tasks} ({self.split}, {self.num_examples} examples{skip}, seed {self.seed})"

@@ -130,6 +130,9 @@ def test_builtin_tasks_split_and_no_constant_answer():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
     again = VerifiableTasks("train", tasks=every, num_examples=50).rows()
     assert [r["prompt"] for _, r in again] == [r["prompt"] for r in train[:50]]
+    # offset: the prompts after the first N (a DPO run on prompts its SFT run never saw)
+    later = VerifiableTasks("train", tasks=every, num_examples=30, offset=50).rows()
+    assert [r["prompt"] for _, r in later] == [r["prompt"] for r in train[50:80]]
     assert all(r["chosen"] != r["rejected"] for r in train + heldout)
     # the most frequent training answer, given to every held-out prompt, scores <= 0.2 exact match
     for task in every:
