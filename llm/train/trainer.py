@@ -312,7 +312,10 @@ class Trainer:
         """Whether to stop after this step; under several ranks every rank gets the same answer."""
         flag = self._stop_signal is not None
         if self.env.world_size > 1 and torch.distributed.is_initialized():
-            t = torch.tensor(float(flag), device=self.device)
+            # a CPU tensor goes through gloo (the group is cpu:gloo,cuda:nccl): a small message between the ranks'
+            # host threads each step, not a wait for the GPU to drain its queue
+            on_cpu = "gloo" in str(torch.distributed.get_backend())
+            t = torch.tensor(float(flag), device="cpu" if on_cpu else self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item())
             if flag and self._stop_signal is None:

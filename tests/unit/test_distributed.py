@@ -120,3 +120,40 @@ def test_nested_launch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="trainer.nproc_per_node=2 inside an already distributed launch"):
         D.launch(print, 2, {}, "/tmp/x")
+
+
+def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out):
+    import types
+
+    import torch.distributed as dist
+
+    from llm.train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        me = types.SimpleNamespace(env=types.SimpleNamespace(world_size=2), device=torch.device("cpu"),
+                                   _stop_signal="SIGTERM" if rank == signalled_rank else None)
+        quiet = Trainer._agreed_stop(types.SimpleNamespace(**{**vars(me), "_stop_signal": None}))
+        out.put((rank, quiet, Trainer._agreed_stop(me), me._stop_signal))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank():
+    """SIGTERM reaching rank 1 only: both ranks agree to stop after the same step (rank 0 names the peer)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, 1, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [(0, False, True, "peer rank"), (1, False, True, "SIGTERM")]
