@@ -97,6 +97,18 @@ def test_exact_resume_from_checkpoint(small_run, cache_dir, tmp_path):
     assert a["val_loss"] == b["val_loss"]
 
 
+def test_compiled_model_trains_like_eager(small_run, cache_dir, tmp_path):
+    """trainer.compile=true (torch.compile of the model, the fused loss included): the same run within rounding."""
+    run_dir = tmp_path / "compiled"
+    run_cli([*SMALL, "trainer.save_every=10", "trainer.compile=true", f"hydra.run.dir={run_dir}"], cache_dir)
+    eager, compiled = read_metrics(small_run), read_metrics(run_dir)
+    assert [m["step"] for m in compiled] == [m["step"] for m in eager]
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), (a, b)
+    assert json.loads((run_dir / "results.json").read_text())["val_loss"] == pytest.approx(
+        json.loads((small_run / "results.json").read_text())["val_loss"], rel=2e-3)
+
+
 def test_sweep_writes_one_dir_per_job(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(["-m", *SMALL, "trainer.max_steps=3", "trainer.eval_every=0", "logger=none",
