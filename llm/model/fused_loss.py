@@ -37,7 +37,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _chunk_softmax_nll(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, out: torch.Tensor | None = None):
     """h [n, D], w [V, D] (compute dtype), labels [n] -> (probs [n, V] fp32 softmax, nll [n] fp32 (0 if ignored),
     safe labels [n], valid [n] bool). `out` (optional, fp32 [>= n, V]) is reused for the logits."""
-    if out is not None and h.dtype == torch.float32:  # reusing one buffer spares a fresh allocation per chunk
+    if out is not None:  # fp32: reusing one buffer spares a fresh allocation per chunk
         logits = torch.mm(h, w.t(), out=out[: h.size(0)])
     else:
         logits = (h @ w.t()).float()  # [n, V]
@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and reduction == "sum" else None
             kept = []  # reduction "none": softmax - one-hot per chunk, for backward
             buf = None
-            if reduction == "sum" or not need_grad:  # no chunk is kept: one logits buffer serves every chunk
+            if dtype == torch.float32 and (reduction == "sum" or not need_grad):  # no chunk kept: one buffer
                 buf = torch.empty(min(n, chunk_size), weight.size(0), device=hidden.device, dtype=torch.float32)
             for start in range(0, n, chunk_size):
                 end = min(n, start + chunk_size)

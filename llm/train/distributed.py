@@ -488,8 +488,8 @@ def launch(fn, nproc: int, cfg: dict, run_dir: str, reraise: tuple[type[BaseExce
     """Run `fn(cfg, run_dir)` in `nproc` local worker processes forming one process group, through PyTorch's
     elastic launcher (what torchrun uses). `cfg` is the plain, resolved config (no Hydra in the workers).
     Returns rank 0's return value. A worker's failure raises LaunchError with its message, or — when its exception
-    class is one of `reraise` (by name) — that exception class again, in this process. SIGTERM, SIGUSR1 (SLURM's
-    warning before the time limit), SIGINT, ... reaching this process are passed on to the workers (which may save
+    class is one of `reraise` (by name) — that exception class again, in this process. SIGTERM, SIGUSR1/SIGUSR2
+    (warnings before a time limit), SIGINT, ... reaching this process are passed on to the workers (which may save
     and stop), then raise `on_signal` here (if given)."""
     import dataclasses
 
@@ -505,7 +505,7 @@ def launch(fn, nproc: int, cfg: dict, run_dir: str, reraise: tuple[type[BaseExce
                           monitor_interval=0.1)
     fields = {f.name for f in dataclasses.fields(LaunchConfig)}
     if "signals_to_handle" in fields:  # workers get the signal, and time to write a checkpoint
-        config.signals_to_handle = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+        config.signals_to_handle = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
     if "shutdown_timeout" in fields:
         config.shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 300))
     target = (fn.__module__, fn.__name__, fn.__code__.co_filename)

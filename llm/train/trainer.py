@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, LLMError, check_choice, check_positive
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume=auto goes on
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by one of STOP_SIGNALS after saving a checkpoint; resume=auto goes on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was saved because SIGTERM or SIGUSR1 arrived; run.py exits with PREEMPTED_EXIT_CODE."""
+    """Raised after a checkpoint was saved because a stop signal (SIGTERM, SIGUSR1, SIGUSR2) arrived; run.py exits with PREEMPTED_EXIT_CODE."""
 
 
 class TrainingError(LLMError):
@@ -117,7 +118,8 @@ class Trainer:
             self.loggers = [JsonlLogger(str(self.run_dir), start_step=start)] + [
                 make(run_dir=str(self.run_dir), config=self.config, start_step=start) for make in self.logger_factories
             ]
-        self._skipped = torch.zeros((), device=self.device)  # total and consecutive skipped steps, on the device
+        # total (carried over a resume) and consecutive skipped steps, on the device
+        self._skipped = torch.tensor(float(self.state.skipped_steps), device=self.device)
         self._consecutive = torch.zeros((), device=self.device)
         self._window = {k: torch.tensor(v, device=self.device) for k, v in self.state.log_window.get("sums", {}).items()}
         self._window_steps = self.state.log_window.get("steps", 0)
@@ -295,13 +297,14 @@ class Trainer:
     # ------------------------------------------------------------------ preemption
     @contextlib.contextmanager
     def _signal_handlers(self):
-        """SIGTERM and SIGUSR1 (SLURM's pre-kill signal) ask the loop to finish the step, save and exit."""
+        """SIGTERM, SIGUSR1 (`sbatch --signal=USR1@120`) and SIGUSR2 (what submitit sends before the time limit)
+        ask the loop to finish the step, save and exit."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         def handler(signum, frame):
             self._stop_signal = signal.Signals(signum).name
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             yield
         finally:

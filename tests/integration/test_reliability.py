@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,13 +112,21 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(references, cache_dir, t
 
 def test_non_finite_steps_are_skipped_and_counted(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
-    run_cli([*SMALL, "trainer.max_steps=8", "trainer.log_every=1", "trainer.nan_steps=[3,4]",
-             f"hydra.run.dir={run_dir}"], cache_dir)
+    args = [*SMALL, "trainer.max_steps=8", "trainer.log_every=1", "trainer.save_every=6", "trainer.nan_steps=[3,4]"]
+    run_cli([*args, f"hydra.run.dir={run_dir}"], cache_dir)
     metrics = {m["step"]: m for m in read_metrics(run_dir)}
     assert metrics[2]["skipped_steps"] == 0 and metrics[4]["skipped_steps"] == 2 and metrics[8]["skipped_steps"] == 2
     assert metrics[3]["loss"] == "nan" and isinstance(metrics[5]["loss"], float)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["skipped_steps"] == 2 and results["val_loss"] < results["initial_val_loss"]
+    # the count survives a resume from the step-6 checkpoint
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000008")
+    (resumed / "results.json").unlink()
+    run_cli([*args, "resume=auto", f"hydra.run.dir={resumed}"], cache_dir)
+    assert read_metrics(resumed)[-1]["skipped_steps"] == 2
+    assert json.loads((resumed / "results.json").read_text())["skipped_steps"] == 2
 
 
 def test_too_many_consecutive_non_finite_steps_stop_the_run(cache_dir, tmp_path):
