@@ -16,13 +16,13 @@ from loguru import logger
 
 from llm.data.chat import encode_chat, ensure_chat_template, require_text, to_messages, check_message
 from llm.errors import ConfigError, DataError, check_choice
+from llm.model.fused_loss import IGNORE_INDEX
 
-IGNORE = -100
 
 
 def shifted(ids: list[int], mask: list[bool]) -> dict:
     """ids of length n+1 -> input_ids (n) and labels (n): labels[t] = ids[t+1] where that token is trained."""
-    return {"input_ids": ids[:-1], "labels": [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]}
+    return {"input_ids": ids[:-1], "labels": [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]}
 
 
 def pad(seqs: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -48,13 +48,13 @@ class TokenRows(torch.utils.data.Dataset):
             length = max(len(x[k]) for x in items for k in ("chosen_input_ids", "rejected_input_ids"))
             for side in ("chosen", "rejected"):
                 out[f"{side}_input_ids"] = pad([x[f"{side}_input_ids"] for x in items], self.pad_id, length)
-                out[f"{side}_labels"] = pad([x[f"{side}_labels"] for x in items], IGNORE, length)
+                out[f"{side}_labels"] = pad([x[f"{side}_labels"] for x in items], IGNORE_INDEX, length)
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
                 if key in items[0]:
                     out[key] = torch.tensor([x[key] for x in items], dtype=torch.float32)
             return out
         out["input_ids"] = pad([x["input_ids"] for x in items], self.pad_id)
-        out["labels"] = pad([x["labels"] for x in items], IGNORE)
+        out["labels"] = pad([x["labels"] for x in items], IGNORE_INDEX)
         if "doc_ids" in items[0]:
             out["position_ids"] = pad([x["position_ids"] for x in items], 0)
             doc = pad([x["doc_ids"] for x in items], -1)  # padding forms its own block

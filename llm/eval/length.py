@@ -15,10 +15,10 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llm.errors import ConfigError
 from llm.model import unwrap_model
+from llm.model.fused_loss import IGNORE_INDEX
 from llm.train.objectives import LanguageModeling
 
 FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "items.append(total)",
@@ -52,17 +52,16 @@ class LengthEval(LanguageModeling):
         n = min(self.windows, (len(tokens) - 1) // length)
         if n < 1:
             raise ConfigError(f"the validation split has {len(tokens)} tokens, too few for one window of {length}")
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0
         for start in range(0, n, self.batch_size):
             rows = [torch.from_numpy(tokens[i * length : (i + 1) * length + 1].astype("int64"))
                     for i in range(start, min(n, start + self.batch_size))]
             window = torch.stack(rows).to(device)
-            x, y = window[:, :-1], window[:, 1:]
-            logits = plain(x)[:, -self.context :]
-            total += F.cross_entropy(logits.float().flatten(0, 1), y[:, -self.context :].flatten(),
-                                     reduction="sum").item()
-            count += y[:, -self.context :].numel()
-        return math.exp(total / count)
+            x, labels = window[:, :-1], window[:, 1:].clone()
+            labels[:, : -self.context] = IGNORE_INDEX  # only the last `context` positions count
+            total += plain(x, labels=labels)  # the model's fused head + loss: no [B, length, V] logits
+            count += labels.size(0) * min(self.context, length)
+        return math.exp(total.item() / count)
 
     @torch.no_grad()
     def passkey(self, model, tokenizer, length: int) -> float:

@@ -116,12 +116,9 @@ def yarn_parameters(head_dim: int, theta: float, factor: float, original: int, b
     return inv_freq, attention_factor
 
 
-def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
-                    seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Return (inv_freq [head_dim//2], attention_factor) for the given scaling config.
-
-    seq_len matters only for dynamic NTK (the current length; None = the original context, i.e. unscaled).
-    """
+def rope_parameters(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Return (inv_freq [head_dim//2], attention_factor) for the given scaling config. For dynamic NTK these are
+    the frequencies up to the original context; RotaryEmbedding rescales them per call past it."""
     s = parse_scaling(scaling)
     kind = s["type"]
     if kind == "none":
@@ -135,10 +132,7 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
         raise ConfigError(f"extrapolation.type=ntk needs a head dimension above 2, got {head_dim}")
     if not s["dynamic"]:
         return default_inv_freq(head_dim, ntk_theta(head_dim, theta, s["factor"])), 1.0
-    original = s["original_max_position_embeddings"]
-    if seq_len is None or seq_len <= original:
-        return default_inv_freq(head_dim, theta), 1.0
-    return default_inv_freq(head_dim, dynamic_ntk_theta(head_dim, theta, s["factor"], original, seq_len)), 1.0
+    return default_inv_freq(head_dim, theta), 1.0
 
 
 class RotaryEmbedding(nn.Module):

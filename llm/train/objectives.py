@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.model import unwrap_model
-
-IGNORE_INDEX = -100
+from llm.model.fused_loss import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

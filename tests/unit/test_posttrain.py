@@ -3,6 +3,7 @@ against hand-computed values, precomputed vs live reference."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
@@ -42,8 +43,7 @@ def test_builtin_template_ids_and_assistant_mask(tokenizer):
 
 
 def test_foreign_template_mask(tokenizer):
-    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path) if tokenizer.name_or_path else tokenizer
-    tok = __import__("copy").deepcopy(tokenizer)
+    tok = copy.deepcopy(tokenizer)
     tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     ids, mask = encode_chat(tok, CONV)
