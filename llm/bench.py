@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llm.model import GPTConfig, build_gpt
+from llm.model import GPTConfig, build_gpt, flops_per_token
 from llm.train.objectives import LanguageModeling, cross_entropy
 
 PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -136,16 +136,13 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
         model = build_gpt(**kwargs) if side == "ours" else build_hf(arch, GPTConfig(**kwargs))
         model.to(device).train()
         params = sum(p.numel() for p in model.parameters())
-        pos = model.pos_emb if side == "ours" else getattr(getattr(model, "transformer", None), "wpe", None)
-        pos_table = pos.weight.numel() if pos is not None else 0
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda)
         step_model = torch.compile(model) if args.compile else model
         objective = LanguageModeling()
         x, y = window[:, :-1], window[:, 1:]
-        use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 if side == "ours":
                     loss, _ = objective.loss(step_model, {"input_ids": x, "labels": y})
                 else:  # the same fp32 cross-entropy on the same shifted targets (not HF's internal labels= loss)
@@ -166,7 +163,7 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
         elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if cuda else meter.peak) - base
     del model, step_model, opt  # memory is freed at the start of the next measurement
-    return {"params": params, "params_no_pos": params - pos_table, "tok_s": x.numel() * args.steps / elapsed,
+    return {"params": params, "tok_s": x.numel() * args.steps / elapsed,
             "step_ms": 1000 * elapsed / args.steps, "peak_mib": peak / 2**20}
 
 
@@ -196,14 +193,13 @@ def measure_sft_vs_dpo(args, kwargs: dict, device: torch.device, T: int) -> dict
                         "ref_chosen_logp": torch.full((B,), -50.0, device=device),
                         "ref_rejected_logp": torch.full((B,), -50.0, device=device)}),
     }
-    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     times = {"sft": [], "dpo": []}
     for i in range(args.warmup + args.steps * args.repeats):
         for name, (objective, batch) in batches.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss, _ = objective.loss(step_model, batch)
             loss.backward()
             opt.step()
@@ -259,6 +255,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")  # autocast, both sides
     kwargs, arch = model_kwargs(args)
     T = args.seq_len or min(256, kwargs.get("max_seq_len", 256))
     if T > kwargs.get("max_seq_len", 256):
@@ -290,7 +287,7 @@ def main(argv=None) -> dict:
         "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "model": args.model, "arch": arch, "batch_size": args.batch_size,
         "seq_len": T, "vocab_size": c.vocab_size, "padded_vocab_size": c.padded_vocab_size,
-        "dtype": "bf16" if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else "fp32",
+        "dtype": "bf16" if args.bf16 else "fp32",
         "compile": args.compile, "steps": args.steps, "repeats": args.repeats,
         "memory": "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS increase (approx.)",
     }
@@ -298,8 +295,7 @@ def main(argv=None) -> dict:
         r = {k: statistics.median(m[k] for m in measured) for k in ("tok_s", "step_ms", "peak_mib")}
         r.update(params=measured[0]["params"], tok_s_all=[m["tok_s"] for m in measured])
         if device.type == "cuda":
-            flops_per_token = 6 * measured[0]["params_no_pos"] + 12 * c.n_layer * c.d_model * T
-            r["mfu"] = r["tok_s"] * flops_per_token / args.peak_flops
+            r["mfu"] = r["tok_s"] * flops_per_token(c, measured[0]["params"], T) / args.peak_flops
         results[side] = r
     if args.only == "both":
         if results["ours"]["params"] != results["hf"]["params"]:

@@ -310,6 +310,13 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
+    """Training FLOPs per token, for MFU: 6N for the matmuls forward and backward (N without a learned position
+    table, which is a lookup) plus 12 L D T for the attention scores and values."""
+    pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
+    return 6 * (n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+
 def build_gpt(**kwargs) -> GPT:
     """Build a GPT from plain keyword arguments (what `conf/model/*.yaml` holds plus vocab_size, rope_scaling)."""
     known = GPTConfig.__dataclass_fields__

@@ -318,7 +318,8 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the sharded norms' reduction (a collective)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    if max_norm != float("inf"):  # no clipping asked: leave the gradients alone
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 

@@ -21,14 +21,22 @@ def _plain(value):
     return value
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank or torn line (a crash in the middle of a write)."""
+    try:
+        return json.loads(line).get("step", 0) if line.endswith("\n") else None
+    except ValueError:
+        return None
+
+
 class JsonlLogger:
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`."""
 
     def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
-        if start_step and self.path.exists():  # resumed: drop records of steps after the checkpoint
+        if self.path.exists():  # resumed (or restarted): drop records of steps after the checkpoint
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                    if _step_of(line) is not None and _step_of(line) <= start_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             tmp.replace(self.path)

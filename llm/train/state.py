@@ -51,8 +51,8 @@ def capture_rng() -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": _b64(torch.get_rng_state()),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only: a resume may see
+        out["cuda"] = _b64(torch.cuda.get_rng_state())              # fewer GPUs, and each rank has its own
     return out
 
 
@@ -65,4 +65,7 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints: one state per visible device
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(_unb64(cuda))

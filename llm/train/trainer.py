@@ -33,7 +33,7 @@ class Preempted(Exception):
 
 class TrainingError(LLMError):
     """Training cannot go on (too many non-finite steps, a checkpoint that cannot be written)."""
-from llm.model import unwrap_model
+from llm.model import flops_per_token, unwrap_model
 from llm.train import checkpoint as ckpt
 from llm.train import distributed
 from llm.train.distributed import dist_env, parallelize
@@ -123,10 +123,7 @@ class Trainer:
         self._consecutive = torch.zeros((), device=self.device)
         self._window = {k: torch.tensor(v, device=self.device) for k, v in self.state.log_window.get("sums", {}).items()}
         self._window_steps = self.state.log_window.get("steps", 0)
-        cfg = self.raw_model.config
-        pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
-        # 6N (matmuls forward+backward) + 12 L D T (attention scores and values), per token
-        self.flops_per_token = 6 * (self.n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * self.seq_len
+        self.flops_per_token = flops_per_token(self.raw_model.config, self.n_params, self.seq_len)
         logger.info(
             f"trainer: {self.task} on {self.device} ({self.env.world_size} rank(s)), model {self.n_params:,} "
             f"parameters, {self.max_steps} steps x {self.batch_size} sequences x {self.seq_len} tokens "
@@ -256,7 +253,7 @@ class Trainer:
                 stop = self._agreed_stop()
                 if last or stop or (self.save_every and st.step % self.save_every == 0):
                     self.save()
-                if stop:
+                if stop and not last:  # on the last step the run simply finishes
                     bar.close()
                     self._close_loggers()
                     logger.warning(f"signal {self._stop_signal}: saved step {st.step}; exiting with code "

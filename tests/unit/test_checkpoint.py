@@ -105,3 +105,14 @@ def test_resolve_checkpoint_errors(tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(ckpt.ConfigError, match="no complete checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "empty_run", "resume")
+
+
+def test_metrics_log_on_resume_drops_later_steps_and_a_torn_line(tmp_path):
+    from llm.train.loggers import JsonlLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 15, "loss": 0.8}\n{"step": 20, "lo')
+    JsonlLogger(str(tmp_path), start_step=10).close()  # resumed from the step-10 checkpoint after a crash
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
+    JsonlLogger(str(tmp_path), start_step=0).close()  # started over: nothing of the earlier attempt is kept
+    assert path.read_text() == ""
