@@ -9,6 +9,7 @@ Both keep held-out examples (prompt messages + reference answer) for exact-match
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import torch
@@ -99,9 +100,13 @@ class _PostTrainData:
         train = list(self.source.rows())
         if self.val_source is not None:
             val = list(self.val_source.rows())
-        else:
-            is_val = lambda where: zlib.crc32(f"{self.seed}|{where}".encode()) % 10_000 < self.val_fraction * 10_000
-            train, val = [r for r in train if not is_val(r[0])], [r for r in train if is_val(r[0])]
+        else:  # by a hash of the prompt, so rows repeating a prompt (e.g. several pairs for one) stay on one side
+            def is_val(where, row) -> bool:
+                prompt = json.dumps(self._eval_example(row, where)[0], sort_keys=True)
+                return zlib.crc32(f"{self.seed}|{prompt}".encode()) % 10_000 < self.val_fraction * 10_000
+
+            flags = [is_val(where, row) for where, row in train]
+            train, val = [r for r, v in zip(train, flags) if not v], [r for r, v in zip(train, flags) if v]
         return train, val
 
     def _fit(self, ids: list[int], mask: list[bool], counts: dict) -> tuple[list, list] | None:

@@ -93,6 +93,19 @@ def test_sft_labels_only_on_assistant_tokens(tokenizer, tmp_path):
     assert data.eval_examples == [(CONV[:4], "b a")]
 
 
+def test_validation_split_keeps_each_prompt_on_one_side(tokenizer, tmp_path):
+    """No val_source: rows are split by a hash of the prompt, so a prompt repeated on several lines (several
+    preference pairs for one prompt, a duplicated row) is never both trained on and validated."""
+    rows = [{"prompt": f"p{i % 40}", "chosen": "yes", "rejected": f"no {i}"} for i in range(200)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PreferenceData(tokenizer, LocalRows(str(path)), seq_len=32, val_fraction=0.3).prepare()
+    prompts = lambda split: {tokenizer.decode(s["chosen_input_ids"]) for s in split.samples}
+    train, val = prompts(data.train), prompts(data.val)
+    assert train and val and not train & val
+    assert len(data.train) + len(data.val) == 200
+
+
 def test_overlong_truncate_and_drop(tokenizer, tmp_path):
     rows = [{"prompt": "count self: " + "self " * 40, "response": "40"}, {"prompt": "hi", "response": "yo"}]
     truncated = _sft(tokenizer, tmp_path, rows, seq_len=16)
