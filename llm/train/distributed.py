@@ -187,9 +187,9 @@ def prepare_launch() -> None:
         os.environ["LLM_RUN_STAMP"] = agree_run_stamp()
 
 
-def agree_run_stamp(now: float | None = None) -> str:
+def agree_run_stamp() -> str:
     """Rank 0's `STAMP_FORMAT` time, the same on every rank (a broadcast)."""
-    stamp = [time.strftime(STAMP_FORMAT, time.localtime(now)) if dist.get_rank() == 0 else None]
+    stamp = [time.strftime(STAMP_FORMAT) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(stamp, src=0)
     return stamp[0]
 
@@ -324,7 +324,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def all_reduce_mean(metrics: dict, env: DistEnv | None = None) -> dict:
+def all_reduce_mean(metrics: dict) -> dict:
     """The mean over ranks of each 0-d tensor in `metrics` (one collective; a no-op with one rank)."""
     if not metrics or not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
@@ -336,7 +336,7 @@ def all_reduce_mean(metrics: dict, env: DistEnv | None = None) -> dict:
     return {k: mean[k] for k in metrics}
 
 
-def reduce_sums(sums: dict, count, env: DistEnv | None = None):
+def reduce_sums(sums: dict, count):
     """Sum `sums` (0-d tensors) and `count` over ranks (one collective)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return sums, count

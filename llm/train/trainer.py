@@ -169,11 +169,11 @@ class Trainer:
             (loss / self.accum_steps).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / self.accum_steps
-            sums["loss_finite"] = sums.get("loss_finite", 1) * torch.isfinite(loss.detach())
         clip = self.grad_clip if self.grad_clip else float("inf")
         grad_norm = distributed.clip_grad_norm_(self.raw_model.parameters(), clip)  # plain or DTensor (fsdp) grads
-        # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set.
-        bad = (~(torch.isfinite(grad_norm) & sums.pop("loss_finite").bool())).float()
+        # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
+        # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
+        bad = (~torch.isfinite(grad_norm)).float()
         if getattr(self.optimizer, "defaults", {}).get("fused"):
             self.optimizer.found_inf = bad
             self.optimizer.step()
