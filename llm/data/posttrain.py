@@ -182,7 +182,8 @@ class SFTData(_PostTrainData):
 
 class PreferenceData(_PostTrainData):
     """(prompt, chosen, rejected) rows -> paired samples. prompt: a string or a message list; chosen/rejected: a
-    string (the assistant reply) or a message list (the assistant turn(s) that follow the prompt)."""
+    string (the assistant reply) or a message list (the assistant turn(s) that follow the prompt, or the whole
+    conversation starting with the prompt's turns)."""
 
     def __init__(self, tokenizer, source, seq_len: int, val_source=None, val_fraction: float = 0.05,
                  overlong: str = "truncate", prompt_field: str = "prompt", chosen_field: str = "chosen",
@@ -201,7 +202,10 @@ class PreferenceData(_PostTrainData):
         for field in (chosen_field, rejected_field):
             value = row.get(field)
             if isinstance(value, list):
-                replies.append([check_message(m, where, i) for i, m in enumerate(value)])
+                reply = [check_message(m, where, i) for i, m in enumerate(value)]
+                if reply[: len(prompt)] == prompt:  # whole conversations (e.g. ultrafeedback_binarized): the turns
+                    reply = reply[len(prompt) :]      # after the prompt are the reply
+                replies.append(reply)
             else:
                 replies.append([{"role": "assistant", "content": require_text(row, field, where)}])
         return prompt, replies[0], replies[1]

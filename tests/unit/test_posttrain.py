@@ -106,6 +106,20 @@ def test_validation_split_keeps_each_prompt_on_one_side(tokenizer, tmp_path):
     assert len(data.train) + len(data.val) == 200
 
 
+def test_preference_replies_given_as_whole_conversations(tokenizer, tmp_path):
+    """ultrafeedback_binarized style: chosen/rejected repeat the prompt's turns; the prompt is encoded once."""
+    prompt = [{"role": "user", "content": "sort: b a"}]
+    rows = [{"prompt": "sort: b a", "chosen": [*prompt, {"role": "assistant", "content": "a b"}],
+             "rejected": [*prompt, {"role": "assistant", "content": "b a"}]},
+            {"prompt": prompt, "chosen": "a b", "rejected": "b a"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()
+    whole, plain = data.train.samples
+    assert whole["chosen_input_ids"] == plain["chosen_input_ids"]
+    assert whole["rejected_labels"] == plain["rejected_labels"]
+
+
 def test_overlong_truncate_and_drop(tokenizer, tmp_path):
     rows = [{"prompt": "count self: " + "self " * 40, "response": "40"}, {"prompt": "hi", "response": "yo"}]
     truncated = _sft(tokenizer, tmp_path, rows, seq_len=16)
