@@ -15,15 +15,15 @@ import zlib
 import torch
 from loguru import logger
 
-from llm.data.chat import encode_chat, ensure_chat_template, require_text, to_messages, check_message
+from llm.contract import (ATTN_MASK, CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, POSITION_IDS, REJECTED, ref_logp_key,
+                          side_key)
+from llm.data.chat import check_message, encode_chat, ensure_chat_template, require_text, to_messages
 from llm.errors import ConfigError, DataError, check_choice
-from llm.model.fused_loss import IGNORE_INDEX
-
 
 
 def shifted(ids: list[int], mask: list[bool]) -> dict:
     """ids of length n+1 -> input_ids (n) and labels (n): labels[t] = ids[t+1] where that token is trained."""
-    return {"input_ids": ids[:-1], "labels": [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]}
+    return {INPUT_IDS: ids[:-1], LABELS: [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]}
 
 
 def pad(seqs: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
@@ -45,23 +45,23 @@ class TokenRows(torch.utils.data.Dataset):
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         out = {}
-        if "chosen_input_ids" in items[0]:  # preference pairs: one length for chosen and rejected
-            length = max(len(x[k]) for x in items for k in ("chosen_input_ids", "rejected_input_ids"))
-            for side in ("chosen", "rejected"):
-                out[f"{side}_input_ids"] = pad([x[f"{side}_input_ids"] for x in items], self.pad_id, length)
-                out[f"{side}_labels"] = pad([x[f"{side}_labels"] for x in items], IGNORE_INDEX, length)
-            for key in ("ref_chosen_logp", "ref_rejected_logp"):
-                if key in items[0]:
-                    out[key] = torch.tensor([x[key] for x in items], dtype=torch.float32)
+        if side_key(CHOSEN, INPUT_IDS) in items[0]:  # preference pairs: one length for chosen and rejected
+            length = max(len(x[side_key(side, INPUT_IDS)]) for x in items for side in (CHOSEN, REJECTED))
+            for side in (CHOSEN, REJECTED):
+                ids, labels = side_key(side, INPUT_IDS), side_key(side, LABELS)
+                out[ids] = pad([x[ids] for x in items], self.pad_id, length)
+                out[labels] = pad([x[labels] for x in items], IGNORE_INDEX, length)
+                if ref_logp_key(side) in items[0]:
+                    out[ref_logp_key(side)] = torch.tensor([x[ref_logp_key(side)] for x in items], dtype=torch.float32)
             return out
-        out["input_ids"] = pad([x["input_ids"] for x in items], self.pad_id)
-        out["labels"] = pad([x["labels"] for x in items], IGNORE_INDEX)
+        out[INPUT_IDS] = pad([x[INPUT_IDS] for x in items], self.pad_id)
+        out[LABELS] = pad([x[LABELS] for x in items], IGNORE_INDEX)
         if "doc_ids" in items[0]:
-            out["position_ids"] = pad([x["position_ids"] for x in items], 0)
+            out[POSITION_IDS] = pad([x[POSITION_IDS] for x in items], 0)
             doc = pad([x["doc_ids"] for x in items], -1)  # padding forms its own block
             T = doc.size(1)
             causal = torch.ones(T, T, dtype=torch.bool).tril()
-            out["attn_mask"] = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
+            out[ATTN_MASK] = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         return out
 
 
@@ -69,14 +69,14 @@ def pack(samples: list[dict], seq_len: int) -> list[dict]:
     """Greedy packing in order: append samples to the current row until the next one does not fit."""
     rows, cur = [], None
     for s in samples:
-        n = len(s["input_ids"])
-        if cur is None or len(cur["input_ids"]) + n > seq_len:
-            cur = {"input_ids": [], "labels": [], "position_ids": [], "doc_ids": []}
+        n = len(s[INPUT_IDS])
+        if cur is None or len(cur[INPUT_IDS]) + n > seq_len:
+            cur = {INPUT_IDS: [], LABELS: [], POSITION_IDS: [], "doc_ids": []}
             rows.append(cur)
         doc = cur["doc_ids"][-1] + 1 if cur["doc_ids"] else 0
-        cur["input_ids"] += s["input_ids"]
-        cur["labels"] += s["labels"]
-        cur["position_ids"] += list(range(n))
+        cur[INPUT_IDS] += s[INPUT_IDS]
+        cur[LABELS] += s[LABELS]
+        cur[POSITION_IDS] += list(range(n))
         cur["doc_ids"] += [doc] * n
     return rows
 
@@ -213,13 +213,13 @@ class PreferenceData(_PostTrainData):
     def _encode(self, row, where, counts):
         prompt, chosen, rejected = self._messages(row, where)
         sample, sides = {}, {"overlong": 0}
-        for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        for side, reply in ((CHOSEN, chosen), (REJECTED, rejected)):
             ids, mask = encode_chat(self.tokenizer, prompt + reply)
             fitted = self._fit(ids, mask, sides)
             if fitted is None:
                 break
             s = shifted(*fitted)
-            sample[f"{side}_input_ids"], sample[f"{side}_labels"] = s["input_ids"], s["labels"]
+            sample[side_key(side, INPUT_IDS)], sample[side_key(side, LABELS)] = s[INPUT_IDS], s[LABELS]
         counts["overlong"] += bool(sides["overlong"])  # a pair counts once, whichever side was too long
         return sample if len(sample) == 4 else None
 

@@ -24,6 +24,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from llm.contract import INPUT_IDS, LABELS
 from llm.data.tokenizer import tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
 
@@ -45,7 +46,7 @@ class PackedTokens(torch.utils.data.Dataset):
         if not 0 <= i < self.num_windows:
             raise IndexError(i)
         window = torch.from_numpy(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        return {INPUT_IDS: window[:-1], LABELS: window[1:]}
 
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:

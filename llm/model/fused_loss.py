@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # label of a position without loss (prompt, padding), across data, objectives and this loss
+from llm.contract import IGNORE_INDEX
 
 
 def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:

@@ -1,0 +1,62 @@
+"""What the rooms agree on: the batch every dataset yields and the interface every objective offers.
+
+model, data, eval and train all import this module (it imports only torch), so none of them has to import
+another room for a constant or a key name.
+
+A batch is a dict of tensors:
+- language modelling and SFT: `input_ids` [B, T] and `labels` [B, T] (IGNORE_INDEX where no loss), and when SFT
+  packs several samples per row, `position_ids` [B, T] and `attn_mask` [B, 1, T, T] (block-diagonal, causal);
+- preference pairs: the same keys for each side, prefixed (`chosen_input_ids`, `rejected_labels`, ...), and once
+  the objective has scored the reference, `ref_chosen_logp` / `ref_rejected_logp` [B].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label of a position without loss (prompt, padding): data writes it, the loss skips it
+INPUT_IDS, LABELS = "input_ids", "labels"
+POSITION_IDS, ATTN_MASK = "position_ids", "attn_mask"  # packed rows only
+MODEL_INPUTS = (POSITION_IDS, ATTN_MASK)  # optional keys passed on to the model's forward as they are
+CHOSEN, REJECTED = "chosen", "rejected"  # the two sides of a preference pair
+
+
+def side_key(side: str, key: str) -> str:
+    """The key of one side of a preference pair: side_key(CHOSEN, INPUT_IDS) == 'chosen_input_ids'."""
+    return f"{side}_{key}"
+
+
+def ref_logp_key(side: str) -> str:
+    """The reference model's summed log-probability of one side: 'ref_chosen_logp'."""
+    return f"ref_{side}_logp"
+
+
+def batch_tokens(batch: dict) -> int:
+    """Tokens a batch feeds the model (every `*input_ids` tensor; shapes only, no device sync)."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith(INPUT_IDS))
+
+
+class Objective:
+    """What a task computes from a batch. The trainer calls only these methods, never asks which task it runs.
+
+    `loss` is required; the others have defaults that do nothing. `trains = False` declares an evaluation-only
+    task (task=eval_length): the trainer then runs zero steps, builds no optimizer and reports how long the
+    evaluation took."""
+
+    trains: bool = True
+
+    def setup(self, model, data) -> None:
+        """Once before the first step, with the starting weights (before a resume restores later ones)."""
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimise, metrics as 0-d tensors on the device). Also run on validation batches."""
+        raise NotImplementedError
+
+    def evaluate(self, model, data) -> dict:
+        """Extra metrics at every evaluation (exact match, preference accuracy, ...), as plain values."""
+        return {}
+
+    def finish(self, results: dict, run_dir: Path) -> None:
+        """After results.json is written (rank 0): task-specific artefacts such as tables and plots."""
