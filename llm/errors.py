@@ -13,6 +13,10 @@ class DataError(LLMError):
     """Input data or a tokenizer cannot be used (missing file, malformed row, empty corpus)."""
 
 
+class TrainingError(LLMError):
+    """Training cannot go on (too many non-finite steps, a checkpoint that cannot be written)."""
+
+
 def check_choice(key: str, value, allowed) -> None:
     """Raise ConfigError naming `key` when `value` is not one of `allowed`."""
     if value not in allowed:

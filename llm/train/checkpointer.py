@@ -1,0 +1,143 @@
+"""A run's checkpoints as the training loop sees them: `Checkpointer` saves (every N steps, at a stop and at the
+end), restores (resume), prunes to `keep_last` and keeps the `checkpoints/last` pointer. Under FSDP the full
+state is gathered to rank 0 for saving and set back from the full files on every rank, so a checkpoint has the
+same files as a one-process run and resumes on any number of ranks. The file format is `llm.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from llm.errors import ConfigError, TrainingError
+from llm.train import checkpoint as ckpt
+from llm.train.cluster import barrier
+from llm.train.parallel import is_fsdp
+
+
+class Checkpointer:
+    """Owns `<run_dir>/checkpoints/`. Every rank calls `save` and `restore` (FSDP gathers and scatters); only rank
+    0 writes. The tokenizer is saved in each checkpoint so that token ids keep their meaning."""
+
+    def __init__(self, run_dir: str | Path, tokenizer=None, keep_last: int | None = None, is_main: bool = True):
+        self.run_dir, self.tokenizer, self.keep_last, self.is_main = Path(run_dir), tokenizer, keep_last, is_main
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path | None:
+        """Write `checkpoints/step_NNNNNNN/` (atomically), point `last` at it, prune. Returns its path on rank 0."""
+        model_state, optim_state = full_state(model, optimizer)  # fsdp: all ranks gather
+        if not self.is_main:
+            barrier()  # until rank 0 has written it
+            return None
+        if not all(bool(torch.isfinite(t).all()) for t in model_state.state_dict().values()):
+            raise TrainingError(f"step {step}: the weights are not finite; no checkpoint written")
+        path = self.run_dir / "checkpoints" / ckpt.step_dir_name(step)
+        try:
+            ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(),
+                                 self.tokenizer)
+        except OSError as e:
+            previous = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingError(f"checkpoint {path} could not be written ({e.strerror or e}); the newest complete "
+                                f"checkpoint is {previous or 'none'}") from e
+        ckpt.write_last_pointer(self.run_dir, path)
+        ckpt.prune_checkpoints(self.run_dir, self.keep_last)
+        logger.info(f"checkpoint: {path}")
+        barrier()
+        return path
+
+    def restore(self, resume: str, model: torch.nn.Module, optimizer) -> dict | None:
+        """Load the checkpoint `resume` names (`auto`: this run dir's newest complete one) into the model and
+        optimizer (None: weights only). Returns its trainer state, or None when `auto` finds no checkpoint."""
+        path = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else ckpt.resolve_checkpoint(resume, "resume")
+        if path is None:
+            logger.info(f"resume=auto: no checkpoint in {self.run_dir}; starting from scratch")
+            return None
+        ckpt.check_compatible(ckpt.read_json(path, "model_config.json"), model.config.to_dict(), "resume", path,
+                              strict=True)
+        load_state(path, model, optimizer)  # every rank: the same full checkpoint
+        state = ckpt.read_json(path, "trainer_state.json")
+        logger.info(f"resumed from {path} at step {state.get('step')}")
+        return state
+
+
+# ---------------------------------------------------------------------------------------------- full state (FSDP)
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    by_param: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(p), []).append(name)
+    return [names for names in by_param.values() if len(names) > 1]
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every optimizer parameter, in the order of optimizer.state_dict()'s integer ids."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+class StateDictModule:
+    """A gathered state dict where safetensors' save_model expects a module (it only calls state_dict())."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """What llm.train.checkpoint.save_checkpoint writes, on every rank (FSDP gathers, so all ranks call this).
+
+    single / ddp: the plain module and the optimizer themselves (rank 0's replica is complete).
+    fsdp: full state dicts gathered to rank 0 on the CPU (empty on the other ranks), keyed like the plain model's
+    (tied weights share one tensor, optimizer state under integer ids) — the same files as a one-process run, so a
+    checkpoint resumes on any number of ranks."""
+    if not is_fsdp(model):
+        return model, optimizer
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    osd = get_optimizer_state_dict(model, optimizer, options=options)
+    if not msd:  # ranks > 0
+        return None, None
+    for names in _tied_groups(model):
+        for name in names[1:]:
+            msd[name] = msd[names[0]]
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    state = {index[fqn]: value for fqn, value in osd["state"].items() if fqn in index}
+    groups = [{**g, "params": [index[fqn] for fqn in g["params"] if fqn in index]} for g in osd["param_groups"]]
+    return StateDictModule(msd), {"state": state, "param_groups": groups}
+
+
+def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a (full) checkpoint into the model and optimizer on this rank; every rank reads the same files."""
+    if not is_fsdp(model):
+        ckpt.load_model_weights(directory, model)
+        if optimizer is not None:
+            ckpt.load_optimizer(directory, optimizer)
+        return
+    directory = Path(directory)
+    options = StateDictOptions(full_state_dict=True)
+    msd = load_file(str(directory / "model.safetensors"))
+    for names in _tied_groups(model):  # stored once
+        present = [n for n in names if n in msd]
+        if not present:
+            continue
+        for name in names:
+            msd.setdefault(name, msd[present[0]])
+    expected = set(model.state_dict())
+    if set(msd) != expected:
+        raise ConfigError(f"checkpoint {directory}: weights do not match the model (missing "
+                          f"{sorted(expected - set(msd))[:5]}, unexpected {sorted(set(msd) - expected)[:5]})")
+    set_model_state_dict(model, msd, options=options)
+    if optimizer is None:
+        return
+    flat = ckpt.optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")),
+                                    json.loads((directory / "optimizer.json").read_text()))
+    names = _param_names(model, optimizer)
+    osd = {"state": {names[int(i)]: v for i, v in flat["state"].items()},
+           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in flat["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, osd, options=options)
