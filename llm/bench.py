@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from llm.model import GPTConfig, build_gpt, flops_per_token
-from llm.train.objectives import LanguageModeling, cross_entropy
+from llm.train.objectives import DPO, LanguageModeling, cross_entropy
 
 PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
 GPT2_FIELDS = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
@@ -170,8 +170,6 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
 def measure_sft_vs_dpo(args, kwargs: dict, device: torch.device, T: int) -> dict:
     """Our model's step time for SFT (B sequences of T tokens, loss on the second half) and for DPO (B pairs of T
     tokens, chosen and rejected in one forward, precomputed reference log-probs), same B and T; alternated."""
-    from llm.train.objectives import DPO
-
     torch.manual_seed(0)
     model = build_gpt(**kwargs).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

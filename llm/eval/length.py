@@ -12,32 +12,37 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import torch
 
+from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
 from llm.errors import ConfigError
 from llm.model import unwrap_model
-from llm.model.fused_loss import IGNORE_INDEX
-from llm.train.objectives import LanguageModeling
 
 FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "items.append(total)",
           "result = process(items)", "value = result[0]", "count = len(items)"]
 
 
-class LengthEval(LanguageModeling):
-    """Objective of `task=eval_length`: evaluates, does not train (the trainer runs no step)."""
+class LengthEval(Objective):
+    """Objective of `task=eval_length`: evaluates, does not train (the trainer runs no step). Its `loss` is the
+    plain next-token loss, so `val_loss` is comparable with the training run's."""
 
-    evaluate_only = True
+    trains = False
 
     def __init__(self, context: int, multiples=(1, 2, 4, 8), windows: int = 16, passkey_trials: int = 10,
                  passkey_depths=(0.1, 0.5, 0.9), seed: int = 0, batch_size: int = 4):
-        super().__init__()
         if not isinstance(context, int) or context < 8:
             raise ConfigError(f"task.objective.context={context!r} must be the training context (an integer >= 8)")
         self.context, self.multiples, self.windows = context, [int(m) for m in multiples], windows
         self.passkey_trials, self.passkey_depths, self.seed = passkey_trials, list(passkey_depths), seed
         self.batch_size = batch_size
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        labels = batch[LABELS]
+        loss = model(batch[INPUT_IDS], labels=labels) / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
 
     @property
     def lengths(self) -> list[int]:
@@ -92,8 +97,6 @@ class LengthEval(LanguageModeling):
         return hits / trials
 
     def evaluate(self, model, data) -> dict:
-        import warnings
-
         with warnings.catch_warnings():  # running past the context is the point here
             warnings.simplefilter("ignore")
             ppl = {str(L): self.perplexity(model, data, L) for L in self.lengths}
@@ -117,7 +120,7 @@ def method_label(scaling: dict | None) -> str:
 
 def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -> None:
     """by_method: label -> results with ppl_by_length / passkey_by_length. Writes <stem>.md and <stem>.png."""
-    import matplotlib
+    import matplotlib  # plotting only: not imported by runs that draw nothing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

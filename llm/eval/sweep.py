@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llm.eval.length import write_table_and_plot
+
 SCALARS = ("task", "steps", "val_loss", "initial_val_loss", "exact_match", "preference_accuracy", "reward_margin",
            "tokens_per_s", "seconds")
 
@@ -53,8 +55,6 @@ def summarize(sweep_dir: Path) -> dict:
     length_jobs = {j["results"].get("method", name): j["results"] for name, j in jobs.items()
                    if "ppl_by_length" in j["results"]}
     if length_jobs:
-        from llm.eval.length import write_table_and_plot
-
         write_table_and_plot(length_jobs, sweep_dir, "length_eval")
     return jobs
 

@@ -1,4 +1,5 @@
-"""Metric loggers: one small interface, `log(metrics, step)` and `close()`.
+"""Metrics on their way out: `MetricsWindow` gathers each step's metrics on the device until a log line, and the
+loggers share one small interface, `log(metrics, step)` and `close()`.
 
 `JsonlLogger` (metrics.jsonl) is always on; TensorBoard and W&B are chosen with `logger=...` (several at once with
 `logger=[tensorboard,wandb]`). Each is built by the trainer on rank 0 with the run dir and the resolved config.
@@ -9,8 +10,60 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
+
+import torch
+from loguru import logger
+
+from llm.train.parallel import all_reduce_mean
+
+
+class MetricsWindow:
+    """Sums of the per-step metrics (0-d device tensors: adding them costs no host sync) and the tokens and time
+    since the last log line. `mean()` is the one host sync; `state_dict()` goes into checkpoints, so a resumed
+    run's first log line averages over the same steps as the uninterrupted run's."""
+
+    def __init__(self, device: torch.device, state: dict | None = None):
+        state = state or {}
+        self.sums = {k: torch.tensor(v, device=device) for k, v in state.get("sums", {}).items()}
+        self.steps = state.get("steps", 0)
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], tokens: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+        self.tokens += tokens
+
+    def mean(self) -> dict[str, float]:
+        """The mean of each metric over the window's steps and over the ranks."""
+        sums = all_reduce_mean(self.sums)  # the ranks' mean (one collective)
+        return {k: (v / self.steps).item() for k, v in sums.items()}  # the one host sync
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+    def clear(self) -> None:
+        """Start the next window (after a log line, and its evaluation if any)."""
+        self.sums, self.steps = {}, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps}
+
+
+def log_line(step: int, max_steps: int, record: dict) -> None:
+    """The line of a logged step in the console and train.log (on every rank: each writes its own log file)."""
+    if not math.isfinite(record.get("loss", 0.0)):
+        logger.warning(f"step {step}: non-finite training loss {record.get('loss')}")
+    parts = [f"step {step}/{max_steps}"] + [
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tokens"]
+    logger.info(" | ".join(parts))
 
 
 def _plain(value):
@@ -48,6 +101,13 @@ class JsonlLogger:
 
     def close(self) -> None:
         self.file.close()
+
+
+def open_loggers(run_dir: Path, factories, config: dict, start_step: int) -> list:
+    """Rank 0's loggers: metrics.jsonl, then each factory's (`make(run_dir=, config=, start_step=)`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [JsonlLogger(str(run_dir), start_step=start_step)] + [
+        make(run_dir=str(run_dir), config=config, start_step=start_step) for make in factories]
 
 
 class TensorBoardLogger:

@@ -1,16 +1,22 @@
-"""Objectives: what a task computes from a batch. The trainer only calls `loss(model, batch)`.
+"""Objectives: what a task computes from a batch, through the interface of `llm.contract.Objective`.
 
-An objective returns (scalar loss to minimise, metrics dict of 0-d tensors). Metrics stay on the device; the
-trainer averages them over micro-batches and reads them only on logging steps.
+`loss` returns (scalar loss to minimise, metrics dict of 0-d tensors). Metrics stay on the device; the trainer
+averages them over micro-batches and reads them only on logging steps.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
+from llm.contract import (CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, MODEL_INPUTS, REJECTED, Objective, ref_logp_key,
+                          side_key)
+from llm.errors import ConfigError, check_choice
+from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
-from llm.model.fused_loss import IGNORE_INDEX
+from llm.train.parallel import is_fsdp
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -18,7 +24,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-class LanguageModeling:
+class LanguageModeling(Objective):
     """Next-token prediction: mean cross-entropy over every labelled position (labels of -100 are ignored).
 
     The model computes it with its fused LM head + cross-entropy (`llm/model/fused_loss.py`), loss_chunk_size
@@ -29,9 +35,9 @@ class LanguageModeling:
         self.loss_chunk_size = loss_chunk_size
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        kwargs = {k: batch[k] for k in ("position_ids", "attn_mask") if k in batch}
-        labels = batch["labels"]
-        nll = model(batch["input_ids"], labels=labels, loss_chunk_size=self.loss_chunk_size, **kwargs)
+        kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        labels = batch[LABELS]
+        nll = model(batch[INPUT_IDS], labels=labels, loss_chunk_size=self.loss_chunk_size, **kwargs)
         loss = nll / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
@@ -45,8 +51,6 @@ class SFT(LanguageModeling):
         self.max_new_tokens = max_new_tokens
 
     def evaluate(self, model, data) -> dict:
-        from llm.eval import exact_match
-
         return {"exact_match": exact_match(model, data.tokenizer, data.eval_examples, self.max_new_tokens)}
 
 
@@ -57,8 +61,8 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
 
 def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected stacked on the batch dim -> (chosen [B], rejected [B])."""
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    ids = torch.cat([batch[side_key(CHOSEN, INPUT_IDS)], batch[side_key(REJECTED, INPUT_IDS)]])
+    labels = torch.cat([batch[side_key(CHOSEN, LABELS)], batch[side_key(REJECTED, LABELS)]])
     return sequence_logps(model, ids, labels).chunk(2)
 
 
@@ -93,7 +97,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
     return losses.mean(), metrics
 
 
-class DPO:
+class DPO(Objective):
     """Direct preference optimisation against a frozen reference (the starting weights).
 
     sft_weight > 0 adds that times the mean negative log-likelihood of the chosen response tokens (RPO, Pang et
@@ -111,8 +115,6 @@ class DPO:
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  reference: str = "precomputed", sft_weight: float = 0.0, max_new_tokens: int = 32,
                  ref_batch_size: int = 32):
-        from llm.errors import ConfigError, check_choice
-
         check_choice("task.objective.loss_type", loss_type, set(self.LOSSES))
         check_choice("task.objective.reference", reference, {"precomputed", "live"})
         if not beta > 0:
@@ -126,13 +128,8 @@ class DPO:
         self.ref_model = None
 
     def setup(self, model, data) -> None:
-        import copy
-
         plain = unwrap_model(model)
         if self.reference == "live":
-            from llm.errors import ConfigError
-            from llm.train.distributed import is_fsdp
-
             if is_fsdp(plain):  # a sharded module cannot be deep-copied (and a full copy per rank defeats sharding)
                 raise ConfigError("task.objective.reference=live does not work with trainer.strategy=fsdp; use "
                                   "reference=precomputed (the default) or trainer.strategy=ddp")
@@ -148,7 +145,7 @@ class DPO:
                     batch = {k: v.to(device) for k, v in ds.collate(items).items()}
                     chosen, rejected = self._logps(plain, batch)
                     for item, c, r in zip(items, chosen.tolist(), rejected.tolist()):
-                        item["ref_chosen_logp"], item["ref_rejected_logp"] = c, r
+                        item[ref_logp_key(CHOSEN)], item[ref_logp_key(REJECTED)] = c, r
         plain.train(was_training)
 
     _logps = staticmethod(_pair_logps)
@@ -159,11 +156,11 @@ class DPO:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
         else:
-            ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+            ref_chosen, ref_rejected = batch[ref_logp_key(CHOSEN)], batch[ref_logp_key(REJECTED)]
         loss, metrics = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta,
                                         self.loss_type, self.label_smoothing)
         if self.sft_weight:
-            nll = -policy_chosen.sum() / (batch["chosen_labels"] != IGNORE_INDEX).sum().clamp(min=1)
+            nll = -policy_chosen.sum() / (batch[side_key(CHOSEN, LABELS)] != IGNORE_INDEX).sum().clamp(min=1)
             loss = loss + self.sft_weight * nll
             metrics["nll/chosen"] = nll.detach()
             metrics["loss"] = loss.detach()
@@ -172,14 +169,12 @@ class DPO:
     def evaluate(self, model, data) -> dict:
         """Over every held-out pair: preference accuracy and mean reward margin (policy vs reference), and exact
         match of greedy replies against the chosen answers."""
-        from llm.eval import exact_match
-
         device = next(unwrap_model(model).parameters()).device
         margins = []
         for start in range(0, len(data.val), self.ref_batch_size):
             batch = data.val.collate([data.val[i] for i in range(start, min(len(data.val), start + self.ref_batch_size))])
             _, metrics_margin = self.loss(model, {k: v.to(device) for k, v in batch.items()})
-            margins.append((metrics_margin["rewards/accuracy"], metrics_margin["rewards/margin"], batch["chosen_input_ids"].size(0)))
+            margins.append((metrics_margin["rewards/accuracy"], metrics_margin["rewards/margin"], batch[side_key(CHOSEN, INPUT_IDS)].size(0)))
         n = sum(m[2] for m in margins)
         return {
             "preference_accuracy": float(sum(a * k for a, _, k in margins) / n),

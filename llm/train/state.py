@@ -33,6 +33,20 @@ class TrainerState:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def results(self, task: str, params: int, device: str) -> dict:
+        """What results.json reports: the run's totals and final losses, then the objective's own metrics of the
+        last evaluation, each with its value before the first step as `<name>_before`."""
+        results = {"task": task, "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.seconds, 2),
+                   "tokens_per_s": self.tokens_seen / max(self.seconds, 1e-9), "train_loss": self.train_loss,
+                   "val_loss": self.last_val_loss, "initial_val_loss": self.initial_val_loss, "params": params,
+                   "skipped_steps": self.skipped_steps, "device": device}
+        for k, v in self.last_eval.items():
+            if not k.startswith("val_"):
+                results[k] = v
+                if k in self.initial_eval and self.step > 0 and isinstance(v, (int, float)):
+                    results[f"{k}_before"] = self.initial_eval[k]
+        return results
+
 
 def _b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.cpu().numpy().tobytes()).decode()

@@ -1,0 +1,131 @@
+"""One run from a composed config: resolve `init_from`, build the plain objects (each `_target_` logged), fit.
+
+run.py calls `run` from its Hydra job; with `trainer.nproc_per_node` > 1, `run` starts that many workers, each of
+which calls `train` (this module's function, imported by name) with the resolved config as a plain dict. This
+is the one module of `llm` that reads a Hydra config; everything it builds takes plain arguments. Importing it
+registers the OmegaConf resolvers conf/hydra/default.yaml uses (run.py, and SLURM tasks that unpickle run.py's
+task function, import it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hydra.utils import instantiate
+from loguru import logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from llm.data.tokenizer import load_pretrained
+from llm.errors import ConfigError, LLMError
+from llm.train.checkpoint import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
+from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
+from llm.train.trainer import RunInfo, Trainer
+from llm.utils import seed_everything
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """instantiate() one `_target_`, logging it; errors a user caused come out as our own one-line errors."""
+    logger.info(f"instantiating {what}: {node._target_}")
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, LLMError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        if isinstance(e.__cause__, TypeError) or isinstance(e, OmegaConfBaseException):
+            raise ConfigError(f"{what} ({node._target_}): {str(e.__cause__ or e).splitlines()[0]}") from e
+        raise
+
+
+def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
+    """init_from resolved to one checkpoint dir, and the model keys not set on the command line (`explicit`: the
+    keys of the command-line overrides) taken from that checkpoint."""
+    if cfg.task.get("requires_init_from") and not cfg.init_from and not cfg.task.get("allow_scratch"):
+        raise ConfigError(f"task={cfg.task.name} starts from a trained model: set init_from=<run or checkpoint dir> "
+                          f"(or init_from=latest:<task>), or task.allow_scratch=true to start from random weights")
+    if not cfg.init_from:
+        return cfg
+    init_ckpt = resolve_checkpoint(cfg.init_from, "init_from")
+    saved = read_json(init_ckpt, "model_config.json")
+    with open_dict(cfg):  # the checkpoint's architecture, except model keys set on the command line
+        for key in (*ARCH_KEYS, "max_seq_len", "rope_theta"):
+            if key in saved and key in cfg.model and "model" not in explicit and f"model.{key}" not in explicit:
+                cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
+        if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
+            cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
+        cfg.init_from = str(init_ckpt)
+    return cfg
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
+    """The Hydra job: resolve init_from against the command-line `overrides`, then train here or in
+    trainer.nproc_per_node worker processes (they get the resolved config, not Hydra: a -m sweep runs each job
+    as its own process group)."""
+    cfg = resolve_init_from(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
+    nproc = cfg.trainer.get("nproc_per_node") or 1
+    if nproc > 1:
+        return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir), reraise=(Preempted,),
+                      on_signal=Preempted)
+    return train(cfg, run_dir)
+
+
+def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
+    """Build everything from a resolved config and train, in this process's group (one process, one rank of
+    torchrun / SLURM, or one worker of `launch`)."""
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    with process_group(cfg.trainer.get("device", "auto")):
+        return _train(cfg, Path(run_dir))
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    seed_everything(cfg.seed)
+    init_ckpt = Path(cfg.init_from) if cfg.init_from else None
+    saved = read_json(init_ckpt, "model_config.json") if init_ckpt is not None else None
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if init_ckpt is not None:  # the earlier run's tokenizer, so token ids mean the same
+        logger.info(f"init_from: {init_ckpt}")
+        tokenizer = load_pretrained(str(init_ckpt / "tokenizer"))
+    else:
+        with main_process_first():  # rank 0 trains and caches a tokenizer; the other ranks reuse it
+            tokenizer = build(cfg.tokenizer, "tokenizer")
+    data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
+    rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
+    if saved is not None:
+        model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling)
+        check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
+        load_model_weights(init_ckpt, model)
+        if len(tokenizer) != model.config.vocab_size:
+            logger.info(f"model: vocabulary grown from {model.config.vocab_size} to {len(tokenizer)} tokens")
+            model.resize_vocab(len(tokenizer))
+    else:
+        model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
+    logger.info(f"model: {model.num_params():,} parameters")
+    objective = build(cfg.task.objective, "objective")
+    optim = build(cfg.optim, "optimizer")
+    loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    settings = build(cfg.trainer, "trainer")
+    run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg)
+    return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers).fit()
+
+
+# ---------------------------------------------------------------------------------------------- resolvers
+def safe_dirname(name: str, max_len: int = 120) -> str:
+    """A sweep job's dir name from its overrides: '/' replaced, and names longer than max_len cut with a short
+    hash of the whole appended (file systems refuse names over 255 bytes)."""
+    name = str(name).replace("/", "_")
+    if len(name) <= max_len:
+        return name
+    return name[: max_len - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+def hydra_output_subdir(default: str = ".hydra") -> str | None:
+    """Only rank 0 writes Hydra's `.hydra/` (the other ranks of torchrun / srun compose the same config)."""
+    return default if env_rank() == 0 else None
+
+
+OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
+OmegaConf.register_new_resolver("llm_output_subdir", hydra_output_subdir, replace=True)
