@@ -1,8 +1,15 @@
 """Shared fixtures: configs composed with Hydra's compose API, shrunk for CPU; a session-wide token cache; a helper
-that runs `run.py` in a subprocess."""
+that runs `run.py` in a subprocess.
+
+The suite runs on every core (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): the token cache and the
+shared small run are made once per session and shared by the workers (under a file lock); the tests of a module
+whose fixtures are expensive runs stay on one worker (`xdist_group`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -30,10 +37,30 @@ def compose_config(overrides=(), return_hydra_config=False):
         return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A dir of this test session that every xdist worker sees (a worker's basetemp is inside the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """One worker at a time in the block (the others wait for it, then see what it made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One token/tokenizer cache for the whole session (LLM_CACHE_DIR), so the corpus is tokenized once."""
-    path = Path(os.environ.get("LLM_TEST_CACHE_DIR") or tmp_path_factory.mktemp("llm-cache"))
+    """One token/tokenizer cache for the whole session (LLM_CACHE_DIR), so the corpus is tokenized once (the
+    cache itself is safe for concurrent runs: a lock per corpus, atomic renames)."""
+    path = Path(os.environ.get("LLM_TEST_CACHE_DIR") or session_dir(tmp_path_factory, "llm-cache"))
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["LLM_CACHE_DIR"] = str(path)
     return path
 
@@ -55,7 +82,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, cache_dir) -> Path:
-    """One small pretraining run through run.py, shared by the tests that inspect its run dir."""
-    run_dir = tmp_path_factory.mktemp("runs") / "small"
-    run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={run_dir}"], cache_dir)
+    """One small pretraining run through run.py, shared by the tests (and workers) that inspect its run dir."""
+    run_dir = session_dir(tmp_path_factory, "small_run")
+    with exclusive(run_dir.with_name("small_run.lock")):
+        if not (run_dir / "results.json").is_file():
+            run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={run_dir}"], cache_dir)
     return run_dir

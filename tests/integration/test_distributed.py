@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("distributed")]  # module fixtures: one worker
 
 TOL = 1e-5
 # 6 steps, a metrics line and a checkpoint every 3; the final evaluation on the same 4 x 8 validation sequences
@@ -30,13 +30,13 @@ BASE = [*SMALL, "trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_ever
 SLOW_RANK = """
 import os, runpy, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-from llm.train import distributed
-join = distributed.prepare_launch
+from llm.train import cluster
+join = cluster.prepare_launch
 def join_then_wait():
     join()
     if os.environ.get("RANK") == "1":
         time.sleep(1.5)
-distributed.prepare_launch = join_then_wait
+cluster.prepare_launch = join_then_wait
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from llm.train.trainer import PREEMPTED_EXIT_CODE
+from llm.train.cluster import PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("reliability")]  # module fixtures: one worker
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps", "rewards/margin", "tokens")
 STEPS = ["trainer.max_steps=30", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=10"]

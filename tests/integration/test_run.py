@@ -269,6 +269,9 @@ def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
     assert (run_dir / "length_eval.png").stat().st_size > 1000
     assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+    log = (run_dir / "train.log").read_text()
+    assert "evaluation only (no training step)" in log and "0 steps x" not in log
+    assert results["seconds"] > 0 and "done: evaluation in " in log  # its real duration, not '0 steps in 0.0s'
 
 
 def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):

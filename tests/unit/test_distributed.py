@@ -1,13 +1,17 @@
-"""The pure pieces of llm/train/distributed.py: SLURM / submitit environment mapping, rank-aware Hydra output
-subdir, the lockstep share of validation batches, strategy choice, and single-process no-ops."""
+"""The pure pieces of llm/train/cluster.py and parallel.py: SLURM / submitit environment mapping, rank-aware Hydra
+output subdir, the lockstep share of validation batches, strategy choice, stop signals agreed over ranks, and
+single-process no-ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from llm import job
 from llm.errors import ConfigError
-from llm.train import distributed as D
+from llm.train import checkpointer
+from llm.train import cluster as C
+from llm.train import parallel as P
 
 SLURM_TASK = {  # task 5 of a 2-node x 4-task srun step
     "SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
@@ -21,16 +25,16 @@ SLURM_TASK = {  # task 5 of a 2-node x 4-task srun step
     ("dgx-a100-[001-004]", "dgx-a100-001"),
 ])
 def test_first_host(nodelist, first):
-    assert D.first_host(nodelist) == first
+    assert C.first_host(nodelist) == first
 
 
 def test_slurm_task_maps_to_torch_variables():
-    env = D.slurm_env(SLURM_TASK)
+    env = C.slurm_env(SLURM_TASK)
     assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu017",
                    "MASTER_PORT": str(20000 + 123456 % 20000), "LOCAL_WORLD_SIZE": "4"}
-    assert D.env_rank(SLURM_TASK) == 5 and D.env_world_size(SLURM_TASK) == 8
+    assert C.env_rank(SLURM_TASK) == 5 and C.env_world_size(SLURM_TASK) == 8
     # set by the user or the batch script: kept
-    assert D.slurm_env({**SLURM_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    assert C.slurm_env({**SLURM_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
 
 
 @pytest.mark.parametrize("change", [
@@ -40,31 +44,30 @@ def test_slurm_task_maps_to_torch_variables():
 ])
 def test_slurm_mapping_only_for_multi_task_steps(change):
     env = {k: v for k, v in {**SLURM_TASK, **change}.items() if v is not None}
-    assert D.slurm_env(env) == {}
-    assert D.env_rank(env) == int(env.get("RANK", 0))
+    assert C.slurm_env(env) == {}
+    assert C.env_rank(env) == int(env.get("RANK", 0))
 
 
 def test_submitit_local_tasks_map_too():
     env = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
            "SUBMITIT_LOCAL_JOB_ID": "777"}
-    assert D.cluster_env(env) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+    assert C.cluster_env(env) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
                                   "MASTER_PORT": "20777"}
-    assert D.cluster_env({"SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0"}) == {}
+    assert C.cluster_env({"SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0"}) == {}
 
 
 def test_only_rank_0_writes_hydra_subdir(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     for key in SLURM_TASK:
         monkeypatch.delenv(key, raising=False)
-    assert D.hydra_output_subdir(".hydra") == ".hydra"
+    assert job.hydra_output_subdir(".hydra") == ".hydra"
     monkeypatch.setenv("RANK", "1")
-    assert D.hydra_output_subdir(".hydra") is None
+    assert job.hydra_output_subdir(".hydra") is None
     monkeypatch.setenv("RANK", "0")
-    assert D.hydra_output_subdir(".hydra") == ".hydra"
+    assert job.hydra_output_subdir(".hydra") == ".hydra"
 
 
 def test_hydra_config_uses_the_rank_aware_resolvers(monkeypatch):
-    import llm.utils  # noqa: F401  (registers the resolvers, as run.py's import of it does)
     from tests.conftest import compose_config
 
     monkeypatch.setenv("LLM_RUN_STAMP", "2001-02-03/04-05-06")
@@ -81,7 +84,7 @@ def test_hydra_config_uses_the_rank_aware_resolvers(monkeypatch):
 
 @pytest.mark.parametrize("n,batch,world", [(32, 8, 2), (30, 8, 2), (8, 8, 2), (40, 4, 3), (5, 2, 4), (16, 4, 1)])
 def test_eval_shard_covers_every_batch_once_in_lockstep(n, batch, world):
-    shards = [list(D.eval_shard(n, batch, D.DistEnv(rank=r, world_size=world))) for r in range(world)]
+    shards = [list(P.eval_shard(n, batch, C.DistEnv(rank=r, world_size=world))) for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of forwards
     real = sorted((start, w) for s in shards for start, w in s if w)
     assert real == [(s, min(n, s + batch) - s) for s in range(0, n, batch)]
@@ -89,52 +92,49 @@ def test_eval_shard_covers_every_batch_once_in_lockstep(n, batch, world):
 
 
 def test_strategy_choice():
-    assert D.resolve_strategy("auto", 1) == "single" and D.resolve_strategy("auto", 4) == "ddp"
-    assert D.resolve_strategy("fsdp", 4) == "fsdp" and D.resolve_strategy("ddp", 1) == "single"
+    assert P.resolve_strategy("auto", 1) == "single" and P.resolve_strategy("auto", 4) == "ddp"
+    assert P.resolve_strategy("fsdp", 4) == "fsdp" and P.resolve_strategy("ddp", 1) == "single"
     with pytest.raises(ConfigError, match="trainer.strategy=single runs one process"):
-        D.resolve_strategy("single", 2)
+        P.resolve_strategy("single", 2)
     with pytest.raises(ConfigError, match="not allowed"):
-        D.resolve_strategy("zero3", 2)
+        P.resolve_strategy("zero3", 2)
 
 
 def test_single_process_helpers_are_no_ops():
     metrics = {"loss": torch.tensor(2.0), "grad_norm": torch.tensor(1.0)}
-    assert D.all_reduce_mean(metrics) is metrics
-    sums, count = D.reduce_sums({"loss": torch.tensor(3.0)}, 4)
+    assert P.all_reduce_mean(metrics) is metrics
+    sums, count = P.reduce_sums({"loss": torch.tensor(3.0)}, 4)
     assert count == 4 and sums["loss"].item() == 3.0
     model = torch.nn.Linear(3, 2)
-    with D.sync_context(model, is_last=False):
-        model(torch.randn(4, 3)).sum().backward()
+    P.set_gradient_sync(model, False)  # a plain module: nothing to switch off
+    model(torch.randn(4, 3)).sum().backward()
     plain = torch.nn.Linear(3, 2)
     plain.load_state_dict(model.state_dict())
     for p in (model, plain):
         p.zero_grad()
         p(torch.ones(1, 3)).pow(2).sum().backward()
     ref = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
-    assert torch.equal(D.clip_grad_norm_(model.parameters(), 0.5), ref)
+    assert torch.equal(P.clip_grad_norm_(model.parameters(), 0.5), ref)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), plain.parameters()))
-    assert D.full_state(model, None) == (model, None)
+    assert checkpointer.full_state(model, None) == (model, None)
 
 
 def test_nested_launch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="trainer.nproc_per_node=2 inside an already distributed launch"):
-        D.launch(print, 2, {}, "/tmp/x")
+        C.launch(print, 2, {}, "/tmp/x")
 
 
 def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out):
-    import types
-
     import torch.distributed as dist
-
-    from llm.train.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        me = types.SimpleNamespace(env=types.SimpleNamespace(world_size=2), device=torch.device("cpu"),
-                                   _stop_signal="SIGTERM" if rank == signalled_rank else None)
-        quiet = Trainer._agreed_stop(types.SimpleNamespace(**{**vars(me), "_stop_signal": None}))
-        out.put((rank, quiet, Trainer._agreed_stop(me), me._stop_signal))
+        quiet = C.StopSignals().agreed(2, torch.device("cpu"))
+        stop = C.StopSignals()
+        if rank == signalled_rank:
+            stop.received = "SIGTERM"
+        out.put((rank, quiet, stop.agreed(2, torch.device("cpu")), stop.received))
     finally:
         dist.destroy_process_group()
 
