@@ -27,6 +27,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, tokenizer=None, keep_last: int | None = None, is_main: bool = True):
         self.run_dir, self.tokenizer, self.keep_last, self.is_main = Path(run_dir), tokenizer, keep_last, is_main
+        self.last: Path | None = None  # the newest checkpoint this process wrote (rank 0)
 
     def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path | None:
         """Write `checkpoints/step_NNNNNNN/` (atomically), point `last` at it, prune. Returns its path on rank 0."""
@@ -47,6 +48,7 @@ class Checkpointer:
         ckpt.write_last_pointer(self.run_dir, path)
         ckpt.prune_checkpoints(self.run_dir, self.keep_last)
         logger.info(f"checkpoint: {path}")
+        self.last = path
         barrier()
         return path
 

@@ -87,9 +87,9 @@ class JsonlLogger:
 
     def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
-        if self.path.exists():  # resumed (or restarted): drop records of steps after the checkpoint
+        if self.path.exists():  # resumed: drop records of steps after the checkpoint; restarted: all of them
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if _step_of(line) is not None and _step_of(line) <= start_step]
+                    if start_step and _step_of(line) is not None and _step_of(line) <= start_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             tmp.replace(self.path)

@@ -17,7 +17,8 @@ class TrainerState:
     sampler: dict = field(default_factory=dict)  # data position (ResumableSampler.state_dict())
     rng: dict = field(default_factory=dict)  # capture_rng() at save time
     skipped_steps: int = 0  # optimizer steps skipped (non-finite loss or gradient)
-    seconds: float = 0.0  # training wall time so far
+    seconds: float = 0.0  # training wall time so far (the loop, with its evaluations and saves)
+    wall_seconds: float = 0.0  # the whole run's wall time so far (setup, data preparation, evaluation included)
     initial_val_loss: float | None = None  # validation loss before the first step
     last_val_loss: float | None = None
     train_loss: float | None = None  # mean training loss of the latest logging window
@@ -33,13 +34,15 @@ class TrainerState:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def results(self, task: str, params: int, device: str) -> dict:
-        """What results.json reports: the run's totals and final losses, then the objective's own metrics of the
-        last evaluation, each with its value before the first step as `<name>_before`."""
+    def results(self, task: str, params: int, device: str, **run: object) -> dict:
+        """What results.json reports: the run's totals and final losses, what identifies the run (`run`: its
+        overrides, code version, final checkpoint), then the objective's own metrics of the last evaluation, each
+        with its value before the first step as `<name>_before`."""
         results = {"task": task, "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.seconds, 2),
+                   "wall_seconds": round(self.wall_seconds, 2),
                    "tokens_per_s": self.tokens_seen / max(self.seconds, 1e-9), "train_loss": self.train_loss,
                    "val_loss": self.last_val_loss, "initial_val_loss": self.initial_val_loss, "params": params,
-                   "skipped_steps": self.skipped_steps, "device": device}
+                   "skipped_steps": self.skipped_steps, "device": device, **run}
         for k, v in self.last_eval.items():
             if not k.startswith("val_"):
                 results[k] = v

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,13 +45,27 @@ class RunInfo:
     seed: int = 0
     resume: str | None = None  # auto | a run or checkpoint dir
     config: dict = field(default_factory=dict)
+    overrides: tuple = ()  # the command line's overrides (results.json, sweep summaries)
+    git_commit: str | None = None  # the code's version, when it runs from a git checkout
+
+
+def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """The global batch over ranks and micro-batches: (sequences per forward, accumulation steps). A micro-batch
+    of None is each rank's whole share."""
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or max(1, per_rank)
+    if batch_size % (micro * world_size):
+        raise ConfigError(f"trainer.batch_size={batch_size} must be a multiple of trainer.micro_batch_size="
+                          f"{micro} x {world_size} rank(s)")
+    return micro, per_rank // micro
 
 
 class Trainer:
     def __init__(self, model, data, objective: Objective, optim: OptimizerConfig, settings: TrainerSettings,
-                 run: RunInfo, tokenizer=None, loggers=()):
+                 run: RunInfo, tokenizer=None, loggers=(), early_stop: Callable[[int, dict], str | None] | None = None):
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
-        always written)."""
+        always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
+        sweep's pruner giving up on the trial), or None."""
         if settings.loop.seq_len > model.config.max_seq_len:
             raise ConfigError(f"trainer.seq_len={settings.loop.seq_len} is longer than the model's context "
                               f"model.max_seq_len={model.config.max_seq_len}")
@@ -59,16 +74,17 @@ class Trainer:
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
         self.run_dir = Path(run.run_dir)
         self.max_steps = self.loop.max_steps if objective.trains else 0  # evaluation-only tasks take no step
-        self.logger_factories = list(loggers or [])
-        self.state = TrainerState()
-        self.stop = StopSignals()
-        self.loggers = []
+        self.logger_factories, self.early_stop = list(loggers or []), early_stop
+        self.state, self.stop, self.loggers = TrainerState(), StopSignals(), []
+        self._started, self._wall_before = time.perf_counter(), 0.0
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         self.env = dist_env(self.hardware.device)
         self.device = self.env.device
-        self._split_batch()
+        self.micro_batch_size, self.accum_steps = split_batch(self.loop.batch_size, self.loop.micro_batch_size,
+                                                              self.env.world_size)
+        self.eval_micro = self.loop.micro_batch_size or self.loop.batch_size  # x eval_batches, on any ranks
         bf16 = self.hardware.bf16(self.device.type)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.data.prepare()
@@ -103,17 +119,6 @@ class Trainer:
             f"trainer: {where}, {self.max_steps} steps x {self.loop.batch_size} sequences x {self.loop.seq_len} "
             f"tokens ({self.accum_steps} micro-batch(es) of {self.micro_batch_size} per rank), "
             f"{'bf16 autocast' if bf16 else 'fp32'}{', compiled' if hw.compile else ''}")
-
-    def _split_batch(self) -> None:
-        """The global batch over ranks and micro-batches (gradient accumulation)."""
-        batch, world = self.loop.batch_size, self.env.world_size
-        per_rank = batch // world
-        self.eval_micro = self.loop.micro_batch_size or batch  # eval_batches x this many sequences, on any ranks
-        self.micro_batch_size = self.loop.micro_batch_size or max(1, per_rank)
-        if batch % (self.micro_batch_size * world):
-            raise ConfigError(f"trainer.batch_size={batch} must be a multiple of trainer.micro_batch_size="
-                              f"{self.micro_batch_size} x {world} rank(s)")
-        self.accum_steps = per_rank // self.micro_batch_size
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
@@ -188,20 +193,23 @@ class Trainer:
         try:
             return self._fit()
         finally:  # an exception must not leave a W&B run (or files) open for the next sweep job
-            self._close_loggers()
+            for lg in self.loggers:
+                lg.close()
+            self.loggers = []
 
     def _fit(self) -> dict:
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
         self._setup()
         st, cadence = self.state, self.cadence
+        self._wall_before = st.wall_seconds  # carried over a resume
         if st.step == 0 or st.initial_val_loss is None:
             val = self.evaluate()
             st.initial_eval, st.last_eval = val, val
             st.initial_val_loss = st.last_val_loss = val.get("val_loss")
-            logger.info(f"step {st.step}: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                       for k, v in val.items()))
-            for lg in self.loggers[1:]:
-                lg.log(val, st.step)
+            record = {**val, "wall_seconds": self._wall()}
+            log_line(st.step, self.max_steps, record)
+            for lg in self.loggers:
+                lg.log(record, st.step)
         if not self.max_steps:
             st.seconds = time.perf_counter() - started  # an evaluation-only run reports how long it took
             return self._finish()
@@ -222,14 +230,19 @@ class Trainer:
                 stop = self.stop.agreed(self.env.world_size, self.device)
                 if last or stop or (cadence.save_every and st.step % cadence.save_every == 0):
                     self.save()
-                if stop and not last:  # on the last step the run simply finishes
+                if stop == StopSignals.FINISH and not last:
+                    logger.info(f"step {st.step}: finishing early ({self.stop.finish_reason})")
+                    break
+                if stop and not last:  # a signal (fit() closes the loggers); on the last step the run simply finishes
                     bar.close()
-                    self._close_loggers()
                     logger.warning(f"signal {self.stop.received}: saved step {st.step}; exiting with code "
                                    f"{PREEMPTED_EXIT_CODE} (resume=auto continues)")
                     raise Preempted(st.step)
         bar.close()
         return self._finish()
+
+    def _wall(self) -> float:  # the run's wall time so far: its earlier attempts' (from the checkpoint) + this one's
+        return self._wall_before + time.perf_counter() - self._started
 
     def _log_step(self, do_eval: bool, bar) -> None:
         """Average the metrics since the last log line (the one host sync), evaluate if due, write them out,
@@ -239,6 +252,7 @@ class Trainer:
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["tokens_per_s"] = self.window.tokens_per_s()
         record["tokens"] = st.tokens_seen
+        record["wall_seconds"] = self._wall()  # to plot against time
         if self.device.type == "cuda":
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.hardware.peak_flops
             record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -250,6 +264,9 @@ class Trainer:
             record.update(val)
             st.last_eval = val
             st.last_val_loss = val.get("val_loss", st.last_val_loss)
+            reason = self.early_stop(st.step, val) if self.early_stop else None
+            if reason:
+                self.stop.finish(reason)
         log_line(st.step, self.max_steps, record)
         for lg in self.loggers:
             lg.log(record, st.step)
@@ -262,23 +279,22 @@ class Trainer:
                 f"gradient norm (trainer.max_consecutive_skips={limit}); "
                 f"{st.skipped_steps} skipped in all; the checkpoints hold finite weights")
 
-    def _close_loggers(self) -> None:
-        for lg in self.loggers:
-            lg.close()
-        self.loggers = []
-
     # ------------------------------------------------------------------ checkpoint and results
     def save(self) -> Path | None:
         """A checkpoint of this step with everything the loop needs to go on exactly (every rank calls it)."""
         st = self.state
-        st.sampler, st.rng = self.sampler.state_dict(), capture_rng()
-        st.skipped_steps = int(self._skipped.item())
-        st.log_window = self.window.state_dict()
+        st.sampler, st.rng, st.log_window = self.sampler.state_dict(), capture_rng(), self.window.state_dict()
+        st.skipped_steps, st.wall_seconds = int(self._skipped.item()), self._wall()
         return self.checkpointer.save(st.step, self.raw_model, self.optimizer, st.to_dict())
 
     def _finish(self) -> dict:
         st = self.state
-        results = st.results(task=self.run.task, params=self.n_params, device=str(self.device))
+        st.wall_seconds = self._wall()
+        results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
+                             overrides=list(self.run.overrides), git_commit=self.run.git_commit,
+                             checkpoint=self.checkpointer.last and str(self.checkpointer.last))
+        if self.stop.finish_reason:
+            results["stopped_early"] = self.stop.finish_reason
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
         if sample is not None:
             results["sample"] = sample
@@ -288,7 +304,6 @@ class Trainer:
             if sample is not None:
                 (self.run_dir / "sample.txt").write_text(sample)
                 logger.info("sample:\n" + sample)
-        self._close_loggers()
         done = f"{st.step} steps in {st.seconds:.1f}s" if self.max_steps else f"evaluation in {st.seconds:.1f}s"
         logger.info(f"done: {done}, val_loss {st.initial_val_loss} -> {st.last_val_loss}; "
                     f"results in {self.run_dir / 'results.json'}")
