@@ -16,33 +16,40 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from loguru import logger
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException as ConfError
 
 from llm import job  # importing it registers the resolvers conf/hydra/default.yaml uses
 from llm.errors import LLMError
+from llm.eval.sweep import SweepSummary
 from llm.train.cluster import PREEMPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
 from llm.utils.logging import setup_logging
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir, in_sweep = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     setup_logging(run_dir, rank=env_rank())
     logger.info(f"run dir: {run_dir}")
     try:
-        results = job.run(cfg, run_dir, list(HydraConfig.get().overrides.task))
+        results = job.run(cfg, hydra_cfg)
     except Preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved; resume=auto continues
-    except (LLMError, OmegaConfBaseException) as e:
-        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
-            raise
+        sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved; resume=auto (or the same sweep again) continues
+    except Exception as e:
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG") or not (in_sweep or isinstance(e, (LLMError, ConfError))):
+            raise  # a bug (or debug=true): the whole traceback
+        message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else f"error: {e}"
+        if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
+            logger.opt(exception=not isinstance(e, LLMError)).error(f"job failed: {message}")
+            job.record_failure(run_dir, e)
+            return None
         logger.remove()
-        print(f"error: {e}".splitlines()[0] if isinstance(e, OmegaConfBaseException) else f"error: {e}",
-              file=sys.stderr)
+        print(message, file=sys.stderr)
         sys.exit(2)
-    return results.get("val_loss")  # what a Hydra sweeper minimises
+    return results.get(cfg.get("optimized_metric") or "val_loss")  # what a Hydra sweeper optimises
 
 
 def check_output_dir(argv: list[str]) -> None:
@@ -72,3 +79,5 @@ if __name__ == "__main__":
         main()
     finally:
         shutdown()
+    if SweepSummary.failed:  # a sweep went on past its failed jobs; its exit code still says so
+        sys.exit(2)

@@ -10,8 +10,11 @@ task function, import it).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import yaml
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -19,10 +22,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError
-from llm.train.checkpoint import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
+from llm.eval.sweep import ERROR_FILE
+from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_model_weights, read_json,
+                                  resolve_checkpoint)
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
+from llm.train.pruning import TrialPruner, default_storage
 from llm.train.trainer import RunInfo, Trainer
-from llm.utils import seed_everything
+from llm.utils import git_commit, seed_everything
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -61,16 +67,53 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
     return cfg
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
-    """The Hydra job: resolve init_from against the command-line `overrides`, then train here or in
-    trainer.nproc_per_node worker processes (they get the resolved config, not Hydra: a -m sweep runs each job
-    as its own process group)."""
+def run(cfg: DictConfig, hydra: DictConfig) -> dict:
+    """The Hydra job (`hydra`: its Hydra config): resolve init_from against the command-line overrides, then train
+    here or in trainer.nproc_per_node worker processes (they get the resolved config, not Hydra: a -m sweep runs
+    each job as its own process group). A sweep job run again by the same command continues where it stopped; an
+    Optuna trial (`+trial=<n>`) learns where its study is."""
+    run_dir, overrides = Path(hydra.runtime.output_dir), [str(o) for o in hydra.overrides.task]
+    if hydra.mode == RunMode.MULTIRUN:
+        finished = continue_sweep_job(cfg, run_dir, overrides)
+        if finished is not None:
+            return finished
     cfg = resolve_init_from(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
+    if cfg.get("trial") is not None:
+        sweeper = hydra.get("sweeper") or {}
+        with open_dict(cfg):
+            cfg.trial = {"number": int(cfg.trial), "study_name": sweeper.get("study_name") or "sweep",
+                         "storage": sweeper.get("storage") or default_storage(hydra.sweep.dir),
+                         "metric": cfg.get("optimized_metric") or "val_loss",
+                         **{k: sweeper[k] for k in ("pruner", "n_startup_trials", "n_warmup_steps") if k in sweeper}}
     nproc = cfg.trainer.get("nproc_per_node") or 1
     if nproc > 1:
         return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir), reraise=(Preempted,),
                       on_signal=Preempted)
     return train(cfg, run_dir)
+
+
+def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:
+    """A sweep job's dir from an earlier attempt of the same sweep: its results when it finished (the job is
+    skipped), else `resume=auto` when it saved a checkpoint (it was interrupted); a job that failed starts again."""
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    results_file = run_dir / "results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        if results.get("overrides", list(overrides)) != list(overrides):
+            raise ConfigError(f"{run_dir} holds a finished run of other overrides ({' '.join(results['overrides'])});"
+                              f" use a new hydra.sweep.dir")
+        logger.info(f"sweep job already finished ({results_file}): skipped")
+        return results
+    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+        logger.info("sweep job was interrupted: resume=auto")
+        with open_dict(cfg):
+            cfg.resume = "auto"
+    return None
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """A failed sweep job's one-line error, in its dir, for the sweep summary (the sweep goes on)."""
+    Path(run_dir, ERROR_FILE).write_text(f"{type(error).__name__}: {error}".splitlines()[0] + "\n")
 
 
 def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
@@ -108,8 +151,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     optim = build(cfg.optim, "optimizer")
     loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     settings = build(cfg.trainer, "trainer")
-    run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg)
-    return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers).fit()
+    early_stop = TrialPruner(**cfg.trial) if cfg.get("trial") and env_rank() == 0 else None  # a sweep trial
+    run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg,
+                       overrides=tuple(read_overrides(run_dir)), git_commit=git_commit(Path(__file__).parent))
+    return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers,
+                   early_stop=early_stop).fit()
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The command line's overrides of a run, as Hydra recorded them in `<run dir>/.hydra/overrides.yaml`."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
 
 
 # ---------------------------------------------------------------------------------------------- resolvers

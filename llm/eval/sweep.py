@@ -1,19 +1,195 @@
-"""A Hydra callback that ends every `-m` sweep with one combined table of its jobs' results in the sweep dir
-(`sweep_summary.md` / `.json`), and, for length-extrapolation jobs, one plot with a line per job
-(`length_eval.png` / `.md`). Registered in conf/hydra/default.yaml; Hydra calls its hooks by name."""
+"""The summary a sweep is decided from, and the Hydra callback that writes it at the end of every `-m` run.
+
+Every job dir under the sweep dir is one row: its overrides; its status — `done` (results.json), `pruned`
+(results.json says `stopped_early`: the Optuna sweeper's pruner gave up on it; its dir and checkpoint are kept),
+`failed` (error.txt holds its one-line error) or `interrupted` (started, not finished: the same command again
+continues it); the objective (`optimized_metric`, val_loss by default) and the other final metrics; steps, wall
+time, tokens/s and its dir. Rows are sorted by the objective, best first and marked. Written to the sweep dir as
+`sweep_summary.md` / `.csv` / `.json` and `sweep.png` (the objective against each swept numeric parameter, and the
+validation curves of all jobs), plus `length_eval.*` for length evaluations.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import yaml
 
 from llm.eval.length import write_table_and_plot
 
-SCALARS = ("task", "steps", "val_loss", "initial_val_loss", "exact_match", "preference_accuracy", "reward_margin",
-           "tokens_per_s", "seconds")
+ERROR_FILE = "error.txt"  # a failed sweep job's one-line error, in its dir
+# higher is better for these; every other metric (losses, perplexities) is minimised
+MAXIMIZED = {"exact_match", "preference_accuracy", "reward_margin", "accuracy", "passkey", "tokens_per_s", "mfu"}
+METRICS = ("val_loss", "val_bpb", "train_loss", "exact_match", "preference_accuracy", "reward_margin")
+
+
+@dataclass
+class Job:
+    name: str
+    dir: str
+    overrides: list[str]
+    status: str  # done | pruned | failed | interrupted
+    objective: float | None = None
+    error: str | None = None
+    results: dict = field(default_factory=dict)
+    best: bool = False
+
+    @property
+    def params(self) -> dict[str, str]:
+        return dict(o.split("=", 1) for o in self.overrides if "=" in o)
+
+
+def direction_of(metric: str, declared: str | None = None) -> str:
+    """'minimize' or 'maximize': as declared (the Optuna sweeper's `direction`), else from the metric's name."""
+    if declared in ("minimize", "maximize"):
+        return declared
+    return "maximize" if metric in MAXIMIZED or metric.endswith(("accuracy", "exact_match")) else "minimize"
+
+
+def read_job(job_dir: Path, metric: str) -> Job:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []] if overrides_file.is_file() else []
+    results, error = {}, None
+    try:
+        results = json.loads((job_dir / "results.json").read_text())
+        status = "pruned" if results.get("stopped_early") else "done"  # a sweep's pruner stopped it early
+    except (OSError, ValueError):
+        error_file = job_dir / ERROR_FILE
+        status = "failed" if error_file.is_file() else "interrupted"
+        error = error_file.read_text().strip() if error_file.is_file() else None
+    value = results.get(metric)
+    objective = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return Job(job_dir.name, str(job_dir), overrides, status, objective, error, results)
+
+
+def _job_number(path: Path) -> int:
+    head = path.name.split("_")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def read_jobs(sweep_dir: Path, metric: str = "val_loss", direction: str = "minimize") -> list[Job]:
+    """The sweep's jobs, best first (jobs without a finite objective last, in job order); the best is marked."""
+    dirs = sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()), key=_job_number)
+    jobs = [read_job(d, metric) for d in dirs]
+    sign = -1 if direction == "maximize" else 1
+    jobs.sort(key=lambda j: (j.objective is None, sign * j.objective if j.objective is not None else 0))
+    if jobs and jobs[0].objective is not None:
+        jobs[0].best = True
+    return jobs
+
+
+def summarize(sweep_dir: Path, metric: str = "val_loss", direction: str | None = None,
+              log_params: tuple[str, ...] = ()) -> dict:
+    """Write the summary files of `sweep_dir` and return what they hold. `log_params`: parameters searched on a
+    log scale (a log axis in sweep.png; otherwise chosen when a positive parameter spans a factor of 10)."""
+    sweep_dir = Path(sweep_dir)
+    direction = direction_of(metric, direction)
+    jobs = read_jobs(sweep_dir, metric, direction)
+    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "pruned", "failed", "interrupted")}
+    summary = {"metric": metric, "direction": direction, "counts": counts,
+               "best": next((asdict(j) for j in jobs if j.best), None), "jobs": [asdict(j) for j in jobs]}
+    if not jobs:
+        return summary
+    swept = sorted({k for j in jobs for k in j.params if len({i.params.get(k) for i in jobs}) > 1} - {"+trial"})
+    metrics = [m for m in METRICS if m != metric and any(m in j.results for j in jobs)]
+    header = ["", "job", "status", metric, *swept, *metrics, "steps", "wall_s", "tokens_per_s", "dir", "error"]
+    rows = [["best" if j.best else "", j.name.split("_")[0], j.status, j.objective, *[j.params.get(k) for k in swept],
+             *[j.results.get(m) for m in metrics], j.results.get("steps"), j.results.get("wall_seconds"),
+             j.results.get("tokens_per_s"), j.dir, j.error] for j in jobs]
+    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = [f"Sweep of {len(jobs)} jobs, sorted by {metric} ({direction}): " +
+             ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
+             "| " + " | ".join(header[:-2]) + " | error |", "|---" * (len(header) - 1) + "|"]
+    for row in rows:
+        cells = [_fmt(c) for c in row[:-2]] + [_fmt(row[-1])]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot_sweep(jobs, swept, metric, sweep_dir / "sweep.png", set(log_params))
+    length_jobs = {j.results.get("method", j.name): j.results for j in jobs if "ppl_by_length" in j.results}
+    if length_jobs:
+        write_table_and_plot(length_jobs, sweep_dir, "length_eval")
+    return summary
+
+
+def _numeric(values: list[str | None]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def _val_curve(job: Job) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    try:
+        for line in (Path(job.dir) / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if isinstance(record.get("val_loss"), (int, float)):
+                steps.append(record["step"])
+                losses.append(record["val_loss"])
+    except (OSError, ValueError):
+        pass
+    return steps, losses
+
+
+def plot_sweep(jobs: list[Job], swept: list[str], metric: str, path: Path, log_params: set[str]) -> None:
+    """The objective against each swept numeric parameter (one panel each), and every job's validation curve."""
+    import matplotlib  # plotting only: not imported by runs that draw nothing
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    scored = [j for j in jobs if j.objective is not None]
+    numeric = [k for k in swept if _numeric([j.params.get(k) for j in scored])]
+    fig, axes = plt.subplots(1, len(numeric) + 1, figsize=(5 * (len(numeric) + 1), 4), squeeze=False)
+    for ax, key in zip(axes[0], numeric):
+        xs = _numeric([j.params.get(key) for j in scored])
+        ax.scatter(xs, [j.objective for j in scored], c=["tab:red" if j.best else "tab:blue" for j in scored])
+        if key in log_params or (min(xs) > 0 and max(xs) / min(xs) >= 10):
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (red: best)")
+        ax.grid(alpha=0.3)
+    curves = axes[0][-1]
+    for job in jobs:
+        steps, losses = _val_curve(job)
+        if steps:
+            label = " ".join(f"{k}={job.params.get(k)}" for k in swept) or job.name
+            curves.plot(steps, losses, marker=".", label=("* " if job.best else "") + label[:40],
+                        linewidth=2.5 if job.best else 1.0)
+    curves.set(xlabel="step", ylabel="val_loss", title="validation curves")
+    curves.grid(alpha=0.3)
+    if curves.lines and len(curves.lines) <= 12:
+        curves.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    """A table cell: numbers (also numeric override values) to 4 significant digits."""
+    if isinstance(v, str) and v.replace(".", "", 1).replace("e-", "", 1).replace("-", "", 1).isdigit() and "." in v:
+        v = float(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
 
 
 class SweepSummary:
+    """Registered in conf/hydra/default.yaml; Hydra calls its hooks by name. After a sweep it writes the summary,
+    prints where it is, and remembers how many jobs failed (`run.py` then exits non-zero)."""
+
+    failed: int = 0
+
     def on_run_start(self, config, **kwargs) -> None:
         pass
 
@@ -30,36 +206,15 @@ class SweepSummary:
         pass
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        summarize(Path(config.hydra.sweep.dir))
-
-
-def summarize(sweep_dir: Path) -> dict:
-    """Collect <job dir>/results.json of every job under sweep_dir into one table (and plot)."""
-    jobs = {}
-    for results in sorted(sweep_dir.glob("*/results.json"), key=lambda p: int(p.parent.name.split("_")[0])
-                          if p.parent.name.split("_")[0].isdigit() else 0):
-        job = results.parent
-        overrides = (job / ".hydra" / "overrides.yaml")
-        jobs[job.name] = {"results": json.loads(results.read_text()),
-                          "overrides": " ".join(line.lstrip("- ").strip() for line in overrides.read_text().splitlines()
-                                                if line.strip()) if overrides.exists() else ""}
-    if not jobs:
-        return {}
-    keys = [k for k in SCALARS if any(k in j["results"] for j in jobs.values())]
-    lines = ["| job | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, j in jobs.items():
-        cells = [_fmt(j["results"].get(k)) for k in keys]
-        lines.append(f"| {name.split('_')[0]} {j['overrides'][:80]} | " + " | ".join(cells) + " |")
-    (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(jobs, indent=2, default=str))
-    length_jobs = {j["results"].get("method", name): j["results"] for name, j in jobs.items()
-                   if "ppl_by_length" in j["results"]}
-    if length_jobs:
-        write_table_and_plot(length_jobs, sweep_dir, "length_eval")
-    return jobs
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
+        sweeper = config.hydra.get("sweeper") or {}
+        metric = config.get("optimized_metric") or "val_loss"
+        spaces = {**(sweeper.get("params") or {}),
+                  **dict(str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o))}
+        log_params = tuple(k for k, v in spaces.items() if "tag(log" in str(v).replace(" ", ""))
+        summary = summarize(Path(config.hydra.sweep.dir), metric, sweeper.get("direction"), log_params)
+        SweepSummary.failed = summary["counts"].get("failed", 0)
+        best = summary["best"]
+        line = f"sweep summary: {Path(config.hydra.sweep.dir) / 'sweep_summary.md'} ({len(summary['jobs'])} jobs"
+        line += f"; best: job {best['name'].split('_')[0]}, {metric} {best['objective']:.4g}" if best else ""
+        line += f"; {SweepSummary.failed} failed)" if SweepSummary.failed else ")"
+        print(line, file=sys.stderr)

@@ -1,0 +1,77 @@
+"""Sweep pieces in-process: the summary of a sweep dir (status of each job, sorted by the objective in its
+direction, the best marked, failures with their error) and the Optuna sweeper's search spaces."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from llm.errors import ConfigError
+from llm.eval.sweep import direction_of, summarize
+
+
+def _job(sweep, name, overrides, results=None, error=None, checkpoint=False):
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+        (job / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 3.0}) + "\n" +
+                                           json.dumps({"step": 10, "val_loss": results.get("val_loss", 2.0)}) + "\n")
+    if error:
+        (job / "error.txt").write_text(error + "\n")
+    if checkpoint:
+        (job / "checkpoints" / "step_0000010").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("metric,direction,order", [("val_loss", "minimize", ["1", "0", "3"]),
+                                                    ("exact_match", "maximize", ["0", "1", "3"])])
+def test_summary_sorts_marks_and_explains(tmp_path, metric, direction, order):
+    _job(tmp_path, "0_optim.lr=0.001", ["optim.lr=0.001"], {"val_loss": 2.5, "exact_match": 0.9, "steps": 10})
+    _job(tmp_path, "1_optim.lr=0.01", ["optim.lr=0.01"], {"val_loss": 2.0, "exact_match": 0.5, "steps": 10})
+    _job(tmp_path, "2_optim.lr=-1", ["optim.lr=-1"], error="ConfigError: optim.lr=-1 must be a positive number")
+    _job(tmp_path, "3_optim.lr=0.1", ["optim.lr=0.1"], {"val_loss": 9.0, "exact_match": 0.0, "steps": 4,
+                                                        "stopped_early": "pruned at step 4"})
+    _job(tmp_path, "4_optim.lr=0.3", ["optim.lr=0.3"], checkpoint=True)
+    summary = summarize(tmp_path, metric)
+    assert summary["direction"] == direction == direction_of(metric)
+    assert summary["counts"] == {"done": 2, "pruned": 1, "failed": 1, "interrupted": 1}
+    names = [j["name"].split("_")[0] for j in summary["jobs"]]
+    assert names[:3] == order and names[3:] == ["2", "4"]  # no objective: last, in job order
+    assert summary["best"]["name"].startswith(order[0]) and summary["jobs"][0]["best"]
+    failed = next(j for j in summary["jobs"] if j["status"] == "failed")
+    assert failed["error"] == "ConfigError: optim.lr=-1 must be a positive number"
+    rows = list(csv.reader((tmp_path / "sweep_summary.csv").open()))
+    assert rows[0][:5] == ["", "job", "status", metric, "optim.lr"] and rows[1][:3] == ["best", order[0], "done"]
+    table = (tmp_path / "sweep_summary.md").read_text()
+    assert f"sorted by {metric} ({direction})" in table and "| pruned |" in table and "| interrupted |" in table
+    assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_empty_sweep_dir_writes_nothing(tmp_path):
+    assert summarize(tmp_path)["jobs"] == [] and not (tmp_path / "sweep_summary.md").exists()
+
+
+def _space(text):
+    optuna = pytest.importorskip("optuna")
+    from hydra_plugins.llm_optuna_sweeper.optuna_sweeper import distribution
+
+    (override,) = OverridesParser.create().parse_overrides([text])
+    return distribution(override, optuna), optuna.distributions
+
+
+def test_search_space_syntax():
+    dist, d = _space("optim.lr=tag(log, interval(1e-4, 1e-2))")
+    assert dist == d.FloatDistribution(1e-4, 1e-2, log=True)
+    assert _space("optim.weight_decay=interval(0.0, 0.2)")[0] == d.FloatDistribution(0.0, 0.2)
+    assert _space("model.n_layer=tag(int, interval(2, 8))")[0] == d.IntDistribution(2, 8)
+    assert _space("optim.warmup_steps=range(0, 101, 25)")[0] == d.IntDistribution(0, 100, step=25)
+    assert _space("model=choice(tiny, 125m)")[0] == d.CategoricalDistribution(["tiny", "125m"])
+    assert _space("task.objective.beta=0.1,0.3")[0] == d.CategoricalDistribution([0.1, 0.3])
+    with pytest.raises(ConfigError, match="search space of optim.lr: interval.* start > 0 on a log scale"):
+        _space("optim.lr=tag(log, interval(0, 1))")
+    with pytest.raises(ConfigError, match="search space of x: range.* is empty"):
+        _space("x=range(5, 5)")
