@@ -295,11 +295,19 @@ def _llm_error_classes():
 
 # ---------------------------------------------------------------------------------------------- stop signals
 class StopSignals:
-    """SIGTERM, SIGUSR1 (`sbatch --signal=USR1@120`) and SIGUSR2 (what submitit sends before the time limit) ask
-    the loop to finish the step, save and exit (`Preempted`, exit code 75). `received` names the signal."""
+    """Two ways a run ends before max_steps, agreed by every rank after each step:
+    - a signal — SIGTERM, SIGUSR1 (`sbatch --signal=USR1@120`) or SIGUSR2 (what submitit sends before the time
+      limit): finish the step, save, exit with code 75 (`Preempted`); `received` names the signal;
+    - `finish(reason)`, e.g. a sweep's pruner giving up on the trial: save and finish the run as done, early."""
+
+    GO_ON, FINISH, PREEMPT = 0, 1, 2
 
     def __init__(self):
         self.received: str | None = None
+        self.finish_reason: str | None = None
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
 
     @contextlib.contextmanager
     def installed(self):
@@ -318,16 +326,18 @@ class StopSignals:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def agreed(self, world_size: int, device: torch.device) -> bool:
-        """Whether to stop after this step; under several ranks every rank gets the same answer."""
-        flag = self.received is not None
+    def agreed(self, world_size: int, device: torch.device) -> int:
+        """GO_ON, FINISH or PREEMPT (a signal wins over an early finish); every rank gets the same answer."""
+        code = self.PREEMPT if self.received else self.FINISH if self.finish_reason else self.GO_ON
         if world_size > 1 and dist.is_initialized():
             # a CPU tensor goes through gloo (the group is cpu:gloo,cuda:nccl): a small message between the ranks'
             # host threads each step, not a wait for the GPU to drain its queue
             on_cpu = "gloo" in str(dist.get_backend())
-            t = torch.tensor(float(flag), device="cpu" if on_cpu else device)
+            t = torch.tensor(float(code), device="cpu" if on_cpu else device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-            if flag and self.received is None:
+            code = int(t.item())
+            if code == self.PREEMPT and self.received is None:
                 self.received = "peer rank"
-        return flag
+            if code == self.FINISH and self.finish_reason is None:
+                self.finish_reason = "rank 0's decision"
+        return code

@@ -131,10 +131,15 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         quiet = C.StopSignals().agreed(2, torch.device("cpu"))
+        finish = C.StopSignals()
+        if rank == 0:
+            finish.finish("pruned")  # rank 0's decision (a sweep's pruner), agreed by every rank
+        finished = finish.agreed(2, torch.device("cpu"))
         stop = C.StopSignals()
         if rank == signalled_rank:
             stop.received = "SIGTERM"
-        out.put((rank, quiet, stop.agreed(2, torch.device("cpu")), stop.received))
+            stop.finish("pruned")  # a signal wins over an early finish
+        out.put((rank, quiet, finished, stop.agreed(2, torch.device("cpu")), stop.received))
     finally:
         dist.destroy_process_group()
 
@@ -156,4 +161,5 @@ def test_a_signal_on_one_rank_stops_every_rank():
     results = sorted(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    assert results == [(0, False, True, "peer rank"), (1, False, True, "SIGTERM")]
+    go_on, finish, preempt = C.StopSignals.GO_ON, C.StopSignals.FINISH, C.StopSignals.PREEMPT
+    assert results == [(0, go_on, finish, preempt, "peer rank"), (1, go_on, finish, preempt, "SIGTERM")]
