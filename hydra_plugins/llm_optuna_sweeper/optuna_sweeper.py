@@ -162,6 +162,7 @@ class OptunaSweeper(Sweeper):
             for _ in range(min(self.n_jobs, self.n_trials - finished) - len(batch)):
                 batch.append(study.ask(space))
             returns.extend(self._run(study, batch, fixed, optuna))
+        write_importance(study, sweep_dir / "importance.png", optuna)
         return returns
 
     def _run(self, study, batch: list, fixed: list[str], optuna) -> list:
@@ -187,6 +188,27 @@ class OptunaSweeper(Sweeper):
                     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             results.extend(jobs)
         return results
+
+
+def write_importance(study, path: Path, optuna, min_trials: int = 10) -> dict | None:
+    """Optuna's parameter importances as a bar chart, once there are enough complete trials for them to mean
+    something (and more than one parameter). Returns them, or None when not drawn."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < min_trials or len({k for t in complete for k in t.params}) < 2:
+        return None
+    importances = optuna.importance.get_param_importances(study)
+    import matplotlib  # plotting only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
+    ax.barh(list(importances)[::-1], list(importances.values())[::-1])
+    ax.set(xlabel="importance (share of the objective's variance)", title=f"{len(complete)} complete trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return importances
 
 
 def _fail(message: str) -> None:

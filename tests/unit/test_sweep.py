@@ -75,3 +75,20 @@ def test_search_space_syntax():
         _space("optim.lr=tag(log, interval(0, 1))")
     with pytest.raises(ConfigError, match="search space of x: range.* is empty"):
         _space("x=range(5, 5)")
+
+
+def test_importance_plot_only_when_it_means_something(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from hydra_plugins.llm_optuna_sweeper.optuna_sweeper import write_importance
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {"lr": optuna.distributions.FloatDistribution(0, 1), "wd": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(12):
+        trial = study.ask(space)
+        study.tell(trial, 10 * trial.params["lr"] + 0.01 * trial.params["wd"])
+        if i == 8:  # too few trials so far: no plot
+            assert write_importance(study, tmp_path / "importance.png", optuna) is None
+    importances = write_importance(study, tmp_path / "importance.png", optuna)
+    assert set(importances) == {"lr", "wd"} and importances["lr"] > importances["wd"]
+    assert (tmp_path / "importance.png").stat().st_size > 2000
