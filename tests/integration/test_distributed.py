@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("distributed")]  # module fixtures: one worker
+pytestmark = pytest.mark.integration
+SHARES_RUNS = pytest.mark.xdist_group("distributed")  # the tests of the module fixtures: on one worker
 
 TOL = 1e-5
 # 6 steps, a metrics line and a checkpoint every 3; the final evaluation on the same 4 x 8 validation sequences
@@ -112,6 +113,7 @@ def accumulation_sweep(runs, cache_dir) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------ launch and run dir
+@SHARES_RUNS
 def test_torchrun_ranks_share_one_run_dir_written_by_rank_0(torchrun_ddp):
     run_dirs = list((torchrun_ddp / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs  # although rank 1 composed its config 1.5 s after rank 0
@@ -128,6 +130,7 @@ def test_torchrun_ranks_share_one_run_dir_written_by_rank_0(torchrun_ddp):
     assert "rank 1 |" in (run_dir / "train_rank1.log").read_text()
 
 
+@SHARES_RUNS
 def test_ddp_same_losses_as_one_process(single, torchrun_ddp):
     run_dir = next((torchrun_ddp / "outputs").glob("*/*"))
     assert_same_losses(single, run_dir)
@@ -136,12 +139,14 @@ def test_ddp_same_losses_as_one_process(single, torchrun_ddp):
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-4)
 
 
+@SHARES_RUNS
 def test_fsdp_same_losses_as_one_process(single, fsdp):
     assert_same_losses(single, fsdp)
     assert read_metrics(single)[-1]["val_loss"] == pytest.approx(read_metrics(fsdp)[-1]["val_loss"], abs=TOL)
     assert "(2 rank(s))" in (fsdp / "train.log").read_text() and (fsdp / "train_rank1.log").is_file()
 
 
+@SHARES_RUNS
 def test_gradient_accumulation_sweep_of_distributed_jobs(single, accumulation_sweep):
     assert sorted(accumulation_sweep) == ["ddp", "fsdp"]
     for strategy, job in accumulation_sweep.items():
@@ -150,6 +155,7 @@ def test_gradient_accumulation_sweep_of_distributed_jobs(single, accumulation_sw
         assert_same_losses(single, job)
 
 
+@SHARES_RUNS
 def test_fsdp_checkpoint_is_the_one_process_format(single, fsdp):
     """Gathered to full tensors: the same tensor names, shapes and (nearly) values as a one-process checkpoint."""
     for name in ("model.safetensors", "optimizer.safetensors"):
@@ -163,6 +169,7 @@ def test_fsdp_checkpoint_is_the_one_process_format(single, fsdp):
 
 
 # ------------------------------------------------------------------ resume on another number of ranks
+@SHARES_RUNS
 def test_ddp_checkpoint_resumes_in_one_process(torchrun_ddp, cache_dir, tmp_path):
     original = next((torchrun_ddp / "outputs").glob("*/*"))
     run_dir = truncate_to_step_3(original, tmp_path / "ddp_to_single")
@@ -171,6 +178,7 @@ def test_ddp_checkpoint_resumes_in_one_process(torchrun_ddp, cache_dir, tmp_path
     assert_same_losses(original, run_dir, steps=(4, 5, 6))
 
 
+@SHARES_RUNS
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(single, cache_dir, tmp_path):
     run_dir = truncate_to_step_3(single, tmp_path / "single_to_fsdp")
     run_cli([*BASE, "resume=auto", "trainer.nproc_per_node=2", "trainer.strategy=fsdp", f"hydra.run.dir={run_dir}"],

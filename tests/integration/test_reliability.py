@@ -18,7 +18,8 @@ import pytest
 from llm.train.cluster import PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("reliability")]  # module fixtures: one worker
+pytestmark = pytest.mark.integration
+SHARES_REFERENCES = pytest.mark.xdist_group("reliability")  # the tests of the module fixture: on one worker
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps", "rewards/margin", "tokens")
 STEPS = ["trainer.max_steps=30", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=10"]
@@ -71,6 +72,7 @@ def references(tmp_path_factory, small_run, cache_dir):
     return out
 
 
+@SHARES_REFERENCES
 @pytest.mark.parametrize("task,seed", [("pretrain", 0), ("pretrain", 1), ("sft", 2), ("dpo", 3)])
 def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
@@ -85,6 +87,7 @@ def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, 
     _assert_same_trace(references[task], read_metrics(run_dir))
 
 
+@SHARES_REFERENCES
 def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
@@ -99,7 +102,7 @@ def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, t
     _assert_same_trace(references["pretrain"], read_metrics(run_dir))
 
 
-def test_corrupt_newest_checkpoint_is_skipped_on_resume(references, cache_dir, tmp_path):
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
     run_cli([*args, "trainer.max_steps=12"], cache_dir)  # a shorter run: checkpoints 3, 6, 9, 12
