@@ -1,4 +1,5 @@
-"""One run from a composed config: resolve `init_from`, build the plain objects (each `_target_` logged), fit.
+"""One run from a composed config: resolve `init_from`, build the plain objects (each `_target_` logged), fit; or,
+for task=export, write the init_from model as a Hugging Face model dir.
 
 run.py calls `run` from its Hydra job; with `trainer.nproc_per_node` > 1, `run` starts that many workers, each of
 which calls `train` (this module's function, imported by name) with the resolved config as a plain dict. This
@@ -23,8 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError
 from llm.eval.sweep import ERROR_FILE
-from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_model_weights, read_json,
-                                  resolve_checkpoint)
+from llm.hf import is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, read_hf_config, save_hf
+from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
+                                  load_model_weights, read_json, resolve_checkpoint)
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
 from llm.train.pruning import TrialPruner, default_storage
 from llm.train.trainer import RunInfo, Trainer
@@ -48,21 +50,29 @@ def build(node: DictConfig, what: str, **kwargs):
 
 
 def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
-    """init_from resolved to one checkpoint dir, and the model keys not set on the command line (`explicit`: the
-    keys of the command-line overrides) taken from that checkpoint."""
+    """init_from resolved to one checkpoint dir (or a Hugging Face model dir), and the model keys not set on the
+    command line (`explicit`: the keys of the command-line overrides) taken from its config. The RoPE scaling of
+    an HF model (and of a checkpoint that task=export writes out) is the model's own unless extrapolation is set."""
     if cfg.task.get("requires_init_from") and not cfg.init_from and not cfg.task.get("allow_scratch"):
         raise ConfigError(f"task={cfg.task.name} starts from a trained model: set init_from=<run or checkpoint dir> "
                           f"(or init_from=latest:<task>), or task.allow_scratch=true to start from random weights")
     if not cfg.init_from:
         return cfg
-    init_ckpt = resolve_checkpoint(cfg.init_from, "init_from")
-    saved = read_json(init_ckpt, "model_config.json")
+    hf_dir = not str(cfg.init_from).startswith("latest:") and is_hf_model_dir(Path(str(cfg.init_from)).expanduser())
+    if hf_dir:
+        init_ckpt = Path(str(cfg.init_from)).expanduser().absolute()
+        saved = read_hf_config(init_ckpt)
+    else:
+        init_ckpt = resolve_checkpoint(cfg.init_from, "init_from")
+        saved = read_json(init_ckpt, "model_config.json")
     with open_dict(cfg):  # the checkpoint's architecture, except model keys set on the command line
         for key in (*ARCH_KEYS, "max_seq_len", "rope_theta"):
             if key in saved and key in cfg.model and "model" not in explicit and f"model.{key}" not in explicit:
                 cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
         if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
             cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
+        if (hf_dir or cfg.task.name == "export") and not any(k.split(".")[0] == "extrapolation" for k in explicit):
+            cfg.extrapolation = saved.get("rope_scaling") or {"type": "none"}
         cfg.init_from = str(init_ckpt)
     return cfg
 
@@ -78,6 +88,8 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
         if finished is not None:
             return finished
     cfg = resolve_init_from(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
+    if cfg.task.name == "export":
+        return export(cfg, run_dir)
     if cfg.get("trial") is not None:
         sweeper = hydra.get("sweeper") or {}
         with open_dict(cfg):
@@ -127,21 +139,27 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     init_ckpt = Path(cfg.init_from) if cfg.init_from else None
-    saved = read_json(init_ckpt, "model_config.json") if init_ckpt is not None else None
+    hf_dir = init_ckpt is not None and is_hf_model_dir(init_ckpt)
+    saved = None
+    if init_ckpt is not None:
+        saved = read_hf_config(init_ckpt) if hf_dir else read_json(init_ckpt, "model_config.json")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if init_ckpt is not None:  # the earlier run's tokenizer, so token ids mean the same
-        logger.info(f"init_from: {init_ckpt}")
-        tokenizer = load_pretrained(str(init_ckpt / "tokenizer"))
+        logger.info(f"init_from: {init_ckpt}" + (" (a Hugging Face model dir)" if hf_dir else ""))
+        tokenizer = (load_hf_tokenizer(init_ckpt, saved["vocab_size"]) if hf_dir
+                     else load_pretrained(str(init_ckpt / "tokenizer")))
     else:
         with main_process_first():  # rank 0 trains and caches a tokenizer; the other ranks reuse it
             tokenizer = build(cfg.tokenizer, "tokenizer")
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
-    if saved is not None:
-        model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling)
+    if saved is not None:  # keys the model presets do not carry (an imported model's untied head, norm eps, ...)
+        extra = {k: saved[k] for k in ("norm_eps", "pad_vocab_to", "tie_embeddings", "init_std")
+                 if k in saved and k not in cfg.model}
+        model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling, **extra)
         check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
-        load_model_weights(init_ckpt, model)
-        if len(tokenizer) != model.config.vocab_size:
+        (load_hf_weights if hf_dir else load_model_weights)(init_ckpt, model)
+        if len(tokenizer) > model.config.vocab_size:
             logger.info(f"model: vocabulary grown from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_vocab(len(tokenizer))
     else:
@@ -162,6 +180,21 @@ def read_overrides(run_dir: Path) -> list[str]:
     """The command line's overrides of a run, as Hydra recorded them in `<run dir>/.hydra/overrides.yaml`."""
     path = Path(run_dir) / ".hydra" / "overrides.yaml"
     return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
+
+
+def export(cfg: DictConfig, run_dir: Path) -> dict:
+    """task=export: the init_from model (its RoPE scaling, or extrapolation=... when set) as a Hugging Face model
+    dir, by default `hf/` in this run's dir; results.json says what was written."""
+    init = Path(cfg.init_from)
+    rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True)
+    model, tokenizer = load_hf(init, rope_scaling) if is_hf_model_dir(init) else load_checkpoint_model(init, rope_scaling)
+    out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
+    written = save_hf(model, tokenizer, out_dir, cfg.task.get("dtype"))
+    results = {"task": "export", "init_from": str(init), **written}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    logger.info(f"exported {written['architecture']} ({written['params']:,} parameters, {written['dtype']}) to "
+                f"{written['out_dir']}: load it with transformers.AutoModelForCausalLM.from_pretrained(dir)")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- resolvers

@@ -16,6 +16,7 @@ from llm.errors import DataError
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)  # the built-in template's special tokens
 BUILTIN_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"

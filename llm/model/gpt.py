@@ -2,7 +2,8 @@
 
 Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab.
 Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm); MLP GELU or SwiGLU;
-grouped-query attention through `scaled_dot_product_attention`; LM head tied to the token embedding.
+grouped-query attention through `scaled_dot_product_attention`; LM head tied to the token embedding (or its own
+matrix, as some pretrained models have).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class GPTConfig:
     rope_scaling: dict | None = None  # length extrapolation (see llm/model/rope.py)
     init_std: float = 0.02
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls)
+    tie_embeddings: bool = True  # the LM head is the token embedding; false: a separate matrix (imported models)
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):
@@ -176,7 +178,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     @torch.no_grad()
@@ -198,11 +201,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size: int) -> None:
-        """Grow the (tied) embedding to `vocab_size` tokens, e.g. after adding chat tokens to a tokenizer. Existing
-        rows are kept; new rows (if the padded size grows) are initialised like the embedding."""
+        """Grow the embedding (and an untied LM head) to `vocab_size` tokens, e.g. after adding chat tokens to a
+        tokenizer. Existing rows are kept; new rows (if the padded size grows) are initialised like the embedding."""
         if vocab_size < self.config.vocab_size:
             raise ConfigError(f"cannot shrink the vocabulary from {self.config.vocab_size} to {vocab_size}")
-        old = self.tok_emb.weight
+        old, old_head = self.tok_emb.weight, self.lm_head.weight
         self.config.vocab_size = vocab_size
         if self.config.padded_vocab_size != old.size(0):
             emb = nn.Embedding(self.config.padded_vocab_size, self.config.d_model, device=old.device, dtype=old.dtype)
@@ -211,7 +214,11 @@ class GPT(nn.Module):
             self.tok_emb = emb
             self.lm_head = nn.Linear(self.config.d_model, self.config.padded_vocab_size, bias=False,
                                      device=old.device, dtype=old.dtype)
-            self.lm_head.weight = self.tok_emb.weight
+            if self.config.tie_embeddings:
+                self.lm_head.weight = self.tok_emb.weight
+            else:
+                nn.init.normal_(self.lm_head.weight, 0.0, self.config.init_std)
+                self.lm_head.weight[: old_head.size(0)] = old_head
 
     def num_params(self) -> int:
         """Number of unique parameters (the tied head counted once)."""
@@ -264,32 +271,49 @@ class GPT(nn.Module):
         Stops early once every row has produced eos_token_id. With use_cache the prompt is processed once and
         every later step feeds one token against a preallocated KV cache.
         """
-        total = input_ids.size(1) + max_new_tokens  # RoPE runs past its context (learned positions raise instead)
+        new = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator)
+        return torch.cat([input_ids, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None):
+        """`generate` one step at a time: yields each step's new tokens [B, 1] (for printing as they come).
+
+        Learned positions see at most the last max_seq_len tokens: past that the context is cropped (and the KV
+        cache, whose positions would run past the table, is given up)."""
+        total = input_ids.size(1) + max_new_tokens  # RoPE runs past its context (learned positions crop instead)
         if self.rope is not None and total > (limit := self.rope.context_limit(self.config.max_seq_len)):
             what = ("model.max_seq_len" if self.rope.scaling["type"] == "none"
                     else "extrapolation.factor x extrapolation.original_max_position_embeddings")
             warnings.warn(f"generating up to {total} positions, past the {limit} this model's positions are meant "
                           f"for ({what}); quality may degrade", stacklevel=3)
+        window = self.config.max_seq_len if self.pos_emb is not None else total  # most positions one forward sees
         was_training = self.training
         self.eval()
         cache = None
         if use_cache:
-            cache = KVCache(self.config, input_ids.size(0), input_ids.size(1) + max_new_tokens,
-                            input_ids.device, self.tok_emb.weight.dtype)
+            cache = KVCache(self.config, input_ids.size(0), min(total, window), input_ids.device,
+                            self.tok_emb.weight.dtype)
         out, step_input = input_ids, input_ids
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else out, kv_cache=cache)[:, -1, : self.config.vocab_size]
-            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
-            if eos_token_id is not None:
-                next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
-                done |= next_token[:, 0] == eos_token_id
-            out = torch.cat([out, next_token], dim=1)
-            step_input = next_token
-            if eos_token_id is not None and bool(done.all()):
-                break
-        self.train(was_training)
-        return out
+        try:
+            for _ in range(max_new_tokens):
+                if cache is not None and cache.length + step_input.size(1) > window:
+                    cache = None  # learned positions at the end of their table: the last `window` tokens, no cache
+                context = step_input if cache is not None else out[:, -window:]
+                logits = self(context, kv_cache=cache)[:, -1, : self.config.vocab_size]
+                next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
+                if eos_token_id is not None:
+                    next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
+                    done |= next_token[:, 0] == eos_token_id
+                out = torch.cat([out, next_token], dim=1)
+                step_input = next_token
+                yield next_token
+                if eos_token_id is not None and bool(done.all()):
+                    break
+        finally:  # also when the caller stops reading early
+            self.train(was_training)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

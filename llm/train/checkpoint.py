@@ -21,7 +21,9 @@ import torch
 from loguru import logger
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
+from llm.model import GPT, GPTConfig
 
 MANIFEST = "manifest.json"
 
@@ -183,6 +185,18 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
+def load_checkpoint_model(directory: str | Path, rope_scaling: dict | None = None) -> tuple[GPT, object]:
+    """(the model in eval mode, its tokenizer) of a complete checkpoint dir, outside any run (export, generate);
+    `rope_scaling` replaces the one it was trained with when given."""
+    directory = Path(directory)
+    config = read_json(directory, "model_config.json")
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    model = GPT(GPTConfig(**config))
+    load_model_weights(directory, model)
+    return model.eval(), load_pretrained(str(directory / "tokenizer"))
+
+
 def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
     directory = Path(directory)
     tensors = load_file(str(directory / "optimizer.safetensors"))
@@ -213,11 +227,13 @@ def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
 
 # Model-config keys that must match for weights to be loadable (init_from); resume compares every key.
 ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "pos_emb", "norm", "mlp",
-             "bias", "pad_vocab_to")
+             "bias", "pad_vocab_to", "tie_embeddings")
+DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were written
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
+    saved = {**DEFAULTS, **saved}
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows

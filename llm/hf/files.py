@@ -1,0 +1,130 @@
+"""Hugging Face model directories on disk: write one from our model and tokenizer (`save_hf`), read one into our
+model (`load_hf`, or its parts for `init_from`).
+
+A written directory holds `config.json`, `model.safetensors` (HF names, the checkpoint's dtype or the one asked
+for), the tokenizer files with its special tokens and chat template, and `generation_config.json`; it loads with
+`AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`, no remote code. It is
+written into `<dir>.tmp` and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llm.data.chat import BUILTIN_TEMPLATE, CHAT_TOKENS, stop_token_id, uses_builtin_template
+from llm.data.tokenizer import load_pretrained
+from llm.errors import ConfigError, DataError, check_choice
+from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
+from llm.model import GPT, GPTConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A directory with an HF config.json that is not one of our checkpoints or run dirs."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "manifest.json").exists() \
+        and not (path / "checkpoints").is_dir()
+
+
+def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None, key: str = "task.out_dir") -> dict:
+    """Write `model` and `tokenizer` as an HF model directory; returns what was written (for results.json)."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{key}={str(out)!r} exists and is not an empty directory (nothing is overwritten)")
+    kind = family(model.config)  # a model HF cannot represent fails before anything is written
+    dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+    check_choice("task.dtype", dtype, DTYPES)
+    if len(tokenizer) > model.config.vocab_size:
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size} rows")
+    if not getattr(tokenizer, "chat_template", None) and all(t in tokenizer.get_vocab() for t in CHAT_TOKENS):
+        tokenizer.chat_template = BUILTIN_TEMPLATE  # a pretraining run's BPE reserves the built-in chat tokens
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    eos = [tokenizer.eos_token_id]
+    if uses_builtin_template(tokenizer) and stop_token_id(tokenizer) not in eos:
+        eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|>
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(model).items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = config_to_hf(model.config, dtype, special)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {**special, "eos_token_id": eos if len(eos) > 1 else eos[0]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out_dir": str(out), "architecture": ARCHITECTURES[kind], "dtype": dtype,
+            "params": sum(t.numel() for t in tensors.values()), "files": sorted(p.name for p in out.iterdir())}
+
+
+def read_hf_config(path: str | Path, key: str = "init_from") -> dict:
+    """Our GPTConfig keyword arguments from an HF model dir's config.json (errors name `key` and the dir)."""
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read config.json ({e})") from e
+    try:
+        return config_from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{key}={str(path)!r}: {e}") from None
+
+
+def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> None:
+    """Fill `model` with the weights of an HF model dir (one safetensors file or an index of shards)."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        found = sorted(p.name for p in path.glob("*.bin"))
+        raise ConfigError(f"{key}={str(path)!r}: no {WEIGHTS} in it" + (
+            f" (only {found}: pickled weights are not loaded; convert them to safetensors)" if found else ""))
+    tensors = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    dtype = next(model.parameters()).dtype
+    from_hf(model, {k: v.to(dtype) for k, v in tensors.items()}, f"{key}={str(path)!r}")
+
+
+def load_hf_tokenizer(path: str | Path, vocab_size: int, key: str = "init_from"):
+    """The tokenizer of an HF model dir; one that has more tokens than the model has rows is a DataError."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise DataError(f"{key}={str(path)!r}: no tokenizer files in it (tokenizer.json / tokenizer_config.json)")
+    try:
+        tokenizer = load_pretrained(str(path))
+    except DataError as e:
+        raise DataError(f"{key}={str(path)!r}: its tokenizer does not load ({str(e).split(': ', 1)[-1]})") from None
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"{key}={str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                        f"(config.json vocab_size) only {vocab_size}")
+    return tokenizer
+
+
+def load_hf(path: str | Path, rope_scaling: dict | None = None, key: str = "init_from") -> tuple[GPT, object]:
+    """(our model, tokenizer) from an HF model dir; `rope_scaling` replaces the config's own when given."""
+    kwargs = read_hf_config(path, key)
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+    tokenizer = load_hf_tokenizer(path, kwargs["vocab_size"], key)
+    model = GPT(GPTConfig(**kwargs))
+    load_hf_weights(path, model, key)
+    return model.eval(), tokenizer
