@@ -62,6 +62,7 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
     if hf_dir:
         init_ckpt = Path(str(cfg.init_from)).expanduser().absolute()
         saved = read_hf_config(init_ckpt)
+        load_hf_tokenizer(init_ckpt, saved["vocab_size"])  # a tokenizer that does not fit fails before any work
     else:
         init_ckpt = resolve_checkpoint(cfg.init_from, "init_from")
         saved = read_json(init_ckpt, "model_config.json")

@@ -88,3 +88,15 @@ def small_run(tmp_path_factory, cache_dir) -> Path:
         if not (run_dir / "results.json").is_file():
             run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={run_dir}"], cache_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 300-token byte-level BPE (with the chat tokens) trained on built-in task rows in under a second."""
+    from llm.data import VerifiableTasks, train_bpe
+    from llm.data.sources import FileCorpus
+
+    tmp = tmp_path_factory.mktemp("tiny_tokenizer")
+    rows = [r for _, r in VerifiableTasks(num_examples=300).rows()]
+    (tmp / "corpus.txt").write_text("\n".join(f"{r['prompt']} {r['response']}" for r in rows))
+    return train_bpe(FileCorpus(str(tmp / "corpus.txt")), vocab_size=300, cache_dir=str(tmp / "cache"))

@@ -35,6 +35,14 @@ def ensure_chat_template(tokenizer):
     return tokenizer
 
 
+def reserved_chat_template(tokenizer):
+    """Give a tokenizer without a chat template the built-in one when its tokens are already in the vocabulary (a
+    pretraining run's BPE reserves them), so a model can chat without new embedding rows; returns the tokenizer."""
+    if not getattr(tokenizer, "chat_template", None) and all(t in tokenizer.get_vocab() for t in CHAT_TOKENS):
+        tokenizer.chat_template = BUILTIN_TEMPLATE
+    return tokenizer
+
+
 def uses_builtin_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) == BUILTIN_TEMPLATE
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.data.chat import BUILTIN_TEMPLATE, CHAT_TOKENS, stop_token_id, uses_builtin_template
+from llm.data.chat import reserved_chat_template, stop_token_id, uses_builtin_template
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
 from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
@@ -44,8 +44,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     check_choice("task.dtype", dtype, DTYPES)
     if len(tokenizer) > model.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size} rows")
-    if not getattr(tokenizer, "chat_template", None) and all(t in tokenizer.get_vocab() for t in CHAT_TOKENS):
-        tokenizer.chat_template = BUILTIN_TEMPLATE  # a pretraining run's BPE reserves the built-in chat tokens
+    reserved_chat_template(tokenizer)  # a pretraining run's BPE reserves the built-in chat tokens
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
     eos = [tokenizer.eos_token_id]

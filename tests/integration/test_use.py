@@ -9,8 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm.errors import ConfigError, DataError
+from llm.hf import save_hf
+from llm.job import resolve_init_from
 from llm.train.checkpoint import latest_checkpoint, load_checkpoint_model
-from tests.conftest import SMALL, run_cli
+from tests.conftest import SMALL, compose_config, run_cli
 
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
@@ -34,3 +37,71 @@ def test_export_a_run(small_run, cache_dir, tmp_path):
     assert ids[0].tolist() == ours_tok(text)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids)[..., : len(tokenizer)], rtol=0, atol=1e-4)
+
+
+def hf_model_dir(small_run, path, kind: str):
+    """An HF model built from a config (random weights) and saved with save_pretrained, with the small run's
+    tokenizer (so the cached corpus and the built-in chat template apply): an untied GQA Llama whose vocabulary is
+    larger than the tokenizer, or a GPT-2 with a 64-position table."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(latest_checkpoint(small_run) / "tokenizer")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer) + 7, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128, tie_word_embeddings=False, rope_theta=5e4)
+    else:
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
+    """init_from=<HF dir>: SFT from an untied GQA Llama, continued pretraining of a GPT-2 whose 64 positions the
+    end-of-run sample outgrows (its context is cropped); the architecture comes from config.json; exports load in
+    transformers, and an export of the untouched import holds the very same tensors."""
+    llama, gpt2 = hf_model_dir(small_run, tmp_path / "llama", "llama"), hf_model_dir(small_run, tmp_path / "gpt2", "gpt2")
+    post = ["task.data.eval_samples=8", "post_data.train.num_examples=100", "post_data.val.num_examples=8",
+            "task.objective.max_new_tokens=8"]
+    steps = [o for o in SMALL if not o.startswith(("model.", "trainer.max_steps"))] + ["trainer.max_steps=5"]
+    run_cli([*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp_path / 'sft'}"], cache_dir)
+    run_cli([*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"],
+            cache_dir)
+    sft, pre = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("sft", "pre"))
+    assert sft["steps"] == pre["steps"] == 5 and sft["val_loss"] < sft["initial_val_loss"] and pre["sample"]
+    saved = json.loads((latest_checkpoint(tmp_path / "sft") / "model_config.json").read_text())
+    assert (saved["tie_embeddings"], saved["n_kv_head"], saved["rope_theta"], saved["d_model"]) == (False, 2, 5e4, 64)
+    assert "init_from:" in (tmp_path / "sft" / "train.log").read_text()
+    save_hf(*load_checkpoint_model(latest_checkpoint(tmp_path / "sft")), tmp_path / "sft_hf")  # as task=export does
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft_hf")
+    assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.num_key_value_heads == 2
+    assert not exported.config.tie_word_embeddings
+    before, after = load_file(str(llama / "model.safetensors")), load_file(str(tmp_path / "sft_hf" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    rows = before["model.embed_tokens.weight"].size(0) - 7  # the 7 rows past the tokenizer: never an input
+    assert torch.equal(before["model.embed_tokens.weight"][rows:], after["model.embed_tokens.weight"][rows:])
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the rest was trained
+
+
+def test_init_from_what_cannot_be_imported(small_run, tmp_path):
+    """A dir that is not a model, a config we cannot represent, a tokenizer larger than the vocabulary: one error
+    naming it, raised while resolving init_from, before anything is built or written (run.py prints it as one line,
+    exit code 2: tests/integration/test_run.py)."""
+    cfg = lambda path: compose_config(["task=sft", f"init_from={path}"])
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match=f"init_from='{tmp_path / 'notes'}': no complete checkpoint"):
+        resolve_init_from(cfg(tmp_path / "notes"), set())
+    llama = hf_model_dir(small_run, tmp_path / "llama", "llama")
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(ConfigError, match=r"init_from='.*llama': config.json: model_type='bert' is not supported"):
+        resolve_init_from(cfg(llama), set())
+    (llama / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    with pytest.raises(ConfigError, match="mlp_bias=False is not supported"):
+        resolve_init_from(cfg(llama), set())
+    (llama / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
+    with pytest.raises(DataError, match="tokens but the model's vocabulary \\(config.json vocab_size\\) only 300"):
+        resolve_init_from(cfg(llama), set())
+    (llama / "config.json").write_text(json.dumps(config))
+    resolved = resolve_init_from(cfg(llama), set())
+    assert resolved.model.n_kv_head == 2 and resolved.model.rope_theta == 5e4 and resolved.init_from == str(llama)

@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.data import VerifiableTasks, train_bpe
-from llm.data.sources import FileCorpus
 from llm.errors import ConfigError, DataError
 from llm.hf import is_hf_model_dir, load_hf, save_hf
 from llm.model import GPT, GPTConfig
@@ -21,7 +19,6 @@ from llm.model import GPT, GPTConfig
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("hf")  # one worker builds the tokenizer once
 CTX = 16  # the training context; parity is checked at CTX and 4 x CTX
 SCALINGS = {
     "none": None,
@@ -34,12 +31,9 @@ SCALINGS = {
 GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tok")
-    rows = [r for _, r in VerifiableTasks(num_examples=300).rows()]
-    (tmp / "corpus.txt").write_text("\n".join(f"{r['prompt']} {r['response']}" for r in rows))
-    return train_bpe(FileCorpus(str(tmp / "corpus.txt")), vocab_size=300, cache_dir=str(tmp / "cache"))
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def ours(tokenizer, arch: str, scaling=None, **kw) -> GPT:
