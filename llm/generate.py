@@ -21,13 +21,15 @@ import torch
 
 from llm.data.chat import encode_chat, reserved_chat_template, stop_token_id
 from llm.errors import ConfigError, DataError, LLMError
-from llm.hf import is_hf_model_dir, load_hf
+from llm.hf import fetch_hub_model, is_hf_model_dir, load_hf, looks_like_hub_name
 from llm.train.checkpoint import load_checkpoint_model, resolve_checkpoint
 
 
 def load_model(path: str, device: str = "cpu"):
-    """(model in eval mode, tokenizer) from a run dir (its newest complete checkpoint), a checkpoint dir or a
-    Hugging Face model dir."""
+    """(model in eval mode, tokenizer) from a run dir (its newest complete checkpoint), a checkpoint dir, a
+    Hugging Face model dir or a hub name (owner/name)."""
+    if looks_like_hub_name(path):
+        path = str(fetch_hub_model(path, key="model"))
     expanded = Path(os.path.expanduser(path))
     if not str(path).startswith("latest:") and is_hf_model_dir(expanded):
         model, tokenizer = load_hf(expanded, key="model")

@@ -24,7 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError
 from llm.eval.sweep import ERROR_FILE
-from llm.hf import is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, read_hf_config, save_hf
+from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, looks_like_hub_name,
+                    read_hf_config, save_hf)
 from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
                                   load_model_weights, read_json, resolve_checkpoint)
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
@@ -58,6 +59,9 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
                           f"(or init_from=latest:<task>), or task.allow_scratch=true to start from random weights")
     if not cfg.init_from:
         return cfg
+    if looks_like_hub_name(cfg.init_from):  # owner/name: a model on the Hugging Face hub
+        with open_dict(cfg):
+            cfg.init_from = str(fetch_hub_model(cfg.init_from))
     hf_dir = not str(cfg.init_from).startswith("latest:") and is_hf_model_dir(Path(str(cfg.init_from)).expanduser())
     if hf_dir:
         init_ckpt = Path(str(cfg.init_from)).expanduser().absolute()

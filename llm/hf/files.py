@@ -27,6 +27,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
+def fetch_hub_model(name: str, key: str = "init_from") -> Path:
+    """A hub model name (`HuggingFaceTB/SmolLM2-135M`) -> its local snapshot: config, safetensors and tokenizer
+    files only (network needed once; HF_HUB_OFFLINE=1 uses the local cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                            "*.jinja"]))
+    except Exception as e:
+        raise ConfigError(f"{key}={name!r}: no such local dir, and not loadable from the hub "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def looks_like_hub_name(value: str) -> bool:
+    """`owner/name` that is not a local path: what init_from fetches from the Hugging Face hub."""
+    text = str(value)
+    return (text.count("/") == 1 and not text.startswith((".", "/", "~", "latest:"))
+            and not Path(text).exists() and all(part.strip() for part in text.split("/")))
+
+
 def is_hf_model_dir(path: str | Path) -> bool:
     """A directory with an HF config.json that is not one of our checkpoints or run dirs."""
     path = Path(path)

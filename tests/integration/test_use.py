@@ -83,7 +83,7 @@ def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the rest was trained
 
 
-def test_init_from_what_cannot_be_imported(small_run, tmp_path):
+def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     """A dir that is not a model, a config we cannot represent, a tokenizer larger than the vocabulary: one error
     naming it, raised while resolving init_from, before anything is built or written (run.py prints it as one line,
     exit code 2: tests/integration/test_run.py)."""
@@ -91,6 +91,9 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(ConfigError, match=f"init_from='{tmp_path / 'notes'}': no complete checkpoint"):
         resolve_init_from(cfg(tmp_path / "notes"), set())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # owner/name: the hub (offline here)
+    with pytest.raises(ConfigError, match="init_from='nobody/no-such-model': no such local dir, and not loadable"):
+        resolve_init_from(cfg("nobody/no-such-model"), set())
     llama = hf_model_dir(small_run, tmp_path / "llama", "llama")
     config = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
