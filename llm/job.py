@@ -192,7 +192,8 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     dir, by default `hf/` in this run's dir; results.json says what was written."""
     init = Path(cfg.init_from)
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True)
-    model, tokenizer = load_hf(init, rope_scaling) if is_hf_model_dir(init) else load_checkpoint_model(init, rope_scaling)
+    load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
+    model, tokenizer = load(init, rope_scaling)
     out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
     written = save_hf(model, tokenizer, out_dir, cfg.task.get("dtype"))
     results = {"task": "export", "init_from": str(init), **written}

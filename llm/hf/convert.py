@@ -83,7 +83,8 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None, int]:
              "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
                       "truncate"}}
     if kind not in known:
-        raise ConfigError(f"config.json: rope_parameters.rope_type={kind!r} is not supported; supported: {sorted(known)}")
+        raise ConfigError(f"config.json: rope_parameters.rope_type={kind!r} is not supported; "
+                          f"supported: {sorted(known)}")
     unknown = sorted(k for k, v in params.items() if k not in known[kind] and v is not None)
     if params.get("partial_rotary_factor", 1.0) == 1.0 and "partial_rotary_factor" in unknown:
         unknown.remove("partial_rotary_factor")  # 1.0: the whole head rotates, as ours does
@@ -175,7 +176,8 @@ def _layer_names(kind: str, i: int) -> dict[str, str]:
         return {"norm1": h + "ln_1", "norm2": h + "ln_2", "attn.qkv": h + "attn.c_attn", "attn.proj": h + "attn.c_proj",
                 "mlp.up": h + "mlp.c_fc", "mlp.down": h + "mlp.c_proj"}
     h = f"model.layers.{i}."
-    return {"norm1": h + "input_layernorm", "norm2": h + "post_attention_layernorm", "attn.proj": h + "self_attn.o_proj",
+    return {"norm1": h + "input_layernorm", "norm2": h + "post_attention_layernorm",
+            "attn.proj": h + "self_attn.o_proj",
             "mlp.gate": h + "mlp.gate_proj", "mlp.up": h + "mlp.up_proj", "mlp.down": h + "mlp.down_proj"}
 
 
