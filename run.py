@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -29,10 +30,18 @@ from llm.utils.logging import setup_logging
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        lock = job.claim_run_dir(cfg, run_dir)  # before train.log: a refused run writes nothing there
+    except LLMError as e:
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     setup_logging(run_dir, rank=env_rank())
     logger.info(f"run dir: {run_dir}")
     try:
-        results = job.run(cfg, run_dir, list(HydraConfig.get().overrides.task))
+        with lock or contextlib.nullcontext():  # held until the job ends (each job of a -m sweep its own dir)
+            results = job.run(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved; resume=auto continues
     except (LLMError, OmegaConfBaseException) as e:

@@ -10,8 +10,10 @@ task function, import it).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -19,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError
+from llm.train import rundir
 from llm.train.checkpoint import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
 from llm.train.trainer import RunInfo, Trainer
@@ -108,8 +111,27 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     optim = build(cfg.optim, "optimizer")
     loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     settings = build(cfg.trainer, "trainer")
-    run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg)
+    run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg,
+                       overwrite=bool(cfg.get("overwrite")), fingerprint=run_fingerprint(plain_cfg, tokenizer))
     return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers).fit()
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> rundir.RunDirLock | None:
+    """The run dir's lock for this Hydra job (rank 0 only: the ranks of torchrun / srun share the dir), after
+    checking that this run may write there (see llm.train.rundir). None on the other ranks."""
+    if env_rank() != 0:
+        return None
+    return rundir.claim(run_dir, cfg.get("resume"), bool(cfg.get("overwrite")))
+
+
+def run_fingerprint(plain_cfg: dict, tokenizer) -> dict:
+    """What a resumed run must share with its checkpoint to continue it exactly: seed, data, tokenizer (a digest of
+    its vocabulary), batch and sequence length. Saved in every checkpoint; `resume` compares."""
+    data = {k: v for k, v in plain_cfg["task"]["data"].items() if k not in ("cache_dir", "num_proc")}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"seed": plain_cfg["seed"], "trainer.batch_size": plain_cfg["trainer"]["batch_size"],
+            "trainer.seq_len": plain_cfg["trainer"]["seq_len"], "task.data": data,
+            "tokenizer": f"{len(tokenizer)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}"}
 
 
 # ---------------------------------------------------------------------------------------------- resolvers
@@ -122,9 +144,18 @@ def safe_dirname(name: str, max_len: int = 120) -> str:
     return name[: max_len - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def hydra_output_subdir(default: str = ".hydra") -> str | None:
-    """Only rank 0 writes Hydra's `.hydra/` (the other ranks of torchrun / srun compose the same config)."""
-    return default if env_rank() == 0 else None
+def hydra_output_subdir(default: str = ".hydra", resume=None, overwrite=False) -> str | None:
+    """Only rank 0 writes Hydra's `.hydra/` (the other ranks of torchrun / srun compose the same config), and never
+    into a dir that another process writes or that holds a run, unless overwrite=true replaces it: a resumed run
+    keeps the first run's `.hydra/`, and a run that is refused changes nothing there."""
+    if env_rank() != 0:
+        return None
+    run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    if not run_dir:  # composed without a run (the compose API)
+        return default
+    if rundir.in_use(run_dir) or (rundir.artefacts(run_dir) and overwrite is not True):
+        return None
+    return default
 
 
 OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)

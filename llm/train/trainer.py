@@ -36,14 +36,16 @@ from llm.train.state import TrainerState, capture_rng, restore_rng
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Which run this is: its dir, its task's name, the seed (data order, sample), what to resume, and the resolved
-    config (the loggers record it)."""
+    """Which run this is: its dir, its task's name, the seed (data order, sample), what to resume, the resolved
+    config (the loggers record it), and whether it replaces an earlier run's files."""
 
     run_dir: str
     task: str = "pretrain"
     seed: int = 0
     resume: str | None = None  # auto | a run or checkpoint dir
     config: dict = field(default_factory=dict)
+    overwrite: bool = False  # replace what an earlier run wrote in run_dir (once this one is about to train)
+    fingerprint: dict = field(default_factory=dict)  # what a resume must share with its checkpoint to be exact
 
 
 class Trainer:
@@ -83,13 +85,15 @@ class Trainer:
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.checkpointer = Checkpointer(self.run_dir, self.tokenizer, self.cadence.keep_last, self.env.is_main)
-        saved = self.checkpointer.restore(self.run.resume, self.raw_model, self.optimizer) if self.run.resume else None
-        if saved is not None:
+        saved = self.run.resume and self.checkpointer.restore(self.run.resume, self.raw_model, self.optimizer,
+                                                              self.run.fingerprint)
+        if saved:
             self.state = TrainerState.from_dict(saved)
             self.sampler.load_state_dict(self.state.sampler)
             restore_rng(self.state.rng)
-        if self.env.is_main:  # on resume, loggers drop what was logged after the checkpoint
-            self.loggers = open_loggers(self.run_dir, self.logger_factories, self.run.config, self.state.step)
+        if self.env.is_main:  # on resume, loggers drop what was logged after the checkpoint; overwrite=true: the
+            self.loggers = open_loggers(self.run_dir, self.logger_factories, self.run.config,  # old run goes only
+                                        self.state.step, replace=self.run.overwrite)  # now, all above succeeded
         # total (carried over a resume) and consecutive skipped steps, on the device
         self._skipped = torch.tensor(float(self.state.skipped_steps), device=self.device)
         self._consecutive = torch.zeros((), device=self.device)
@@ -271,7 +275,7 @@ class Trainer:
     def save(self) -> Path | None:
         """A checkpoint of this step with everything the loop needs to go on exactly (every rank calls it)."""
         st = self.state
-        st.sampler, st.rng = self.sampler.state_dict(), capture_rng()
+        st.sampler, st.rng, st.fingerprint = self.sampler.state_dict(), capture_rng(), dict(self.run.fingerprint)
         st.skipped_steps = int(self._skipped.item())
         st.log_window = self.window.state_dict()
         return self.checkpointer.save(st.step, self.raw_model, self.optimizer, st.to_dict())
@@ -283,6 +287,7 @@ class Trainer:
         if sample is not None:
             results["sample"] = sample
         if self.env.is_main:
+            self.loggers[0].open()  # metrics.jsonl exists even when nothing was logged (an evaluation-only task)
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             self.objective.finish(results, self.run_dir)  # task-specific artefacts (tables, plots)
             if sample is not None:

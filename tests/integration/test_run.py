@@ -201,7 +201,8 @@ def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
     """A bad resume (incompatible model) deletes or rewrites nothing of the run it points at."""
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
-    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"]
+    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
+               and p.name not in ("train.log", ".lock")]
     before = {p: p.read_bytes() for p in watched}
     proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
     assert proc.returncode == 2 and "d_model: checkpoint 64 vs model 96" in proc.stderr
