@@ -10,6 +10,7 @@ task function, import it).
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.data.tokenizer import load_pretrained
-from llm.errors import ConfigError, LLMError
+from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
+from llm.model import gpt_config
 from llm.train import rundir
 from llm.train.checkpoint import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
@@ -69,8 +71,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     trainer.nproc_per_node worker processes (they get the resolved config, not Hydra: a -m sweep runs each job
     as its own process group)."""
     cfg = resolve_init_from(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
-    nproc = cfg.trainer.get("nproc_per_node") or 1
+    nproc = check_int("trainer.nproc_per_node", cfg.trainer.get("nproc_per_node") or 1, 1)
     if nproc > 1:
+        validate(cfg)  # here, once, before any worker starts
         return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir), reraise=(Preempted,),
                       on_signal=Preempted)
     return train(cfg, run_dir)
@@ -84,7 +87,51 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
         return _train(cfg, Path(run_dir))
 
 
+# Keys of the data, tokenizer and post-training groups that count something (the least value allowed; null passes:
+# a default derived later), and the fractions: checked in every group before any work, with the rest of `validate`.
+COUNT_KEYS = {"max_bytes": 1, "max_documents": 1, "num_examples": 1, "eval_samples": 0, "num_proc": 1,
+              "min_frequency": 1, "max_train_bytes": 1, "offset": 0, "split_seed": 0, "seq_len": 1, "windows": 1,
+              "passkey_trials": 1, "batch_size": 1}
+FRACTION_KEYS = ("val_fraction",)
+
+
+def _check_tree(prefix: str, node) -> None:
+    """Walk a plain config subtree: no NaN or Inf anywhere; counts are integers, fractions in [0, 1)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if isinstance(key, str) else f"{prefix}[{key}]"
+        if isinstance(value, (dict, list)):
+            _check_tree(name, value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        elif key in COUNT_KEYS:
+            check_seed(name, value) if key.endswith("seed") else check_int(name, value, COUNT_KEYS[key], allow_none=True)
+        elif key in FRACTION_KEYS:
+            check_number(name, value, 0, 1, high_open=True)
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Every key checked before any work (no tokenizer trained, no data read, no model allocated): the seed, the
+    trainer settings, the optimizer, the objective, the loggers, the model and extrapolation keys (a GPTConfig,
+    no weights), and the counts and fractions of the data groups. Returns the cheap objects built on the way
+    (`settings`, `optim`, `objective`, `loggers`); raises ConfigError naming the first bad key."""
+    check_seed("seed", cfg.seed)
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ConfigError(f"overwrite={cfg.overwrite!r} must be true or false")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("data", "tokenizer", "post_data"):
+        _check_tree(group, plain.get(group) or {})
+    _check_tree("task.data", plain["task"].get("data") or {})
+    built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
+             "objective": build(cfg.task.objective, "objective")}
+    built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
+    gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
+    return built
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    cheap = validate(cfg)  # before the tokenizer and the data, which may take minutes
     seed_everything(cfg.seed)
     init_ckpt = Path(cfg.init_from) if cfg.init_from else None
     saved = read_json(init_ckpt, "model_config.json") if init_ckpt is not None else None
@@ -107,10 +154,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
     logger.info(f"model: {model.num_params():,} parameters")
-    objective = build(cfg.task.objective, "objective")
-    optim = build(cfg.optim, "optimizer")
-    loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
-    settings = build(cfg.trainer, "trainer")
+    objective, optim, loggers, settings = cheap["objective"], cheap["optim"], cheap["loggers"], cheap["settings"]
     run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg,
                        overwrite=bool(cfg.get("overwrite")), fingerprint=run_fingerprint(plain_cfg, tokenizer))
     return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers).fit()

@@ -48,6 +48,13 @@ class RunInfo:
     fingerprint: dict = field(default_factory=dict)  # what a resume must share with its checkpoint to be exact
 
 
+def check_trained(steps: int, skipped: int) -> None:
+    """A run whose every step was skipped as non-finite trained nothing: an error, never 'done'."""
+    if steps and skipped >= steps:
+        raise TrainingError(f"all {steps} steps had a non-finite loss or gradient norm and were skipped: nothing was "
+                            f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
+
+
 class Trainer:
     def __init__(self, model, data, objective: Objective, optim: OptimizerConfig, settings: TrainerSettings,
                  run: RunInfo, tokenizer=None, loggers=()):
@@ -282,6 +289,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         st = self.state
+        check_trained(st.step, int(self._skipped.item()))
         results = st.results(task=self.run.task, params=self.n_params, device=str(self.device))
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
         if sample is not None:
@@ -293,7 +301,6 @@ class Trainer:
             if sample is not None:
                 (self.run_dir / "sample.txt").write_text(sample)
                 logger.info("sample:\n" + sample)
-        self._close_loggers()
         done = f"{st.step} steps in {st.seconds:.1f}s" if self.max_steps else f"evaluation in {st.seconds:.1f}s"
         logger.info(f"done: {done}, val_loss {st.initial_val_loss} -> {st.last_val_loss}; "
                     f"results in {self.run_dir / 'results.json'}")
