@@ -197,7 +197,8 @@ def hydra_output_subdir(default: str = ".hydra", resume=None, overwrite=False) -
     run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     if not run_dir:  # composed without a run (the compose API)
         return default
-    if rundir.in_use(run_dir) or (rundir.artefacts(run_dir) and overwrite is not True):
+    replacing = overwrite is True and not resume  # with resume too, the run is refused
+    if rundir.in_use(run_dir) or (rundir.artefacts(run_dir) and not replacing):
         return None
     return default
 
