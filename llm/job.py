@@ -194,8 +194,9 @@ def hydra_output_subdir(default: str = ".hydra", resume=None, overwrite=False) -
     keeps the first run's `.hydra/`, and a run that is refused changes nothing there."""
     if env_rank() != 0:
         return None
-    run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-    if not run_dir:  # composed without a run (the compose API)
+    runtime = HydraConfig.get().runtime if HydraConfig.initialized() else None
+    run_dir = None if runtime is None or OmegaConf.is_missing(runtime, "output_dir") else runtime.output_dir
+    if not run_dir:  # composed without a run (the compose API, --cfg)
         return default
     replacing = overwrite is True and not resume  # with resume too, the run is refused
     if rundir.in_use(run_dir) or (rundir.artefacts(run_dir) and not replacing):
