@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -32,10 +33,20 @@ from llm.utils.logging import setup_logging
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
+    try:  # before train.log: a refused run writes nothing there
+        lock = job.claim_run_dir(cfg, run_dir, in_sweep)
+    except LLMError as e:
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if in_sweep:  # another process writes this job's dir: the sweep goes on without it
+            return None
+        sys.exit(2)
     setup_logging(run_dir, rank=env_rank())
     logger.info(f"run dir: {run_dir}")
     try:
-        results = job.run(cfg, hydra_cfg)
+        with lock or contextlib.nullcontext():  # held until the job ends (each job of a -m sweep its own dir)
+            results = job.run(cfg, hydra_cfg)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved; resume=auto (or the same sweep again) continues
     except Exception as e:

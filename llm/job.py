@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from loguru import logger
@@ -22,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from llm.data.tokenizer import load_pretrained
-from llm.errors import ConfigError, LLMError
+from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.eval.sweep import ERROR_FILE
 from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, looks_like_hub_name,
                     read_hf_config, save_hf)
+from llm.model import gpt_config
+from llm.train import rundir
 from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
                                   load_model_weights, read_json, resolve_checkpoint)
 from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
@@ -102,8 +106,9 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
                          "storage": sweeper.get("storage") or default_storage(hydra.sweep.dir),
                          "metric": cfg.get("optimized_metric") or "val_loss",
                          **{k: sweeper[k] for k in ("pruner", "n_startup_trials", "n_warmup_steps") if k in sweeper}}
-    nproc = cfg.trainer.get("nproc_per_node") or 1
+    nproc = check_int("trainer.nproc_per_node", cfg.trainer.get("nproc_per_node") or 1, 1)
     if nproc > 1:
+        validate(cfg)  # here, once, before any worker starts
         return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir), reraise=(Preempted,),
                       on_signal=Preempted)
     return train(cfg, run_dir)
@@ -125,6 +130,10 @@ def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
         logger.info("sweep job was interrupted: resume=auto")
         with open_dict(cfg):
             cfg.resume = "auto"
+    elif not cfg.resume and rundir.artefacts(run_dir):  # an attempt that failed before its first checkpoint
+        logger.info("sweep job failed before: started over (overwrite=true)")
+        with open_dict(cfg):
+            cfg.overwrite = True
     return None
 
 
@@ -141,7 +150,51 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
         return _train(cfg, Path(run_dir))
 
 
+# Keys of the data, tokenizer and post-training groups that count something (the least value allowed; null passes:
+# a default derived later), and the fractions: checked in every group before any work, with the rest of `validate`.
+COUNT_KEYS = {"max_bytes": 1, "max_documents": 1, "num_examples": 1, "eval_samples": 0, "num_proc": 1,
+              "min_frequency": 1, "max_train_bytes": 1, "offset": 0, "split_seed": 0, "seq_len": 1, "windows": 1,
+              "passkey_trials": 1, "batch_size": 1}
+FRACTION_KEYS = ("val_fraction",)
+
+
+def _check_tree(prefix: str, node) -> None:
+    """Walk a plain config subtree: no NaN or Inf anywhere; counts are integers, fractions in [0, 1)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}.{key}" if isinstance(key, str) else f"{prefix}[{key}]"
+        if isinstance(value, (dict, list)):
+            _check_tree(name, value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        elif key in COUNT_KEYS:
+            check_seed(name, value) if key.endswith("seed") else check_int(name, value, COUNT_KEYS[key], allow_none=True)
+        elif key in FRACTION_KEYS:
+            check_number(name, value, 0, 1, high_open=True)
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Every key checked before any work (no tokenizer trained, no data read, no model allocated): the seed, the
+    trainer settings, the optimizer, the objective, the loggers, the model and extrapolation keys (a GPTConfig,
+    no weights), and the counts and fractions of the data groups. Returns the cheap objects built on the way
+    (`settings`, `optim`, `objective`, `loggers`); raises ConfigError naming the first bad key."""
+    check_seed("seed", cfg.seed)
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ConfigError(f"overwrite={cfg.overwrite!r} must be true or false")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("data", "tokenizer", "post_data"):
+        _check_tree(group, plain.get(group) or {})
+    _check_tree("task.data", plain["task"].get("data") or {})
+    built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
+             "objective": build(cfg.task.objective, "objective")}
+    built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
+    gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
+    return built
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    cheap = validate(cfg)  # before the tokenizer and the data, which may take minutes
     seed_everything(cfg.seed)
     init_ckpt = Path(cfg.init_from) if cfg.init_from else None
     hf_dir = init_ckpt is not None and is_hf_model_dir(init_ckpt)
@@ -170,12 +223,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
     logger.info(f"model: {model.num_params():,} parameters")
-    objective = build(cfg.task.objective, "objective")
-    optim = build(cfg.optim, "optimizer")
-    loggers = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
-    settings = build(cfg.trainer, "trainer")
+    objective, optim, loggers, settings = cheap["objective"], cheap["optim"], cheap["loggers"], cheap["settings"]
     early_stop = TrialPruner(**cfg.trial) if cfg.get("trial") and env_rank() == 0 else None  # a sweep trial
     run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg,
+                       overwrite=bool(cfg.get("overwrite")), fingerprint=run_fingerprint(plain_cfg, tokenizer),
                        overrides=tuple(read_overrides(run_dir)), git_commit=git_commit(Path(__file__).parent))
     return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers,
                    early_stop=early_stop).fit()
@@ -203,6 +254,27 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
+def claim_run_dir(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> rundir.RunDirLock | None:
+    """The run dir's lock for this Hydra job (rank 0 only: the ranks of torchrun / srun share the dir), after
+    checking that this run may write there (see llm.train.rundir; a sweep job's dir from an earlier attempt of
+    the same sweep is its own: `continue_sweep_job` decides). None on the other ranks."""
+    if env_rank() != 0:
+        return None
+    if in_sweep:
+        return rundir.RunDirLock(run_dir).acquire()
+    return rundir.claim(run_dir, cfg.get("resume"), bool(cfg.get("overwrite")))
+
+
+def run_fingerprint(plain_cfg: dict, tokenizer) -> dict:
+    """What a resumed run must share with its checkpoint to continue it exactly: seed, data, tokenizer (a digest of
+    its vocabulary), batch and sequence length. Saved in every checkpoint; `resume` compares."""
+    data = {k: v for k, v in plain_cfg["task"]["data"].items() if k not in ("cache_dir", "num_proc")}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"seed": plain_cfg["seed"], "trainer.batch_size": plain_cfg["trainer"]["batch_size"],
+            "trainer.seq_len": plain_cfg["trainer"]["seq_len"], "task.data": data,
+            "tokenizer": f"{len(tokenizer)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}"}
+
+
 # ---------------------------------------------------------------------------------------------- resolvers
 def safe_dirname(name: str, max_len: int = 120) -> str:
     """A sweep job's dir name from its overrides: '/' replaced, and names longer than max_len cut with a short
@@ -213,9 +285,20 @@ def safe_dirname(name: str, max_len: int = 120) -> str:
     return name[: max_len - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def hydra_output_subdir(default: str = ".hydra") -> str | None:
-    """Only rank 0 writes Hydra's `.hydra/` (the other ranks of torchrun / srun compose the same config)."""
-    return default if env_rank() == 0 else None
+def hydra_output_subdir(default: str = ".hydra", resume=None, overwrite=False) -> str | None:
+    """Only rank 0 writes Hydra's `.hydra/` (the other ranks of torchrun / srun compose the same config), and never
+    into a dir that another process writes or that holds a run, unless overwrite=true replaces it: a resumed run
+    keeps the first run's `.hydra/`, and a run that is refused changes nothing there."""
+    if env_rank() != 0:
+        return None
+    runtime = HydraConfig.get().runtime if HydraConfig.initialized() else None
+    run_dir = None if runtime is None or OmegaConf.is_missing(runtime, "output_dir") else runtime.output_dir
+    if not run_dir:  # composed without a run (the compose API, --cfg)
+        return default
+    replacing = overwrite is True and not resume  # with resume too, the run is refused
+    if rundir.in_use(run_dir) or (rundir.artefacts(run_dir) and not replacing):
+        return None
+    return default
 
 
 OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)

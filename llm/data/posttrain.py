@@ -133,13 +133,14 @@ class _PostTrainData:
             if not counts["rows"]:
                 raise DataError(f"data: {self.source.describe()} gave no training rows" if split == "train" else
                                 "data: no validation rows (set post_data.val or raise task.data.val_fraction)")
+            same = f", {counts['identical']} with chosen == rejected (dropped)" if counts.get("identical") else ""
             if not samples:
-                raise DataError(f"data: every {split} row is longer than trainer.seq_len={self.seq_len} "
-                                f"(task.data.overlong={self.overlong})")
+                raise DataError(f"data: no usable {split} row: {counts['overlong']} of {counts['rows']} longer than "
+                                f"trainer.seq_len={self.seq_len} (task.data.overlong={self.overlong}){same}")
             self.stats[split] = counts
             splits[split] = samples
             logger.info(f"data: {split}: {counts['rows']} rows, {counts['overlong']} longer than "
-                        f"{self.seq_len} tokens ({'dropped' if self.overlong == 'drop' else 'truncated'}), "
+                        f"{self.seq_len} tokens ({'dropped' if self.overlong == 'drop' else 'truncated'}){same}, "
                         f"{counts['kept']} kept")
         self.eval_examples = [self._eval_example(row, where) for where, row in val_rows[: self.eval_samples]]
         self.train = TokenRows(self._finish(splits["train"]), self.tokenizer.pad_token_id)
@@ -205,6 +206,8 @@ class PreferenceData(_PostTrainData):
                 reply = [check_message(m, where, i) for i, m in enumerate(value)]
                 if reply[: len(prompt)] == prompt:  # whole conversations (e.g. ultrafeedback_binarized): the turns
                     reply = reply[len(prompt) :]      # after the prompt are the reply
+                if not reply or reply[-1]["role"] != "assistant":
+                    raise DataError(f"{where}: field {field!r} must end with an assistant message (after the prompt)")
                 replies.append(reply)
             else:
                 replies.append([{"role": "assistant", "content": require_text(row, field, where)}])
@@ -212,6 +215,9 @@ class PreferenceData(_PostTrainData):
 
     def _encode(self, row, where, counts):
         prompt, chosen, rejected = self._messages(row, where)
+        if chosen == rejected:  # no preference to learn: a zero-gradient pair, dropped and counted
+            counts["identical"] = counts.get("identical", 0) + 1
+            return None
         sample, sides = {}, {"overlong": 0}
         for side, reply in ((CHOSEN, chosen), (REJECTED, rejected)):
             ids, mask = encode_chat(self.tokenizer, prompt + reply)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from llm.errors import ConfigError, DataError
-from llm.data.sources import FileCorpus, iter_jsonl
+from llm.data.sources import FileCorpus, first_char, iter_jsonl, utf8_lines
 
 
 class LocalRows:
@@ -28,9 +28,9 @@ class LocalRows:
                 for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
                     count += 1
                     yield f"{path}:row {i}", row
-            elif suffix == ".json" and _starts_with_bracket(path):
+            elif suffix == ".json" and first_char(path) == "[":
                 try:
-                    items = json.loads(Path(path).read_text(encoding="utf-8"))
+                    items = json.loads("".join(line for _, line in utf8_lines(path)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
                 for i, row in enumerate(items, 1):
@@ -47,11 +47,6 @@ class LocalRows:
 
     def describe(self) -> str:
         return f"local files {self.patterns}"
-
-
-def _starts_with_bracket(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
-        return f.read(1).strip() == "["
 
 
 def _check_object(row, where: str) -> dict:

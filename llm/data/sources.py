@@ -127,6 +127,10 @@ class FileCorpus:
         fmt = self._format(files)
         if fmt == "json":
             _check_jsonl(files, self.text_field)
+        elif fmt == "text":
+            for path in files:
+                for _ in utf8_lines(path):  # datasets' own message names neither file nor line
+                    pass
         try:
             ds = datasets.load_dataset(fmt, data_files=files, split="train")
         except Exception as e:  # datasets raises many types for unreadable input
@@ -142,27 +146,42 @@ class FileCorpus:
         return f"local files {self.patterns}"
 
 
+def first_char(path: str) -> str:
+    """The first character of a file that is not whitespace ('' for none): '[' marks a JSON array file."""
+    with open(path, "rb") as f:
+        return f.read(1 << 16).lstrip()[:1].decode("ascii", errors="replace")
+
+
+def utf8_lines(path: str):
+    """(line number, text) of every line of a file; bytes that are not UTF-8 are a DataError naming file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def iter_jsonl(path: str):
     """(line number, parsed row) for every non-blank line of a JSONL file; a malformed line is a DataError naming
     the file and line (datasets' own message has neither)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _check_jsonl(files: list[str], field: str) -> None:
     """Fail on the first malformed JSONL row with its file and line number (datasets' own message has neither)."""
     for path in files:
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                head = f.read(1).strip()
-            if head == "[":  # a JSON array file: let datasets read it
-                continue
+        if path.endswith(".json") and first_char(path) == "[":  # a JSON array file: datasets reads it
+            for _ in utf8_lines(path):  # but its bytes are checked here, so an error names the line
+                pass
+            continue
         for lineno, row in iter_jsonl(path):
             if not isinstance(row, dict) or field not in row:
                 raise DataError(f"{path}:{lineno}: missing field {field!r}")

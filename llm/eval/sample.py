@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from llm.data.chat import encode_chat, stop_token_id
-from llm.errors import check_positive
+from llm.errors import ConfigError, check_bool, check_int, check_number
 from llm.model import unwrap_model
 
 
@@ -23,7 +23,13 @@ class SampleSettings:
     chat: bool = False  # the prompt as a user turn; the reply ends at the end of the assistant turn
 
     def __post_init__(self):
-        check_positive("task.sample.max_new_tokens", self.max_new_tokens, allow_zero=True)
+        if not isinstance(self.prompt, str):
+            raise ConfigError(f"task.sample.prompt={self.prompt!r} must be a string")
+        check_int("task.sample.max_new_tokens", self.max_new_tokens, 0)
+        check_number("task.sample.temperature", self.temperature, 0)  # 0: greedy
+        check_int("task.sample.top_k", self.top_k, 0, allow_none=True)
+        check_number("task.sample.top_p", self.top_p, 0, 1, low_open=True, allow_none=True)
+        check_bool("task.sample.chat", self.chat)
 
 
 @torch.no_grad()

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm.errors import ConfigError, check_choice, check_positive
+from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from llm.model.fused_loss import linear_cross_entropy
-from llm.model.rope import RotaryEmbedding, apply_rotary
+from llm.model.rope import RotaryEmbedding, apply_rotary, parse_scaling
 
 
 @dataclass
@@ -45,10 +45,15 @@ class GPTConfig:
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):
-            check_positive(f"model.{key}", getattr(self, key))
+            check_int(f"model.{key}", getattr(self, key), 1)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        check_positive("model.n_kv_head", self.n_kv_head)
+        check_int("model.n_kv_head", self.n_kv_head, 1)
+        check_int("model.ffn_hidden", self.ffn_hidden, 1, allow_none=True)
+        check_bool("model.bias", self.bias)
+        check_number("model.dropout", self.dropout, 0, 1, high_open=True)
+        for key in ("norm_eps", "rope_theta", "init_std"):
+            check_number(f"model.{key}", getattr(self, key), 0, low_open=True)
         check_choice("model.pos_emb", self.pos_emb, {"rope", "learned"})
         check_choice("model.norm", self.norm, {"rmsnorm", "layernorm"})
         check_choice("model.mlp", self.mlp, {"swiglu", "gelu"})
@@ -60,6 +65,7 @@ class GPTConfig:
             self.ffn_hidden = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
+            parse_scaling(self.rope_scaling)  # the extrapolation keys, checked with the rest of the config
 
     @property
     def head_dim(self) -> int:
@@ -341,10 +347,15 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     return 6 * (n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * seq_len
 
 
-def build_gpt(**kwargs) -> GPT:
-    """Build a GPT from plain keyword arguments (what `conf/model/*.yaml` holds plus vocab_size, rope_scaling)."""
+def gpt_config(**kwargs) -> GPTConfig:
+    """A checked GPTConfig from plain keyword arguments (unknown keys named), without building any weights."""
     known = GPTConfig.__dataclass_fields__
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ConfigError(f"unknown model key(s) {unknown}; known keys: {sorted(known)}")
-    return GPT(GPTConfig(**kwargs))
+    return GPTConfig(**kwargs)
+
+
+def build_gpt(**kwargs) -> GPT:
+    """Build a GPT from plain keyword arguments (what `conf/model/*.yaml` holds plus vocab_size, rope_scaling)."""
+    return GPT(gpt_config(**kwargs))

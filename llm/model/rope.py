@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, check_number
 
 SCALING_TYPES = ("none", "linear", "ntk", "yarn")
 _COMMON = {"type", "factor", "original_max_position_embeddings"}
@@ -24,9 +24,9 @@ SCALING_KEYS = {"none": {"type"}, "linear": _COMMON, "ntk": _COMMON | {"dynamic"
 
 def _number(key: str, value, minimum: float = 0.0):
     """`value` if it is a number above 0 and at least `minimum`, else ConfigError naming extrapolation.<key>."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or value < minimum:
-        raise ConfigError(f"extrapolation.{key}={value!r} must be a number " + (f">= {minimum:g}" if minimum else "> 0"))
-    return value
+    if minimum:
+        return check_number(f"extrapolation.{key}", value, minimum)
+    return check_number(f"extrapolation.{key}", value, 0, low_open=True)
 
 
 def parse_scaling(scaling: dict | None) -> dict:

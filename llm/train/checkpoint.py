@@ -210,7 +210,7 @@ def read_json(directory: str | Path, name: str) -> dict:
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
     """Delete all but the newest `keep_last` complete checkpoints (called after a new one is complete)."""
-    if not keep_last:
+    if not keep_last or keep_last < 1:  # never the newest (settings refuse keep_last < 1 before a run)
         return
     complete = [p for p in list_checkpoints(run_dir) if is_complete(p, verify=False)]
     for path in complete[:-keep_last]:

@@ -52,19 +52,46 @@ class Checkpointer:
         barrier()
         return path
 
-    def restore(self, resume: str, model: torch.nn.Module, optimizer) -> dict | None:
+    def restore(self, resume: str, model: torch.nn.Module, optimizer, fingerprint: dict | None = None) -> dict | None:
         """Load the checkpoint `resume` names (`auto`: this run dir's newest complete one) into the model and
-        optimizer (None: weights only). Returns its trainer state, or None when `auto` finds no checkpoint."""
+        optimizer (None: weights only). Returns its trainer state, or None when `auto` finds no checkpoint.
+        `fingerprint`: the settings an exact continuation needs (seed, data, ...); a checkpoint saved with other
+        values is refused before anything is loaded."""
         path = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else ckpt.resolve_checkpoint(resume, "resume")
         if path is None:
             logger.info(f"resume=auto: no checkpoint in {self.run_dir}; starting from scratch")
             return None
         ckpt.check_compatible(ckpt.read_json(path, "model_config.json"), model.config.to_dict(), "resume", path,
                               strict=True)
-        load_state(path, model, optimizer)  # every rank: the same full checkpoint
         state = ckpt.read_json(path, "trainer_state.json")
+        check_same_run(state.get("fingerprint"), fingerprint, resume, path)
+        load_state(path, model, optimizer)  # every rank: the same full checkpoint
         logger.info(f"resumed from {path} at step {state.get('step')}")
         return state
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(saved: dict | None, now: dict | None, resume: str, path) -> None:
+    """ConfigError naming every setting that differs between a checkpoint and the run resuming it (checkpoints
+    from before fingerprints: nothing to compare)."""
+    if not saved or not now:
+        return
+    saved, now = _flat(saved), _flat(now)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"resume={resume}: {path} was trained with other settings ({'; '.join(diff[:3])}"
+                          f"{'; ...' if len(diff) > 3 else ''}); resuming would not continue it exactly. Use its "
+                          f"settings, or start a new run from its weights with init_from={path}")
 
 
 # ---------------------------------------------------------------------------------------------- full state (FSDP)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from llm.train import rundir
 from llm.train.parallel import all_reduce_mean
 
 
@@ -83,29 +84,44 @@ def _step_of(line: str) -> int | None:
 
 
 class JsonlLogger:
-    """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`."""
+    """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl`.
+
+    The file is first touched by the first record: a resumed (or restarted) run then drops the records of steps
+    after its checkpoint, so a run that fails before it logs anything leaves the earlier file as it was."""
 
     def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
-        if self.path.exists():  # resumed: drop records of steps after the checkpoint; restarted: all of them
+        self.start_step = start_step
+        self.file = None
+
+    def open(self) -> None:
+        """Trim and open the file (the first `log` does it; a run that ends without logging calls it itself)."""
+        if self.file is not None:
+            return
+        if self.path.exists():  # resumed: keep the records up to its checkpoint; started over: none of them
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if start_step and _step_of(line) is not None and _step_of(line) <= start_step]
+                    if self.start_step and _step_of(line) is not None and _step_of(line) <= self.start_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             tmp.replace(self.path)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
+        self.open()
         self.file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
-def open_loggers(run_dir: Path, factories, config: dict, start_step: int) -> list:
-    """Rank 0's loggers: metrics.jsonl, then each factory's (`make(run_dir=, config=, start_step=)`)."""
+def open_loggers(run_dir: Path, factories, config: dict, start_step: int, replace: bool = False) -> list:
+    """Rank 0's loggers: metrics.jsonl, then each factory's (`make(run_dir=, config=, start_step=)`). `replace`
+    (overwrite=true): first remove what an earlier run wrote in run_dir (checkpoints, metrics, results, tb/)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if replace:
+        rundir.clear(run_dir)
     return [JsonlLogger(str(run_dir), start_step=start_step)] + [
         make(run_dir=str(run_dir), config=config, start_step=start_step) for make in factories]
 

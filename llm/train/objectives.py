@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from llm.contract import (CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, MODEL_INPUTS, REJECTED, Objective, ref_logp_key,
                           side_key)
-from llm.errors import ConfigError, check_choice
+from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
 from llm.train.parallel import is_fsdp
@@ -32,7 +32,7 @@ class LanguageModeling(Objective):
     """
 
     def __init__(self, loss_chunk_size: int = 0):
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_chunk_size = check_int("task.objective.loss_chunk_size", loss_chunk_size, 0)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -48,7 +48,7 @@ class SFT(LanguageModeling):
 
     def __init__(self, loss_chunk_size: int = 0, max_new_tokens: int = 32):
         super().__init__(loss_chunk_size)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = check_int("task.objective.max_new_tokens", max_new_tokens, 1)
 
     def evaluate(self, model, data) -> dict:
         return {"exact_match": exact_match(model, data.tokenizer, data.eval_examples, self.max_new_tokens)}
@@ -117,13 +117,12 @@ class DPO(Objective):
                  ref_batch_size: int = 32):
         check_choice("task.objective.loss_type", loss_type, set(self.LOSSES))
         check_choice("task.objective.reference", reference, {"precomputed", "live"})
-        if not beta > 0:
-            raise ConfigError(f"task.objective.beta={beta!r} must be positive")
-        if not 0 <= label_smoothing < 0.5:
-            raise ConfigError(f"task.objective.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
+        check_number("task.objective.beta", beta, 0, low_open=True)
+        check_number("task.objective.label_smoothing", label_smoothing, 0, 0.5, high_open=True)
+        check_int("task.objective.max_new_tokens", max_new_tokens, 1)
+        check_int("task.objective.ref_batch_size", ref_batch_size, 1)
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
-        if not sft_weight >= 0:
-            raise ConfigError(f"task.objective.sft_weight={sft_weight!r} must be >= 0")
+        check_number("task.objective.sft_weight", sft_weight, 0)
         self.sft_weight, self.max_new_tokens, self.ref_batch_size = sft_weight, max_new_tokens, ref_batch_size
         self.ref_model = None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llm.errors import ConfigError, check_choice, check_positive
+from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 
 @dataclass
@@ -27,12 +27,18 @@ class OptimizerConfig:
     fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device
 
     def __post_init__(self):
-        check_positive("optim.lr", self.lr)
-        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_number("optim.lr", self.lr, 0, low_open=True)
+        check_number("optim.weight_decay", self.weight_decay, 0)
+        check_number("optim.eps", self.eps, 0, low_open=True)
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
         check_choice("optim.schedule", self.schedule, {"cosine", "linear", "constant"})
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be between 0 and 1")
+        check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if self.fused is not None:
+            check_bool("optim.fused", self.fused)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        for i, beta in enumerate(self.betas):
+            check_number(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
         self.betas = tuple(float(b) for b in self.betas)
 
     def param_groups(self, model: nn.Module) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from llm.errors import ConfigError, check_choice, check_positive
+from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from llm.eval.sample import SampleSettings
 
 
@@ -21,17 +21,22 @@ class LoopSettings:
     batch_size: int = 16  # sequences per optimizer step, over all ranks
     micro_batch_size: int | None = None  # sequences per forward on one rank (None: batch_size / ranks)
     seq_len: int = 128
-    grad_clip: float | None = 1.0  # max gradient norm (None: no clipping)
+    grad_clip: float | None = 1.0  # max gradient norm, > 0 (None: no clipping)
     max_consecutive_skips: int = 10  # steps with a non-finite loss/gradient are skipped; this many in a row stop
     nan_steps: tuple = ()  # testing aid: make the loss NaN at these steps
 
     def __post_init__(self):
         for key in ("batch_size", "seq_len", "max_consecutive_skips"):
-            check_positive(f"trainer.{key}", getattr(self, key))
-        check_positive("trainer.max_steps", self.max_steps, allow_zero=True)  # 0: evaluate only
-        if self.micro_batch_size:  # None or 0: derived
-            check_positive("trainer.micro_batch_size", self.micro_batch_size)
-        object.__setattr__(self, "nan_steps", tuple(self.nan_steps or ()))
+            check_int(f"trainer.{key}", getattr(self, key), 1)
+        check_int("trainer.max_steps", self.max_steps, 0)  # 0: evaluate only
+        if self.micro_batch_size != 0:  # None or 0: derived
+            check_int("trainer.micro_batch_size", self.micro_batch_size, 1, allow_none=True)
+        check_number("trainer.grad_clip", self.grad_clip, 0, low_open=True, allow_none=True)  # > 0: never ascent
+        if not isinstance(self.nan_steps, (list, tuple)):
+            raise ConfigError(f"trainer.nan_steps={self.nan_steps!r} must be a list of steps")
+        for step in self.nan_steps:
+            check_int("trainer.nan_steps[]", step, 1)
+        object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,12 @@ class CadenceSettings:
     progress: bool = True  # progress bar on an interactive terminal
 
     def __post_init__(self):
-        check_positive("trainer.log_every", self.log_every)
+        check_int("trainer.log_every", self.log_every, 1)
         for key in ("eval_every", "save_every"):
-            check_positive(f"trainer.{key}", getattr(self, key), allow_zero=True)
-        if self.eval_batches is not None:
-            check_positive("trainer.eval_batches", self.eval_batches)
+            check_int(f"trainer.{key}", getattr(self, key), 0)
+        check_int("trainer.eval_batches", self.eval_batches, 1, allow_none=True)
+        check_int("trainer.keep_last", self.keep_last, 1, allow_none=True)  # never delete the newest checkpoint
+        check_bool("trainer.progress", self.progress)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,11 @@ class HardwareSettings:
     def __post_init__(self):
         check_choice("trainer.device", self.device, {"auto", "cpu", "cuda"})
         check_choice("trainer.precision", self.precision, {"auto", "fp32", "bf16"})
-        check_positive("trainer.nproc_per_node", self.nproc_per_node)
+        check_choice("trainer.strategy", self.strategy, {"auto", "single", "ddp", "fsdp"})
+        check_int("trainer.nproc_per_node", self.nproc_per_node, 1)
+        check_bool("trainer.compile", self.compile)
+        check_bool("trainer.activation_checkpointing", self.activation_checkpointing)
+        check_number("trainer.peak_flops", self.peak_flops, 0, low_open=True)
 
     def bf16(self, device_type: str) -> bool:
         """Whether to autocast to bf16 on this device type."""

@@ -37,8 +37,8 @@ from llm.train.state import TrainerState, capture_rng, restore_rng
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Which run this is: its dir, its task's name, the seed (data order, sample), what to resume, and the resolved
-    config (the loggers record it)."""
+    """Which run this is: its dir, its task's name, the seed (data order, sample), what to resume, the resolved
+    config (the loggers record it), and whether it replaces an earlier run's files."""
 
     run_dir: str
     task: str = "pretrain"
@@ -47,6 +47,8 @@ class RunInfo:
     config: dict = field(default_factory=dict)
     overrides: tuple = ()  # the command line's overrides (results.json, sweep summaries)
     git_commit: str | None = None  # the code's version, when it runs from a git checkout
+    overwrite: bool = False  # replace what an earlier run wrote in run_dir (once this one is about to train)
+    fingerprint: dict = field(default_factory=dict)  # what a resume must share with its checkpoint to be exact
 
 
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
@@ -60,15 +62,25 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
+def check_fits(seq_len: int, max_seq_len: int) -> None:
+    if seq_len > max_seq_len:
+        raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context model.max_seq_len={max_seq_len}")
+
+
+def check_trained(steps: int, skipped: int) -> None:
+    """A run whose every step was skipped as non-finite trained nothing: an error, never 'done'."""
+    if steps and skipped >= steps:
+        raise TrainingError(f"all {steps} steps had a non-finite loss or gradient norm and were skipped: nothing was "
+                            f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
+
+
 class Trainer:
     def __init__(self, model, data, objective: Objective, optim: OptimizerConfig, settings: TrainerSettings,
                  run: RunInfo, tokenizer=None, loggers=(), early_stop: Callable[[int, dict], str | None] | None = None):
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None."""
-        if settings.loop.seq_len > model.config.max_seq_len:
-            raise ConfigError(f"trainer.seq_len={settings.loop.seq_len} is longer than the model's context "
-                              f"model.max_seq_len={model.config.max_seq_len}")
+        check_fits(settings.loop.seq_len, model.config.max_seq_len)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -99,13 +111,15 @@ class Trainer:
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.checkpointer = Checkpointer(self.run_dir, self.tokenizer, self.cadence.keep_last, self.env.is_main)
-        saved = self.checkpointer.restore(self.run.resume, self.raw_model, self.optimizer) if self.run.resume else None
-        if saved is not None:
+        saved = self.run.resume and self.checkpointer.restore(self.run.resume, self.raw_model, self.optimizer,
+                                                              self.run.fingerprint)
+        if saved:
             self.state = TrainerState.from_dict(saved)
             self.sampler.load_state_dict(self.state.sampler)
             restore_rng(self.state.rng)
-        if self.env.is_main:  # on resume, loggers drop what was logged after the checkpoint
-            self.loggers = open_loggers(self.run_dir, self.logger_factories, self.run.config, self.state.step)
+        if self.env.is_main:  # resumed: loggers drop what was logged after the checkpoint; overwrite: the old run
+            self.loggers = open_loggers(self.run_dir, self.logger_factories, self.run.config, self.state.step,
+                                        replace=self.run.overwrite)  # goes only now, all above succeeded
         # total (carried over a resume) and consecutive skipped steps, on the device
         self._skipped = torch.tensor(float(self.state.skipped_steps), device=self.device)
         self._consecutive = torch.zeros((), device=self.device)
@@ -285,10 +299,12 @@ class Trainer:
         st = self.state
         st.sampler, st.rng, st.log_window = self.sampler.state_dict(), capture_rng(), self.window.state_dict()
         st.skipped_steps, st.wall_seconds = int(self._skipped.item()), self._wall()
+        st.fingerprint = dict(self.run.fingerprint)
         return self.checkpointer.save(st.step, self.raw_model, self.optimizer, st.to_dict())
 
     def _finish(self) -> dict:
         st = self.state
+        check_trained(st.step, int(self._skipped.item()))
         st.wall_seconds = self._wall()
         results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,

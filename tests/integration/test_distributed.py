@@ -119,7 +119,7 @@ def test_torchrun_ranks_share_one_run_dir_written_by_rank_0(torchrun_ddp):
     assert len(run_dirs) == 1, run_dirs  # although rank 1 composed its config 1.5 s after rank 0
     run_dir = run_dirs[0]
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {".hydra", "checkpoints", "metrics.jsonl", "results.json", "sample.txt", "tb", "train.log",
+    assert names == {".hydra", ".lock", "checkpoints", "metrics.jsonl", "results.json", "sample.txt", "tb", "train.log",
                      "train_rank1.log"}, names
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event file: rank 0's

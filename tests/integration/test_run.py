@@ -158,14 +158,16 @@ ERRORS = [
     (["model.pos_emb=alibi"], {}, "model.pos_emb='alibi' is not allowed"),
     (["model.n_head=5"], {}, "model.d_model=64 must be divisible by model.n_head=5"),
     (["+model.n_layers=3"], {}, "unknown model key(s) ['n_layers']"),
-    (["trainer.batch_size=0"], {}, "trainer.batch_size=0 must be a positive number"),
-    (["trainer.batch_size=abc"], {}, "trainer.batch_size='abc' must be a positive number"),
-    (["trainer.max_steps=-5"], {}, "trainer.max_steps=-5 must be a non-negative number"),
+    (["trainer.batch_size=0"], {}, "trainer.batch_size=0 must be an integer >= 1"),
+    (["trainer.batch_size=abc"], {}, "trainer.batch_size='abc' must be an integer >= 1"),
+    (["trainer.max_steps=-5"], {}, "trainer.max_steps=-5 must be an integer >= 0"),
+    (["trainer.max_steps=2.5", "optim.lr=inf"], {}, "trainer.max_steps=2.5 must be an integer >= 0"),
+    (["seed=abc"], {}, "seed='abc' must be an integer in [0, 4294967295]"),
     (["trainer.micro_batch_size=3"], {}, "must be a multiple of trainer.micro_batch_size=3"),
-    (["optim.lr=-0.001"], {}, "optim.lr=-0.001 must be a positive number"),
+    (["optim.lr=-0.001"], {}, "optim.lr=-0.001 must be a finite number > 0"),
     (["optim.schedule=exponential"], {}, "optim.schedule='exponential' is not allowed"),
-    (["task.data.val_fraction=1.5"], {}, "task.data.val_fraction=1.5 must be between 0 and 1"),
-    (["extrapolation=yarn", "extrapolation.factor=0.5"], {}, "extrapolation.factor=0.5 must be a number >= 1"),
+    (["task.data.val_fraction=1.5"], {}, "task.data.val_fraction=1.5 must be a finite number in [0, 1)"),
+    (["extrapolation=yarn", "extrapolation.factor=0.5"], {}, "extrapolation.factor=0.5 must be a finite number >= 1"),
     (["resume=/nonexistent/run"], {}, "resume='/nonexistent/run': no such run or checkpoint directory"),
     (["init_from=/nonexistent/run"], {}, "init_from='/nonexistent/run': no such run or checkpoint directory"),
     (["init_from=latest:nosuchtask"], {}, "latest:nosuchtask: no finished nosuchtask run"),
@@ -201,7 +203,8 @@ def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
     """A bad resume (incompatible model) deletes or rewrites nothing of the run it points at."""
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
-    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"]
+    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
+               and p.name not in ("train.log", ".lock")]
     before = {p: p.read_bytes() for p in watched}
     proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
     assert proc.returncode == 2 and "d_model: checkpoint 64 vs model 96" in proc.stderr

@@ -112,7 +112,14 @@ def test_metrics_log_on_resume_drops_later_steps_and_a_torn_line(tmp_path):
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 15, "loss": 0.8}\n{"step": 20, "lo')
-    JsonlLogger(str(tmp_path), start_step=10).close()  # resumed from the step-10 checkpoint after a crash
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
-    JsonlLogger(str(tmp_path), start_step=0).close()  # started over: nothing of the earlier attempt is kept
+    before = path.read_text()
+    JsonlLogger(str(tmp_path), start_step=10).close()  # a resume that failed before logging: the file is untouched
+    assert path.read_text() == before
+    resumed = JsonlLogger(str(tmp_path), start_step=10)  # resumed from the step-10 checkpoint after a crash
+    resumed.log({"loss": 0.7}, 15)
+    resumed.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10, 15]
+    restarted = JsonlLogger(str(tmp_path), start_step=0)  # started over: nothing of the earlier attempt is kept
+    restarted.open()
+    restarted.close()
     assert path.read_text() == ""

@@ -241,3 +241,24 @@ def test_resize_vocab_keeps_existing_logits():
     model.resize_vocab(70)  # grows the padded table
     assert model.tok_emb.weight.shape[0] == 128 and model.lm_head.weight is model.tok_emb.weight
     torch.testing.assert_close(model(x)[..., :60], before)
+
+
+def test_pairs_without_a_preference_are_dropped_and_counted(tokenizer, tmp_path):
+    """chosen == rejected would train with zero gradient: such pairs are dropped, counted in the log line, and a
+    split left with none is a one-line error, never a silent run."""
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()
+    assert len(data.train) == 1 and data.stats["train"]["identical"] == 1
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match=r"no usable train row: .*1 with chosen == rejected \(dropped\)"):
+        PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()
+
+
+@pytest.mark.parametrize("chosen", [[], [{"role": "user", "content": "more?"}]])
+def test_a_reply_without_an_assistant_message_names_the_row(tokenizer, tmp_path, chosen):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": chosen, "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=f"^{path}:1: field 'chosen' must end with an assistant message"):
+        PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()

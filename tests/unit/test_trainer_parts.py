@@ -31,10 +31,10 @@ def test_flat_keys_are_sorted_into_groups():
 @pytest.mark.parametrize("flat,message", [
     ({"max_step": 5}, "trainer.max_step is not a trainer setting; known: activation_checkpointing, batch_size"),
     ({"sample": {"promt": "x"}}, "task.sample.promt is not a sample setting"),
-    ({"log_every": 0}, "trainer.log_every=0 must be a positive number"),
-    ({"max_steps": -1}, "trainer.max_steps=-1 must be a non-negative number"),
+    ({"log_every": 0}, "trainer.log_every=0 must be an integer >= 1"),
+    ({"max_steps": -1}, "trainer.max_steps=-1 must be an integer >= 0"),
     ({"precision": "fp8"}, "trainer.precision='fp8' is not allowed"),
-    ({"micro_batch_size": -2}, "trainer.micro_batch_size=-2 must be a positive number"),
+    ({"micro_batch_size": -2}, "trainer.micro_batch_size=-2 must be an integer >= 1 (or null)"),
 ])
 def test_bad_settings_name_the_key(flat, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
