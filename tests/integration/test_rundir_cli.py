@@ -50,7 +50,7 @@ def test_resume_with_another_seed_is_refused_before_it_writes(finished, cache_di
 def test_overwrite_replaces_the_earlier_run(finished, cache_dir):
     run_cli([*SMALL, "trainer.max_steps=2", "trainer.log_every=1", "trainer.eval_every=0", "overwrite=true",
              f"hydra.run.dir={finished}"], cache_dir)
-    assert [m["step"] for m in read_metrics(finished)] == [1, 2]
+    assert [m["step"] for m in read_metrics(finished)] == [0, 1, 2]  # 0: the evaluation before training
     assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["last", "step_0000002"]
     assert json.loads((finished / "results.json").read_text())["steps"] == 2
     assert "overwrite=true" in (finished / ".hydra" / "overrides.yaml").read_text()

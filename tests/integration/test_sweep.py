@@ -35,7 +35,7 @@ def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path):
     assert [j.name[:2] for j in jobs] == ["0_", "1_", "2_"] and all(len(j.name) <= 122 for j in jobs)
     for job, lr in zip(jobs, ("optim.lr=0.001", "optim.lr=0.01", "optim.lr=-1")):
         assert lr in (job / ".hydra" / "overrides.yaml").read_text()
-    assert (jobs[2] / "error.txt").read_text().strip() == "ConfigError: optim.lr=-1 must be a positive number"
+    assert (jobs[2] / "error.txt").read_text().strip() == "ConfigError: optim.lr=-1 must be a finite number > 0"
     assert not (jobs[2] / "results.json").exists()
 
     summary = json.loads((sweep / "sweep_summary.json").read_text())
@@ -43,7 +43,7 @@ def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path):
     rows = summary["jobs"]
     assert [r["name"][:1] for r in rows] == ["1", "0", "2"]  # by val_loss, best first; the failed job last
     assert rows[0]["best"] and rows[0]["objective"] < rows[1]["objective"] and not rows[1]["best"]
-    assert rows[2]["status"] == "failed" and "optim.lr=-1 must be a positive number" in rows[2]["error"]
+    assert rows[2]["status"] == "failed" and "optim.lr=-1 must be a finite number > 0" in rows[2]["error"]
     table = list(csv.reader((sweep / "sweep_summary.csv").open()))
     assert table[0][:5] == ["", "job", "status", "val_loss", "optim.lr"] and table[1][:3] == ["best", "1", "done"]
     assert "| best | 1 | done |" in (sweep / "sweep_summary.md").read_text()
