@@ -5,12 +5,14 @@ appends EOS; each document goes to train or validation by a seeded hash of its i
 tokens are written to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32) in a cache directory
 keyed by a hash of source + tokenizer + settings. A second run finds the directory and skips tokenization.
 Serving (`PackedTokens`): sample i is the window tokens[i*T : i*T + T + 1] -> input_ids (first T), labels (last T).
+`token_bytes` (bytes of text per token id) lets objectives report bits per byte.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +27,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from llm.contract import INPUT_IDS, LABELS
-from llm.data.tokenizer import tokenizer_fingerprint
+from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
@@ -99,6 +101,11 @@ class PretrainData:
         self.val: PackedTokens | None = None
         self.meta: dict = {}
         self.from_cache = False
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text per token id (special tokens 0): the denominator of bits per byte."""
+        return token_byte_lengths(self.tokenizer)
 
     def cache_key(self) -> str:
         parts = [FORMAT_VERSION, self.source.fingerprint(), tokenizer_fingerprint(self.tokenizer),

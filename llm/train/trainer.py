@@ -166,7 +166,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective metrics (val_*) over the first eval_batches micro-batches of the validation split, plus
+        """Mean objective metrics (val_*, as the objective summarizes them: e.g. bits per byte from summed nats and
+        bytes) over the first eval_batches micro-batches of the validation split, plus
         whatever the objective's own `evaluate(model, data)` measures (exact match, preference accuracy, ...)."""
         self.model.eval()
         n = len(self.data.val)
@@ -177,12 +178,13 @@ class Trainer:
         for start, weight in eval_shard(n, self.micro_batch_size, self.env):
             indices = list(range(start, min(n, start + self.micro_batch_size)))
             with self.autocast():
-                _, metrics = self.objective.loss(self.model, self._batch(indices, self.data.val))
+                metrics = self.objective.val_metrics(self.model, self._batch(indices, self.data.val))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() * weight
             count += weight
         sums, count = reduce_sums(sums, count)  # over ranks
-        out = {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        means = self.objective.summarize({k: (v / count).item() for k, v in sums.items()})
+        out = {f"val_{k}": v for k, v in means.items()}
         with self.autocast():
             out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()

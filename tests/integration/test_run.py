@@ -4,6 +4,7 @@ exact resume, sweeps, loggers and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def test_run_dir_contract(small_run):
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s", "wall_seconds"} <= set(m) for m in metrics[1:])
     assert "val_loss" in metrics[2] and "val_loss" in metrics[4]
     assert [m["wall_seconds"] for m in metrics] == sorted(m["wall_seconds"] for m in metrics)
+    assert 0 < metrics[4]["val_bpb"] < metrics[4]["val_loss"] / math.log(2)  # a token holds more than one byte
     for step in (10, 20):
         ckpt = small_run / "checkpoints" / f"step_{step:07d}"
         for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "model_config.json",
@@ -39,7 +41,7 @@ def test_run_dir_contract(small_run):
     assert (small_run / "checkpoints" / "last").read_text().strip() == "step_0000020"
     results = json.loads((small_run / "results.json").read_text())
     for key in ("task", "steps", "tokens", "seconds", "wall_seconds", "train_loss", "val_loss", "initial_val_loss",
-                "params", "overrides", "git_commit"):
+                "params", "overrides", "git_commit", "val_bpb", "initial_val_bpb"):
         assert key in results, key
     assert results["wall_seconds"] >= results["seconds"] > 0 and "trainer.save_every=10" in results["overrides"]
     assert results["checkpoint"] == str(small_run / "checkpoints" / "step_0000020")
@@ -265,6 +267,8 @@ def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
     assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
+    assert set(results["bpb_by_length"]) == {"128", "256"} and all(v > 0 for v in results["bpb_by_length"].values())
+    assert results["val_bpb"] > 0
     assert all(v > 1 for v in results["ppl_by_length"].values())
     assert (run_dir / "length_eval.png").stat().st_size > 1000
     assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
