@@ -91,6 +91,18 @@ def test_stdlib_corpus_is_deterministic_and_skips_tests():
     assert sum(f.stat().st_size for f in files) <= 300_000
 
 
+def test_stdlib_corpus_leaves_out_generated_tables():
+    files = {str(f.relative_to(StdlibCorpus().root)) for f in StdlibCorpus(max_bytes=None).files()}
+    everything = {str(f.relative_to(StdlibCorpus().root))
+                  for f in StdlibCorpus(max_bytes=None, skip_generated=False).files()}
+    generated = everything - files
+    assert {"encodings/cp437.py", "encodings/latin_1.py"} & everything == {"encodings/cp437.py", "encodings/latin_1.py"}
+    assert "encodings/cp437.py" in generated and "stringprep.py" in generated  # codec maps, tool-written tables
+    assert {"encodings/latin_1.py", "ast.py", "http/cookiejar.py", "optparse.py"} <= files  # hand-written code stays
+    assert all(name.startswith("encodings/") or name in {"keyword.py", "token.py", "stringprep.py", "re/_casefix.py"}
+               for name in generated)
+
+
 def test_sampler_is_resumable_and_rank_aware():
     full = ResumableSampler(100, batch_size=8, seed=3)
     steps = [full.next_indices() for _ in range(30)]  # crosses epochs (12 steps per epoch)
