@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import llm.data.pretrain as pretrain_mod
+import llm.data.shards as shards_mod
 from llm.data import FileCorpus, PretrainData, ResumableSampler, StdlibCorpus, load_pretrained, train_bpe
 from llm.errors import ConfigError, DataError
 
@@ -73,7 +73,7 @@ def test_second_preparation_does_no_tokenization(tokenizer, corpus, tmp_path, mo
     def boom(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(pretrain_mod, "_tokenize_batch", boom)
+    monkeypatch.setattr(shards_mod, "encode_chunk", boom)
     second = PretrainData(tokenizer, source, **kwargs).prepare()
     assert second.from_cache
     assert np.array_equal(np.asarray(first.train.tokens), np.asarray(second.train.tokens))
