@@ -6,6 +6,8 @@ seeded hash of its index (deterministic, disjoint), and writes fixed-size shards
 when the vocabulary fits, else uint32) and their index (`meta.json`) in a cache directory keyed by a hash of
 source + tokenizer + split settings. A killed preparation continues where it stopped on the next run; a complete
 one is reused without tokenizing; one with a shard missing or of the wrong size is rebuilt (with a warning).
+A `Mixture` source (data=mix) is prepared source by source and served as `MixedWindows` (llm/data/mixture.py);
+`report(sampler)` gives the realised share of each source.
 Serving (`PackedTokens`): sample i is the window tokens[i*T : i*T + T + 1] -> input_ids (first T), labels (last T),
 read through memory maps across shard boundaries. `token_bytes` (bytes of text per token id) lets objectives
 report bits per byte.
@@ -27,6 +29,7 @@ import torch
 from loguru import logger
 
 from llm.contract import INPUT_IDS, LABELS
+from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
@@ -102,6 +105,8 @@ class PretrainData:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
     def prepare(self) -> "PretrainData":
+        if isinstance(self.source, Mixture):
+            return self._prepare_mixture()
         path = self.cache_dir / "data" / self.cache_key()
         with _file_lock(path.with_name(path.name + ".lock")):  # one process tokenizes; the others wait and reuse
             self.meta = self._complete_meta(path)
@@ -128,6 +133,35 @@ class PretrainData:
             f"{len(self.train):,}/{len(self.val):,} windows of {self.seq_len}"
         )
         return self
+
+    def _prepare_mixture(self) -> "PretrainData":
+        """Each source prepared (and cached) on its own, then their windows laid out by weight."""
+        prepared = []
+        for part in self.source.parts:
+            one = PretrainData(self.tokenizer, part.corpus, self.seq_len, str(self.cache_dir), self.val_fraction,
+                               self.split_seed, self.num_proc, self.shard_tokens)
+            try:
+                prepared.append(one.prepare())
+            except DataError as e:
+                raise DataError(f"data.sources.{part.name}: {str(e).removeprefix('data: ')}") from None
+        parts, shares = self.source.parts, self.source.shares
+        limits = [None if p.max_tokens is None else int(p.max_tokens) // self.seq_len for p in parts]
+        self.train = MixedWindows([(p.name, d.train, s, n, p.epochs) for p, d, s, n in
+                                   zip(parts, prepared, shares, limits)], self.source.seed, "train")
+        self.val = MixedWindows([(p.name, d.val, s, None, 1) for p, d, s in zip(parts, prepared, shares)],
+                                self.source.seed, "val")
+        self.from_cache = all(d.from_cache for d in prepared)
+        self.meta = {"mixture": {p.name: d.meta for p, d in zip(parts, prepared)},
+                     "num_tokens": {s: len(ds) * self.seq_len for s, ds in (("train", self.train), ("val", self.val))}}
+        logger.info(f"data: mixture of {len(self.train):,} train windows: {self.train.describe()}; "
+                    f"{len(self.val):,} val windows: {self.val.describe()}")
+        return self
+
+    def report(self, sampler) -> dict:
+        """What the run consumed, for the log and results.json: a mixture's realised share of each source."""
+        if not isinstance(self.train, MixedWindows):
+            return {}
+        return {f"mix/{name}": share for name, share in self.train.proportions(sampler.consumed()).items()}
 
     @staticmethod
     def _complete_meta(path: Path) -> dict | None:

@@ -72,7 +72,10 @@ class LengthEval(Objective):
         from the packed validation array); bits per byte is NaN without a bytes table."""
         plain = unwrap_model(model)
         device = next(plain.parameters()).device
-        tokens = data.val.tokens
+        tokens = getattr(data.val, "tokens", None)
+        if tokens is None:  # a mixture's windows come from several token streams
+            raise ConfigError("task=eval_length reads one held-out token stream: use data=stdlib, files or hub, not a "
+                              "mixture")
         n = min(self.windows, (len(tokens) - 1) // length)
         if n < 1:
             raise ConfigError(f"the validation split has {len(tokens)} tokens, too few for one window of {length}")

@@ -185,6 +185,7 @@ class Trainer:
         sums, count = reduce_sums(sums, count)  # over ranks
         means = self.objective.summarize({k: (v / count).item() for k, v in sums.items()})
         out = {f"val_{k}": v for k, v in means.items()}
+        out.update(getattr(self.data, "report", lambda sampler: {})(self.sampler))  # e.g. a mixture's shares
         with self.autocast():
             out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()

@@ -288,3 +288,23 @@ def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):
     assert (sweep / "length_eval.png").stat().st_size > 1000
     assert len(json.loads((sweep / "length_eval.json").read_text())) == 2
     assert (sweep / "sweep_summary.md").read_text().count("| done |") == 2
+
+
+def test_a_mixture_realises_its_weights(cache_dir, tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    for name, words in (("a", "red green blue cyan magenta"), ("b", "one two three four five six")):
+        (tmp_path / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words.split(), 30)) for _ in range(300)))
+    model = [o for o in SMALL if o.startswith("model.")]
+    trainer = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=32", "trainer.eval_every=10",
+               "trainer.eval_batches=2", "trainer.log_every=10", "trainer.progress=false", "tokenizer.vocab_size=300",
+               "task.sample.max_new_tokens=4", "logger=none"]
+    # a: its first 64 windows (max_tokens), b a quarter of that: 80 windows, so 20 steps of 8 are two epochs
+    sources = ["data=mix", "~data.sources.code", "~data.sources.text",
+               f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/a.txt]}},weight:0.8,"
+               f"max_tokens:{64 * 32}}}",
+               f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/b.txt]}},weight:0.2}}"]
+    run_cli([*model, *trainer, *sources, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["mix/a"] == pytest.approx(0.8, abs=0.02) and results["mix/b"] == pytest.approx(0.2, abs=0.02)
+    assert "mix/a 0.8" in (tmp_path / "run" / "train.log").read_text()
+    assert "data: mixture of 80 train windows: a 80.0% (64 of" in (tmp_path / "run" / "train.log").read_text()
