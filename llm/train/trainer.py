@@ -166,9 +166,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective metrics (val_*, as the objective summarizes them: e.g. bits per byte from summed nats and
-        bytes) over the first eval_batches micro-batches of the validation split, plus
-        whatever the objective's own `evaluate(model, data)` measures (exact match, preference accuracy, ...)."""
+        """Mean objective metrics (val_*, as the objective summarizes them, e.g. bits per byte) over the first
+        eval_batches micro-batches of the validation split, the data's `report` of the samples consumed (a
+        mixture's shares), and what the objective's `evaluate(model, data)` measures (exact match, ...)."""
         self.model.eval()
         n = len(self.data.val)
         if self.cadence.eval_batches:
@@ -184,8 +184,7 @@ class Trainer:
             count += weight
         sums, count = reduce_sums(sums, count)  # over ranks
         means = self.objective.summarize({k: (v / count).item() for k, v in sums.items()})
-        out = {f"val_{k}": v for k, v in means.items()}
-        out.update(getattr(self.data, "report", lambda sampler: {})(self.sampler))  # e.g. a mixture's shares
+        out = {**{f"val_{k}": v for k, v in means.items()}, **getattr(self.data, "report", lambda s: {})(self.sampler)}
         with self.autocast():
             out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()
