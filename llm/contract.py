@@ -41,7 +41,7 @@ def batch_tokens(batch: dict) -> int:
 class Objective:
     """What a task computes from a batch. The trainer calls only these methods, never asks which task it runs.
 
-    `loss` is required; the others have defaults that do nothing. `trains = False` declares an evaluation-only
+    `loss` is required; the others have defaults that do nothing (or reuse `loss`). `trains = False` declares an evaluation-only
     task (task=eval_length): the trainer then runs zero steps, builds no optimizer and reports how long the
     evaluation took."""
 
@@ -53,6 +53,15 @@ class Objective:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss to minimise, metrics as 0-d tensors on the device). Also run on validation batches."""
         raise NotImplementedError
+
+    def val_metrics(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Metrics of one validation batch (0-d tensors). Default: those of `loss`; an objective may add sums that
+        `summarize` turns into ratios (bits per byte: nats and bytes)."""
+        return self.loss(model, batch)[1]
+
+    def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The reported validation metrics from the means of `val_metrics` over the evaluated batches."""
+        return metrics
 
     def evaluate(self, model, data) -> dict:
         """Extra metrics at every evaluation (exact match, preference accuracy, ...), as plain values."""

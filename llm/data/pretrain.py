@@ -1,43 +1,52 @@
-"""Pretraining data: tokenize a corpus once, pack it into one contiguous token array on disk, serve windows.
+"""Pretraining data: tokenize a corpus once into token shards on disk, serve windows of them.
 
-Preparation (`PretrainData.prepare`): batched `datasets.map` over several processes tokenizes every document and
-appends EOS; each document goes to train or validation by a seeded hash of its index (deterministic, disjoint);
-tokens are written to `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32) in a cache directory
-keyed by a hash of source + tokenizer + settings. A second run finds the directory and skips tokenization.
-Serving (`PackedTokens`): sample i is the window tokens[i*T : i*T + T + 1] -> input_ids (first T), labels (last T).
+Preparation (`PretrainData.prepare`): `llm/data/shards.py` tokenizes every document over `num_proc` processes
+(local files and streaming hub datasets alike), appends EOS, sends each document to train or validation by a
+seeded hash of its index (deterministic, disjoint), and writes fixed-size shards (`shard_tokens` tokens, uint16
+when the vocabulary fits, else uint32) and their index (`meta.json`) in a cache directory keyed by a hash of
+source + tokenizer + split settings. A killed preparation continues where it stopped on the next run; a complete
+one is reused without tokenizing; one with a shard missing or of the wrong size is rebuilt (with a warning).
+A `Mixture` source (data=mix) is prepared source by source and served as `MixedWindows` (llm/data/mixture.py);
+`report(sampler)` gives the realised share of each source.
+Serving (`PackedTokens`): sample i is the window tokens[i*T : i*T + T + 1] -> input_ids (first T), labels (last T),
+read through memory maps across shard boundaries. `token_bytes` (bytes of text per token id) lets objectives
+report bits per byte.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from loguru import logger
-from tqdm.auto import tqdm
 
 from llm.contract import INPUT_IDS, LABELS
-from llm.data.tokenizer import tokenizer_fingerprint
+from llm.data.mixture import MixedWindows, Mixture
+from llm.data.shards import SPLITS, TokenShards, prepare_shards
+from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token shards + index (1: one train.bin / val.bin)
+SHARD_TOKENS = 1 << 24  # tokens per shard: 32 MiB as uint16
+READ_BATCH = 64  # documents read from the source at a time
+CHUNK_BYTES, CHUNK_DOCS = 1 << 20, 8192  # text per task of a tokenizer process (whichever limit comes first)
 
 
 class PackedTokens(torch.utils.data.Dataset):
-    """Non-overlapping windows of seq_len + 1 tokens over a memory-mapped token file."""
+    """Non-overlapping windows of seq_len + 1 tokens over a token sequence: `TokenShards`, or one token file."""
 
-    def __init__(self, path: str | Path, seq_len: int, dtype: str):
-        self.path, self.seq_len = str(path), seq_len
-        self.tokens = np.memmap(self.path, dtype=np.dtype(dtype), mode="r")
-        self.num_windows = (len(self.tokens) - 1) // seq_len
+    def __init__(self, tokens: TokenShards | str | Path, seq_len: int, dtype: str = "uint16"):
+        self.seq_len = seq_len
+        self.tokens = tokens if isinstance(tokens, TokenShards) else TokenShards([Path(tokens)], dtype)
+        self.num_windows = max(0, (len(self.tokens) - 1) // seq_len)
 
     def __len__(self) -> int:
         return self.num_windows
@@ -51,24 +60,6 @@ class PackedTokens(torch.utils.data.Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def _tokenize_batch(batch, indices, tokenizer, eos_id: int, val_fraction: float, split_seed: int):
-    """datasets.map function: text -> ids + [EOS], and the split of each document from a hash of its index."""
-    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    return {
-        "ids": [x + [eos_id] for x in ids],
-        "is_val": [is_validation_document(i, val_fraction, split_seed) for i in indices],
-    }
-
-
-def _has_text(batch) -> list[bool]:
-    return [bool(text and text.strip()) for text in batch["text"]]
-
-
-def is_validation_document(index: int, val_fraction: float, seed: int) -> bool:
-    """Deterministic, order-independent split: a document's index hashed with the seed."""
-    return zlib.crc32(f"{seed}:{index}".encode()) % 1_000_000 < val_fraction * 1_000_000
 
 
 @contextlib.contextmanager
@@ -86,7 +77,7 @@ class PretrainData:
     """Train/validation windows of a corpus for language modelling. Lazy: `prepare()` does the work."""
 
     def __init__(self, tokenizer, source, seq_len: int, cache_dir: str = "~/.cache/llm", val_fraction: float = 0.05,
-                 split_seed: int = 0, num_proc: int | None = None):
+                 split_seed: int = 0, num_proc: int | None = None, shard_tokens: int = SHARD_TOKENS):
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"trainer.seq_len={seq_len!r} must be a positive integer")
         if not 0 < val_fraction < 1:
@@ -95,10 +86,18 @@ class PretrainData:
         self.cache_dir = Path(os.path.expanduser(str(cache_dir)))
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.num_proc = num_proc or min(os.cpu_count() or 1, 8)
+        if not isinstance(shard_tokens, int) or shard_tokens < 1:
+            raise ConfigError(f"task.data.shard_tokens={shard_tokens!r} must be a positive integer")
+        self.shard_tokens = shard_tokens  # the layout of the cache, not its content: not part of the key
         self.train: PackedTokens | None = None
         self.val: PackedTokens | None = None
         self.meta: dict = {}
         self.from_cache = False
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text per token id (special tokens 0): the denominator of bits per byte."""
+        return token_byte_lengths(self.tokenizer)
 
     def cache_key(self) -> str:
         parts = [FORMAT_VERSION, self.source.fingerprint(), tokenizer_fingerprint(self.tokenizer),
@@ -106,17 +105,20 @@ class PretrainData:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
     def prepare(self) -> "PretrainData":
+        if isinstance(self.source, Mixture):
+            return self._prepare_mixture()
         path = self.cache_dir / "data" / self.cache_key()
         with _file_lock(path.with_name(path.name + ".lock")):  # one process tokenizes; the others wait and reuse
-            self.from_cache = (path / "meta.json").exists()
+            self.meta = self._complete_meta(path)
+            self.from_cache = self.meta is not None
             if self.from_cache:
                 logger.info(f"data: cached tokens from {path}")
             else:
-                self._build(path)
-        self.meta = json.loads((path / "meta.json").read_text())
+                self.meta = self._build(path)
         dtype = self.meta["dtype"]
-        self.train = PackedTokens(path / "train.bin", self.seq_len, dtype)
-        self.val = PackedTokens(path / "val.bin", self.seq_len, dtype)
+        shards = {s: TokenShards([path / x["file"] for x in self.meta["shards"][s]], dtype) for s in SPLITS}
+        self.train = PackedTokens(shards["train"], self.seq_len)
+        self.val = PackedTokens(shards["val"], self.seq_len)
         for split, ds in (("train", self.train), ("validation", self.val)):
             if len(ds) == 0:
                 n = self.meta["num_tokens"]["train" if split == "train" else "val"]
@@ -126,64 +128,101 @@ class PretrainData:
                 )
         logger.info(
             f"data: {self.meta['num_tokens']['train']:,} train / {self.meta['num_tokens']['val']:,} val tokens "
-            f"({self.meta['num_documents']['train']:,}/{self.meta['num_documents']['val']:,} documents) -> "
+            f"({self.meta['num_documents']['train']:,}/{self.meta['num_documents']['val']:,} documents, "
+            f"{sum(len(v) for v in self.meta['shards'].values())} shard(s)) -> "
             f"{len(self.train):,}/{len(self.val):,} windows of {self.seq_len}"
         )
         return self
 
-    def _build(self, path: Path) -> None:
+    def _prepare_mixture(self) -> "PretrainData":
+        """Each source prepared (and cached) on its own, then their windows laid out by weight."""
+        prepared = []
+        for part in self.source.parts:
+            one = PretrainData(self.tokenizer, part.corpus, self.seq_len, str(self.cache_dir), self.val_fraction,
+                               self.split_seed, self.num_proc, self.shard_tokens)
+            try:
+                prepared.append(one.prepare())
+            except DataError as e:
+                raise DataError(f"data.sources.{part.name}: {str(e).removeprefix('data: ')}") from None
+        parts, shares = self.source.parts, self.source.shares
+        limits = [None if p.max_tokens is None else int(p.max_tokens) // self.seq_len for p in parts]
+        self.train = MixedWindows([(p.name, d.train, s, n, p.epochs) for p, d, s, n in
+                                   zip(parts, prepared, shares, limits)], self.source.seed, "train")
+        self.val = MixedWindows([(p.name, d.val, s, None, 1) for p, d, s in zip(parts, prepared, shares)],
+                                self.source.seed, "val")
+        self.from_cache = all(d.from_cache for d in prepared)
+        self.meta = {"mixture": {p.name: d.meta for p, d in zip(parts, prepared)},
+                     "num_tokens": {s: len(ds) * self.seq_len for s, ds in (("train", self.train), ("val", self.val))}}
+        logger.info(f"data: mixture of {len(self.train):,} train windows: {self.train.describe()}; "
+                    f"{len(self.val):,} val windows: {self.val.describe()}")
+        return self
+
+    def report(self, sampler) -> dict:
+        """What the run consumed, for the log and results.json: a mixture's realised share of each source."""
+        if not isinstance(self.train, MixedWindows):
+            return {}
+        return {f"mix/{name}": share for name, share in self.train.proportions(sampler.consumed()).items()}
+
+    @staticmethod
+    def _complete_meta(path: Path) -> dict | None:
+        """The index of a complete cached corpus; None when there is none. A corpus with a shard missing or of
+        the wrong size is removed (and so rebuilt), never used in part."""
+        meta_path = path / "meta.json"
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for shard in (x for split in SPLITS for x in meta["shards"][split]):
+            file = path / shard["file"]
+            if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
+                logger.warning(f"data: cached shard {file} is missing or damaged; tokenizing the corpus again")
+                shutil.rmtree(path)
+                return None
+        return meta
+
+    @staticmethod
+    def _chunks(ds, streaming: bool):
+        """chunks_from(start) for prepare_shards: (first index, texts) of about CHUNK_BYTES of text (or
+        CHUNK_DOCS documents) each, from document `start` on."""
+        def chunks_from(start: int):
+            part = (ds.skip(start) if streaming else ds.select(range(start, len(ds)))) if start else ds
+            texts, size = [], 0
+            for batch in part.iter(batch_size=READ_BATCH):
+                texts += batch["text"]
+                size += sum(len(t or "") for t in batch["text"])
+                if size >= CHUNK_BYTES or len(texts) >= CHUNK_DOCS:
+                    yield start, texts
+                    start, texts, size = start + len(texts), [], 0
+            if texts:
+                yield start, texts
+        return chunks_from
+
+    def _build(self, path: Path) -> dict:
         import datasets
 
-        t0 = time.time()
-        logger.info(f"data: tokenizing {self.source.describe()} into {path}")
+        resuming = (path / "progress.json").exists()
+        logger.info(f"data: {'continuing to tokenize' if resuming else 'tokenizing'} {self.source.describe()} "
+                    f"into {path} ({self.num_proc} process(es))")
         ds = self.source.load()
         streaming = isinstance(ds, datasets.IterableDataset)
         if not streaming and len(ds) == 0:
             raise DataError(f"data: {self.source.describe()} has no documents")
-        ds = ds.filter(_has_text, batched=True, **({} if streaming else {"desc": "dropping empty documents"}))
-        eos = self.tokenizer.eos_token_id
-        kwargs = dict(batched=True, with_indices=True, remove_columns=["text"],
-                      fn_kwargs=dict(tokenizer=self.tokenizer, eos_id=eos, val_fraction=self.val_fraction,
-                                     split_seed=self.split_seed))
-        if not streaming:
-            num_proc = max(1, min(self.num_proc, len(ds) // 100))
-            kwargs.update(num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
-        ds = ds.map(_tokenize_batch, **kwargs)
-
-        dtype = np.uint16 if len(self.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
-        with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val:
-            bar = tqdm(total=None if streaming else len(ds), desc="packing", unit="doc", disable=None)
-            for batch in ds.iter(batch_size=1000):
-                for ids, is_val in zip(batch["ids"], batch["is_val"]):
-                    split = "val" if is_val else "train"
-                    (f_val if is_val else f_train).write(np.asarray(ids, dtype=dtype).tobytes())
-                    counts[split][0] += len(ids)
-                    counts[split][1] += 1
-                bar.update(len(batch["ids"]))
-            bar.close()
-        if counts["train"][1] + counts["val"][1] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"data: {self.source.describe()} has no documents")
-        if sum(c[0] for c in counts.values()) == sum(c[1] for c in counts.values()):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"data: every document of {self.source.describe()} is empty")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "source": self.source.describe(),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "vocab_size": len(self.tokenizer),
-            "dtype": np.dtype(dtype).name,
-            "val_fraction": self.val_fraction,
-            "split_seed": self.split_seed,
-            "num_tokens": {k: v[0] for k, v in counts.items()},
-            "num_documents": {k: v[1] for k, v in counts.items()},
-            "seconds": round(time.time() - t0, 2),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        logger.info(f"data: tokenized {sum(c[1] for c in counts.values()):,} documents in {meta['seconds']:.1f}s")
+        dtype = np.dtype(np.uint16 if len(self.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32).name
+        settings = {"format_version": FORMAT_VERSION, "dtype": dtype, "val_fraction": self.val_fraction,
+                    "split_seed": self.split_seed, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        total = None if streaming else len(ds)
+        num_proc = 1 if total is not None and total < 100 else self.num_proc  # a tiny corpus: no processes
+        done = prepare_shards(path, self._chunks(ds, streaming), self.tokenizer, settings, num_proc,
+                              self.shard_tokens, total_documents=total or getattr(self.source, "max_documents", None))
+        documents, tokens = sum(done["num_documents"].values()), sum(done["num_tokens"].values())
+        if documents == 0 or tokens == documents:  # nothing, or nothing but EOS
+            shutil.rmtree(path, ignore_errors=True)
+            raise DataError(f"data: {self.source.describe()} has no documents" if documents == 0 else
+                            f"data: every document of {self.source.describe()} is empty")
+        meta = {**settings, "source": self.source.describe(), "vocab_size": len(self.tokenizer), **done}
+        (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+        (path / "meta.json.tmp").replace(path / "meta.json")  # last: marks the corpus complete
+        (path / "progress.json").unlink()
+        logger.info(f"data: tokenized {documents:,} documents, {tokens:,} tokens in {done['seconds']:.1f}s "
+                    f"({done['tokens_per_s']:,} tokens/s)")
+        return meta

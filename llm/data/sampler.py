@@ -43,6 +43,17 @@ class ResumableSampler:
         share = self.batch_size // self.world_size
         return batch[self.rank * share : (self.rank + 1) * share].tolist()
 
+    def consumed(self) -> np.ndarray:
+        """Every sample index the global batches so far have used (all ranks), epoch after epoch."""
+        epoch, position = self.epoch, self.position
+        used = (self.num_samples // self.batch_size) * self.batch_size  # an epoch's remainder is dropped
+        out = []
+        for e in range(epoch + 1):
+            self.epoch = e
+            out.append(self._permutation()[: used if e < epoch else position])
+        self.epoch = epoch
+        return np.concatenate(out)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "num_samples": self.num_samples, "seed": self.seed}
 

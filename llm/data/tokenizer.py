@@ -1,14 +1,19 @@
 """Tokenizers: a byte-level BPE trained on the training corpus (the default, cached on disk), or any pretrained
 tokenizer that `transformers.AutoTokenizer` can load (a hub name such as `gpt2`, or a local directory).
 
-Both return a `transformers.PreTrainedTokenizerFast` with BOS, EOS and PAD tokens set.
+Both return a `transformers.PreTrainedTokenizerFast` with BOS, EOS and PAD tokens set. `token_byte_lengths`
+says how many UTF-8 bytes of text each token id stands for (bits per byte divides a loss by them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 from loguru import logger
 
@@ -112,3 +117,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = tokenizer.backend_tokenizer.to_str()
     specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, len(tokenizer))
     return hashlib.sha256(f"{backend}|{specials}".encode()).hexdigest()[:16]
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte tokens: one byte each
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for ([len(tokenizer)] int32); special tokens (EOS, BOS, PAD, chat
+    markers) count 0 bytes. The sum over the tokens of a text is the byte length of that text.
+
+    Byte-level BPE (ours, GPT-2, Llama 3): every character of a token is one byte of the 256-character alphabet,
+    so a token that holds part of a multi-byte character still counts exactly its own bytes. Other vocabularies
+    (SentencePiece, WordPiece): `<0xNN>` is one byte, the word-start marker '▁' a space, WordPiece's '##' nothing."""
+    specials = set(tokenizer.all_special_ids)
+    specials |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    vocab = tokenizer.get_vocab()  # token -> id, added tokens included
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    table = np.zeros(max(len(tokenizer), max(vocab.values(), default=-1) + 1), dtype=np.int32)
+    for tok, i in vocab.items():
+        if i in specials:
+            continue
+        if byte_level:
+            table[i] = len(tok)
+        elif _BYTE_FALLBACK.match(tok):
+            table[i] = 1
+        else:
+            table[i] = len(tok.removeprefix("##").replace("\u2581", " ").encode("utf-8"))
+    return table

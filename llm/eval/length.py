@@ -2,7 +2,8 @@
 
 Perplexity at length L: windows of L held-out tokens; the loss is taken over the last `context` positions of each
 window (the part that sees a long history), so a method that keeps working past the training length keeps the
-same perplexity as in-length, and one that breaks shows it at once.
+same perplexity as in-length, and one that breaks shows it at once. The same positions give bits per byte
+(`bpb_by_length`, llm/eval/bpb.py), comparable between models with different tokenizers.
 Passkey at length L: a random 5-digit number assigned in Python-looking filler (the default corpus is Python
 source) at several depths, then `assert passkey == ` and a greedy completion of 5 digits; accuracy = exact digits.
 """
@@ -19,6 +20,7 @@ import torch
 
 from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
 from llm.errors import ConfigError
+from llm.eval import bpb
 from llm.model import unwrap_model
 
 FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "items.append(total)",
@@ -38,26 +40,47 @@ class LengthEval(Objective):
         self.context, self.multiples, self.windows = context, [int(m) for m in multiples], windows
         self.passkey_trials, self.passkey_depths, self.seed = passkey_trials, list(passkey_depths), seed
         self.batch_size = batch_size
+        self.token_bytes = None  # bytes per token id on the device (setup), for bits per byte
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         labels = batch[LABELS]
         loss = model(batch[INPUT_IDS], labels=labels) / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
+    def val_metrics(self, model, batch: dict) -> dict:
+        """The loss, and the summed nats and bytes of its targets (-> `val_bpb`, comparable across tokenizers)."""
+        labels = batch[LABELS]
+        nll = model(batch[INPUT_IDS], labels=labels)
+        metrics = {"loss": (nll / (labels != IGNORE_INDEX).sum().clamp(min=1)).detach()}
+        if self.token_bytes is not None:
+            metrics.update({bpb.NATS: nll.detach().float(), bpb.BYTES: bpb.label_bytes(labels, self.token_bytes)})
+        return metrics
+
+    def summarize(self, metrics: dict) -> dict:
+        return bpb.summarize(metrics)
+
+    def setup(self, model, data) -> None:
+        self.token_bytes = bpb.byte_table(data, next(unwrap_model(model).parameters()).device)
+
     @property
     def lengths(self) -> list[int]:
         return [self.context * m for m in self.multiples]
 
     @torch.no_grad()
-    def perplexity(self, model, data, length: int) -> float:
-        """Windows of `length` + 1 consecutive held-out tokens (read straight from the packed validation array)."""
+    def perplexity(self, model, data, length: int) -> tuple[float, float]:
+        """(perplexity, bits per byte) over windows of `length` + 1 consecutive held-out tokens (read straight
+        from the packed validation array); bits per byte is NaN without a bytes table."""
         plain = unwrap_model(model)
         device = next(plain.parameters()).device
-        tokens = data.val.tokens
+        tokens = getattr(data.val, "tokens", None)
+        if tokens is None:  # a mixture's windows come from several token streams
+            raise ConfigError("task=eval_length reads one held-out token stream: use data=stdlib, files or hub, not a "
+                              "mixture")
         n = min(self.windows, (len(tokens) - 1) // length)
         if n < 1:
             raise ConfigError(f"the validation split has {len(tokens)} tokens, too few for one window of {length}")
-        total, count = torch.zeros((), device=device), 0
+        table = self.token_bytes if self.token_bytes is not None else bpb.byte_table(data, device)
+        total, num_bytes, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for start in range(0, n, self.batch_size):
             rows = [torch.from_numpy(tokens[i * length : (i + 1) * length + 1].astype("int64"))
                     for i in range(start, min(n, start + self.batch_size))]
@@ -66,7 +89,9 @@ class LengthEval(Objective):
             labels[:, : -self.context] = IGNORE_INDEX  # only the last `context` positions count
             total += plain(x, labels=labels)  # the model's fused head + loss: no [B, length, V] logits
             count += labels.size(0) * min(self.context, length)
-        return math.exp(total.item() / count)
+            if table is not None:
+                num_bytes += bpb.label_bytes(labels, table)
+        return math.exp(total.item() / count), bpb.bits_per_byte(total.item(), num_bytes.item())
 
     @torch.no_grad()
     def passkey(self, model, tokenizer, length: int) -> float:
@@ -99,10 +124,11 @@ class LengthEval(Objective):
     def evaluate(self, model, data) -> dict:
         with warnings.catch_warnings():  # running past the context is the point here
             warnings.simplefilter("ignore")
-            ppl = {str(L): self.perplexity(model, data, L) for L in self.lengths}
+            curves = {str(L): self.perplexity(model, data, L) for L in self.lengths}
             passkey = {str(L): self.passkey(model, data.tokenizer, L) for L in self.lengths}
         return {"method": method_label(unwrap_model(model).config.rope_scaling), "context": self.context,
-                "ppl_by_length": ppl, "passkey_by_length": passkey}
+                "ppl_by_length": {L: ppl for L, (ppl, _) in curves.items()},
+                "bpb_by_length": {L: bits for L, (_, bits) in curves.items()}, "passkey_by_length": passkey}
 
     def finish(self, results: dict, run_dir: Path) -> None:
         """Write the table as markdown and the perplexity/passkey plot as PNG into the run dir."""
@@ -119,7 +145,8 @@ def method_label(scaling: dict | None) -> str:
 
 
 def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -> None:
-    """by_method: label -> results with ppl_by_length / passkey_by_length. Writes <stem>.md and <stem>.png."""
+    """by_method: label -> results with ppl_by_length / passkey_by_length (and bpb_by_length). Writes <stem>.md
+    and <stem>.png."""
     import matplotlib  # plotting only: not imported by runs that draw nothing
 
     matplotlib.use("Agg")
@@ -127,13 +154,13 @@ def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -
     import matplotlib.ticker
 
     lengths = sorted({int(L) for r in by_method.values() for L in r["ppl_by_length"]})
-    rows = ["| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " +
-            " | ".join(f"passkey@{L}" for L in lengths) + " |",
-            "|---" * (1 + 2 * len(lengths)) + "|"]
+    columns = [("ppl", "ppl_by_length"), ("bpb", "bpb_by_length"), ("passkey", "passkey_by_length")]
+    columns = [(name, key) for name, key in columns if any(key in r for r in by_method.values())]
+    rows = ["| method | " + " | ".join(f"{name}@{L}" for name, _ in columns for L in lengths) + " |",
+            "|---" * (1 + len(columns) * len(lengths)) + "|"]
     for label, r in by_method.items():
-        ppl = [f"{r['ppl_by_length'].get(str(L), float('nan')):.2f}" for L in lengths]
-        pk = [f"{r['passkey_by_length'].get(str(L), float('nan')):.2f}" for L in lengths]
-        rows.append(f"| {label} | " + " | ".join(ppl) + " | " + " | ".join(pk) + " |")
+        cells = [f"{r.get(key, {}).get(str(L), float('nan')):.2f}" for _, key in columns for L in lengths]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     (out_dir / f"{stem}.md").write_text("\n".join(rows) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps(by_method, indent=2, default=str))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -45,7 +45,8 @@ def generate_sample(model, tokenizer, settings: SampleSettings | None, seed: int
         ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
         stop = stop_token_id(tokenizer)
     else:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id]
+        # an empty prompt starts a document: after EOS, the separator pretraining puts between documents
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         stop = tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from llm.contract import (CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, MODEL_INPUTS, REJECTED, Objective, ref_logp_key,
                           side_key)
 from llm.errors import ConfigError, check_choice, check_int, check_number
+from llm.eval import bpb
 from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
 from llm.train.parallel import is_fsdp
@@ -26,6 +27,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class LanguageModeling(Objective):
     """Next-token prediction: mean cross-entropy over every labelled position (labels of -100 are ignored).
+    Validation also reports bits per byte (`val_bpb`, llm/eval/bpb.py) when the data has a bytes-per-token table.
 
     The model computes it with its fused LM head + cross-entropy (`llm/model/fused_loss.py`), loss_chunk_size
     tokens at a time (0 = auto), so the [tokens, vocab] logits never exist at once.
@@ -33,13 +35,33 @@ class LanguageModeling(Objective):
 
     def __init__(self, loss_chunk_size: int = 0):
         self.loss_chunk_size = check_int("task.objective.loss_chunk_size", loss_chunk_size, 0)
+        self.token_bytes = None  # bytes per token id, on the device, when the data has the table
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+    def setup(self, model, data) -> None:
+        self.token_bytes = bpb.byte_table(data, next(unwrap_model(model).parameters()).device)
+
+    def _nll(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL of the labelled tokens, mean NLL)."""
         kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         labels = batch[LABELS]
         nll = model(batch[INPUT_IDS], labels=labels, loss_chunk_size=self.loss_chunk_size, **kwargs)
-        loss = nll / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return nll, nll / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        _, loss = self._nll(model, batch)
         return loss, {"loss": loss.detach()}
+
+    def val_metrics(self, model, batch: dict) -> dict:
+        """The loss, and with a bytes table the summed nats and bytes that `summarize` turns into `bpb`."""
+        nll, loss = self._nll(model, batch)
+        metrics = {"loss": loss.detach()}
+        if self.token_bytes is not None:
+            metrics[bpb.NATS] = nll.detach().float()
+            metrics[bpb.BYTES] = bpb.label_bytes(batch[LABELS], self.token_bytes)
+        return metrics
+
+    def summarize(self, metrics: dict) -> dict:
+        return bpb.summarize(metrics)
 
 
 class SFT(LanguageModeling):

@@ -62,9 +62,17 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
+def data_report(data, sampler) -> dict:
+    """What a data object says about the samples consumed so far (`report(sampler)`, optional: a mixture's
+    realised shares), logged with each evaluation."""
+    report = getattr(data, "report", None)
+    return report(sampler) if report else {}
+
+
 def check_fits(seq_len: int, max_seq_len: int) -> None:
     if seq_len > max_seq_len:
-        raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context model.max_seq_len={max_seq_len}")
+        raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
+                          f"model.max_seq_len={max_seq_len}")
 
 
 def check_trained(steps: int, skipped: int) -> None:
@@ -140,8 +148,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
-        """One optimizer step over `accum_steps` micro-batches. Returns (metrics as device tensors, no sync; the
-        tokens all ranks consumed)."""
+        """One optimizer step over `accum_steps` micro-batches: (metrics, device tensors; tokens of all ranks)."""
         indices = self.sampler.next_indices()
         lr = self.optim.lr_at(self.state.step, self.max_steps)
         for group in self.optimizer.param_groups:
@@ -180,8 +187,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean objective metrics (val_*) over the first eval_batches micro-batches of the validation split, plus
-        whatever the objective's own `evaluate(model, data)` measures (exact match, preference accuracy, ...)."""
+        """val_* metrics (as the objective summarizes them: loss, bits per byte) over the first eval_batches
+        micro-batches of the validation split, the data's report, and the objective's own `evaluate`."""
         self.model.eval()
         n = len(self.data.val)
         if self.cadence.eval_batches:
@@ -191,12 +198,13 @@ class Trainer:
         for start, weight in eval_shard(n, self.micro_batch_size, self.env):
             indices = list(range(start, min(n, start + self.micro_batch_size)))
             with self.autocast():
-                _, metrics = self.objective.loss(self.model, self._batch(indices, self.data.val))
+                metrics = self.objective.val_metrics(self.model, self._batch(indices, self.data.val))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() * weight
             count += weight
         sums, count = reduce_sums(sums, count)  # over ranks
-        out = {f"val_{k}": (v / count).item() for k, v in sums.items()}
+        means = self.objective.summarize({k: (v / count).item() for k, v in sums.items()})
+        out = {**{f"val_{k}": v for k, v in means.items()}, **data_report(self.data, self.sampler)}
         with self.autocast():
             out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()

@@ -4,6 +4,7 @@ exact resume, sweeps, loggers and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def test_run_dir_contract(small_run):
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s", "wall_seconds"} <= set(m) for m in metrics[1:])
     assert "val_loss" in metrics[2] and "val_loss" in metrics[4]
     assert [m["wall_seconds"] for m in metrics] == sorted(m["wall_seconds"] for m in metrics)
+    assert 0 < metrics[4]["val_bpb"] < metrics[4]["val_loss"] / math.log(2)  # a token holds more than one byte
     for step in (10, 20):
         ckpt = small_run / "checkpoints" / f"step_{step:07d}"
         for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "model_config.json",
@@ -39,7 +41,7 @@ def test_run_dir_contract(small_run):
     assert (small_run / "checkpoints" / "last").read_text().strip() == "step_0000020"
     results = json.loads((small_run / "results.json").read_text())
     for key in ("task", "steps", "tokens", "seconds", "wall_seconds", "train_loss", "val_loss", "initial_val_loss",
-                "params", "overrides", "git_commit"):
+                "params", "overrides", "git_commit", "val_bpb", "initial_val_bpb"):
         assert key in results, key
     assert results["wall_seconds"] >= results["seconds"] > 0 and "trainer.save_every=10" in results["overrides"]
     assert results["checkpoint"] == str(small_run / "checkpoints" / "step_0000020")
@@ -268,6 +270,8 @@ def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
     assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
+    assert set(results["bpb_by_length"]) == {"128", "256"} and all(v > 0 for v in results["bpb_by_length"].values())
+    assert results["val_bpb"] > 0
     assert all(v > 1 for v in results["ppl_by_length"].values())
     assert (run_dir / "length_eval.png").stat().st_size > 1000
     assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
@@ -287,3 +291,23 @@ def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):
     assert (sweep / "length_eval.png").stat().st_size > 1000
     assert len(json.loads((sweep / "length_eval.json").read_text())) == 2
     assert (sweep / "sweep_summary.md").read_text().count("| done |") == 2
+
+
+def test_a_mixture_realises_its_weights(cache_dir, tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    for name, words in (("a", "red green blue cyan magenta"), ("b", "one two three four five six")):
+        (tmp_path / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words.split(), 30)) for _ in range(300)))
+    model = [o for o in SMALL if o.startswith("model.")]
+    trainer = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=32", "trainer.eval_every=10",
+               "trainer.eval_batches=2", "trainer.log_every=10", "trainer.progress=false", "tokenizer.vocab_size=300",
+               "task.sample.max_new_tokens=4", "logger=none"]
+    # a: its first 64 windows (max_tokens), b a quarter of that: 80 windows, so 20 steps of 8 are two epochs
+    sources = ["data=mix", "~data.sources.code", "~data.sources.text",
+               f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/a.txt]}},weight:0.8,"
+               f"max_tokens:{64 * 32}}}",
+               f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/b.txt]}},weight:0.2}}"]
+    run_cli([*model, *trainer, *sources, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["mix/a"] == pytest.approx(0.8, abs=0.02) and results["mix/b"] == pytest.approx(0.2, abs=0.02)
+    assert "mix/a 0.8" in (tmp_path / "run" / "train.log").read_text()
+    assert "data: mixture of 80 train windows: a 80.0% (64 of" in (tmp_path / "run" / "train.log").read_text()

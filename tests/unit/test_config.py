@@ -93,3 +93,10 @@ def test_tiny_is_a_few_million():
     cfg = compose_config()
     model = instantiate(cfg.model, _convert_="all", vocab_size=4096)
     assert 1e6 < model.num_params() < 5e6
+
+
+def test_each_corpus_suggests_its_sample_prompt():
+    assert compose_config().task.sample.prompt == "def "  # Python sources
+    assert compose_config(["data=files", "data.paths=[a.txt]"]).task.sample.prompt == ""  # the start of a document
+    assert compose_config(["data=hub", "data.name=x", "data.sample_prompt=Once"]).task.sample.prompt == "Once"
+    assert compose_config(["task.sample.prompt=import"]).task.sample.prompt == "import"  # the user's wins

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import llm.data.pretrain as pretrain_mod
+import llm.data.shards as shards_mod
 from llm.data import FileCorpus, PretrainData, ResumableSampler, StdlibCorpus, load_pretrained, train_bpe
 from llm.errors import ConfigError, DataError
 
@@ -73,7 +73,7 @@ def test_second_preparation_does_no_tokenization(tokenizer, corpus, tmp_path, mo
     def boom(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(pretrain_mod, "_tokenize_batch", boom)
+    monkeypatch.setattr(shards_mod, "encode_chunk", boom)
     second = PretrainData(tokenizer, source, **kwargs).prepare()
     assert second.from_cache
     assert np.array_equal(np.asarray(first.train.tokens), np.asarray(second.train.tokens))
@@ -89,6 +89,18 @@ def test_stdlib_corpus_is_deterministic_and_skips_tests():
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
     assert corpus.fingerprint() == StdlibCorpus(max_bytes=300_000).fingerprint()
     assert sum(f.stat().st_size for f in files) <= 300_000
+
+
+def test_stdlib_corpus_leaves_out_generated_tables():
+    files = {str(f.relative_to(StdlibCorpus().root)) for f in StdlibCorpus(max_bytes=None).files()}
+    everything = {str(f.relative_to(StdlibCorpus().root))
+                  for f in StdlibCorpus(max_bytes=None, skip_generated=False).files()}
+    generated = everything - files
+    assert {"encodings/cp437.py", "encodings/latin_1.py"} & everything == {"encodings/cp437.py", "encodings/latin_1.py"}
+    assert "encodings/cp437.py" in generated and "stringprep.py" in generated  # codec maps, tool-written tables
+    assert {"encodings/latin_1.py", "ast.py", "http/cookiejar.py", "optparse.py"} <= files  # hand-written code stays
+    assert all(name.startswith("encodings/") or name in {"keyword.py", "token.py", "stringprep.py", "re/_casefix.py"}
+               for name in generated)
 
 
 def test_sampler_is_resumable_and_rank_aware():
