@@ -154,7 +154,7 @@ def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
 # a default derived later), and the fractions: checked in every group before any work, with the rest of `validate`.
 COUNT_KEYS = {"max_bytes": 1, "max_documents": 1, "num_examples": 1, "eval_samples": 0, "num_proc": 1,
               "min_frequency": 1, "max_train_bytes": 1, "offset": 0, "split_seed": 0, "seq_len": 1, "windows": 1,
-              "passkey_trials": 1, "batch_size": 1}
+              "passkey_trials": 1, "batch_size": 1, "shard_tokens": 1, "max_tokens": 1, "epochs": 1}
 FRACTION_KEYS = ("val_fraction",)
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 SHARES_REFERENCES = pytest.mark.xdist_group("reliability")  # the tests of the module fixture: on one worker
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps", "rewards/margin", "tokens")
-STEPS = ["trainer.max_steps=30", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=10"]
+STEPS = ["trainer.max_steps=18", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=6"]
 POST = ["trainer.seq_len=64", "task.data.eval_samples=8", "post_data.train.num_examples=300",
         "post_data.val.num_examples=8"]
 
@@ -77,7 +77,7 @@ def references(tmp_path_factory, small_run, cache_dir):
 def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, *_task_args(task, small_run), f"hydra.run.dir={run_dir}"]
-    kill_at = random.Random(seed).randint(4, 24)
+    kill_at = random.Random(seed).randint(4, 14)
     proc = _start(args, cache_dir)
     _wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)
