@@ -8,8 +8,6 @@ whose fixtures are expensive runs stay on one worker (`xdist_group`).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+
+from llm.data.pretrain import file_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -41,18 +41,6 @@ def session_dir(tmp_path_factory, name: str) -> Path:
     """A dir of this test session that every xdist worker sees (a worker's basetemp is inside the session's)."""
     base = tmp_path_factory.getbasetemp()
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-
-
-@contextlib.contextmanager
-def exclusive(path: Path):
-    """One worker at a time in the block (the others wait for it, then see what it made)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +72,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def small_run(tmp_path_factory, cache_dir) -> Path:
     """One small pretraining run through run.py, shared by the tests (and workers) that inspect its run dir."""
     run_dir = session_dir(tmp_path_factory, "small_run")
-    with exclusive(run_dir.with_name("small_run.lock")):
+    with file_lock(run_dir.with_name("small_run.lock")):  # one worker runs it, the others wait
         if not (run_dir / "results.json").is_file():
             run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={run_dir}"], cache_dir)
     return run_dir

@@ -63,7 +63,8 @@ class PackedTokens(torch.utils.data.Dataset):
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """One process at a time in the block (others wait for it, then see what it made); released if it dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -108,7 +109,7 @@ class PretrainData:
         if isinstance(self.source, Mixture):
             return self._prepare_mixture()
         path = self.cache_dir / "data" / self.cache_key()
-        with _file_lock(path.with_name(path.name + ".lock")):  # one process tokenizes; the others wait and reuse
+        with file_lock(path.with_name(path.name + ".lock")):  # one process tokenizes; the others wait and reuse
             self.meta = self._complete_meta(path)
             self.from_cache = self.meta is not None
             if self.from_cache:
