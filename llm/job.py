@@ -66,7 +66,7 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
     if looks_like_hub_name(cfg.init_from):  # owner/name: a model on the Hugging Face hub
         with open_dict(cfg):
             cfg.init_from = str(fetch_hub_model(cfg.init_from))
-    hf_dir = not str(cfg.init_from).startswith("latest:") and is_hf_model_dir(Path(str(cfg.init_from)).expanduser())
+    hf_dir = not str(cfg.init_from).startswith(("latest:", "best:")) and is_hf_model_dir(Path(str(cfg.init_from)).expanduser())
     if hf_dir:
         init_ckpt = Path(str(cfg.init_from)).expanduser().absolute()
         saved = read_hf_config(init_ckpt)

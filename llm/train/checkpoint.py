@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -144,27 +145,42 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def latest_run(task: str, roots=("outputs", "multirun_outputs")) -> Path:
-    """The newest run dir (by its results.json time) under `roots` whose results.json says `task`."""
-    best = None
+def finished_runs(task: str, roots=("outputs", "multirun_outputs")) -> list[tuple[Path, dict]]:
+    """(run dir, results) of every finished run of `task` under `roots`, oldest first (by results.json time)."""
+    found = []
     for root in roots:
         for results in Path(root).glob("**/results.json"):
             try:
-                done = json.loads(results.read_text()).get("task") == task
+                record = json.loads(results.read_text())
             except (OSError, ValueError):
                 continue
-            if done and (best is None or results.stat().st_mtime > best.stat().st_mtime):
-                best = results
-    if best is None:
-        raise ConfigError(f"latest:{task}: no finished {task} run under {list(roots)} (run that task first)")
-    return best.parent
+            if record.get("task") == task:
+                found.append((results.stat().st_mtime, results.parent, record))
+    return [(run, record) for _, run, record in sorted(found, key=lambda f: f[0])]
+
+
+def latest_run(selector: str, roots=("outputs", "multirun_outputs")) -> Path:
+    """`latest:<task>`: the newest finished run of the task; `best:<task>`: its finished run with the lowest final
+    val_loss. The choice is logged with what it is (path, steps, val_loss): a 10-step smoke test is easy to spot."""
+    kind, task = selector.split(":", 1)
+    runs = finished_runs(task, roots)
+    if kind == "best":
+        runs = [r for r in runs if isinstance(r[1].get("val_loss"), (int, float)) and math.isfinite(r[1]["val_loss"])]
+        runs.sort(key=lambda r: -r[1]["val_loss"])  # the best last
+    if not runs:
+        raise ConfigError(f"{selector}: no finished {task} run under {list(roots)} (run that task first)")
+    run, record = runs[-1]
+    logger.warning(f"{selector} is {run}: {record.get('steps')} steps, val_loss {record.get('val_loss')} "
+                   f"({len(runs)} finished {task} run(s); best:{task} picks the lowest val_loss)")
+    return run
 
 
 def resolve_checkpoint(path: str | Path, key: str) -> Path:
-    """A checkpoint dir, a run dir (-> its newest complete checkpoint), or `latest:<task>` (the newest finished run
-    of that task under outputs/ and multirun_outputs/). `key` names the option in errors."""
-    if str(path).startswith("latest:"):
-        path = latest_run(str(path).split(":", 1)[1])
+    """A checkpoint dir, a run dir (-> its newest complete checkpoint), `latest:<task>` (the newest finished run of
+    that task under outputs/ and multirun_outputs/) or `best:<task>` (its lowest final val_loss). `key` names the
+    option in errors."""
+    if str(path).startswith(("latest:", "best:")):
+        path = latest_run(str(path))
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise ConfigError(f"{key}={str(path)!r}: no such run or checkpoint directory")

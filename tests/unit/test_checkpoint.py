@@ -123,3 +123,30 @@ def test_metrics_log_on_resume_drops_later_steps_and_a_torn_line(tmp_path):
     restarted.open()
     restarted.close()
     assert path.read_text() == ""
+
+
+def test_latest_and_best_runs_say_what_they_picked(tmp_path):
+    """latest:<task> is the newest finished run, best:<task> the lowest val_loss; the choice is logged with its
+    steps and val_loss, so a 10-step smoke test picked by latest: is easy to spot."""
+    import os
+    import time
+
+    runs = {"long": (2000, 1.9), "smoke": (10, 7.5), "other_task": (50, 0.1)}
+    for i, (name, (steps, val)) in enumerate(runs.items()):
+        run = tmp_path / "outputs" / name
+        run.mkdir(parents=True)
+        task = "sft" if name == "other_task" else "pretrain"
+        (run / "results.json").write_text(json.dumps({"task": task, "steps": steps, "val_loss": val}))
+        os.utime(run / "results.json", (time.time() + i, time.time() + i))  # "smoke" finished after "long"
+    messages = []
+    handler = ckpt.logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        roots = (tmp_path / "outputs",)
+        assert ckpt.latest_run("latest:pretrain", roots).name == "smoke"
+        assert ckpt.latest_run("best:pretrain", roots).name == "long"
+    finally:
+        ckpt.logger.remove(handler)
+    assert "10 steps, val_loss 7.5 (2 finished pretrain run(s); best:pretrain picks" in messages[0]
+    assert "2000 steps, val_loss 1.9" in messages[1]
+    with pytest.raises(ckpt.ConfigError, match="best:dpo: no finished dpo run"):
+        ckpt.latest_run("best:dpo", roots)
