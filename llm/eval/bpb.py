@@ -30,6 +30,15 @@ def label_bytes(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, table[labels.clamp(min=0)], 0.0).sum()
 
 
+def nll_metrics(nll: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Validation metrics from the summed NLL of `labels`' targets: the mean `loss`, and with a bytes table the two
+    sums that `summarize` turns into `bpb` (used by every language-modelling objective)."""
+    metrics = {"loss": (nll / (labels != IGNORE_INDEX).sum().clamp(min=1)).detach()}
+    if table is not None:
+        metrics.update({NATS: nll.detach().float(), BYTES: label_bytes(labels, table)})
+    return metrics
+
+
 def bits_per_byte(nats: float, num_bytes: float) -> float:
     return nats / num_bytes / math.log(2) if num_bytes > 0 else float("nan")
 

@@ -49,12 +49,7 @@ class LengthEval(Objective):
 
     def val_metrics(self, model, batch: dict) -> dict:
         """The loss, and the summed nats and bytes of its targets (-> `val_bpb`, comparable across tokenizers)."""
-        labels = batch[LABELS]
-        nll = model(batch[INPUT_IDS], labels=labels)
-        metrics = {"loss": (nll / (labels != IGNORE_INDEX).sum().clamp(min=1)).detach()}
-        if self.token_bytes is not None:
-            metrics.update({bpb.NATS: nll.detach().float(), bpb.BYTES: bpb.label_bytes(labels, self.token_bytes)})
-        return metrics
+        return bpb.nll_metrics(model(batch[INPUT_IDS], labels=batch[LABELS]), batch[LABELS], self.token_bytes)
 
     def summarize(self, metrics: dict) -> dict:
         return bpb.summarize(metrics)

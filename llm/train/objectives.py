@@ -53,12 +53,8 @@ class LanguageModeling(Objective):
 
     def val_metrics(self, model, batch: dict) -> dict:
         """The loss, and with a bytes table the summed nats and bytes that `summarize` turns into `bpb`."""
-        nll, loss = self._nll(model, batch)
-        metrics = {"loss": loss.detach()}
-        if self.token_bytes is not None:
-            metrics[bpb.NATS] = nll.detach().float()
-            metrics[bpb.BYTES] = bpb.label_bytes(batch[LABELS], self.token_bytes)
-        return metrics
+        nll, _ = self._nll(model, batch)
+        return bpb.nll_metrics(nll, batch[LABELS], self.token_bytes)
 
     def summarize(self, metrics: dict) -> dict:
         return bpb.summarize(metrics)
