@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import torch
 import torch.distributed as dist
 from loguru import logger
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llm.errors import ConfigError, check_choice
@@ -25,8 +24,16 @@ from llm.train.cluster import DistEnv
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 
 
+# FSDP2 and DTensor are imported only by a run that shards: together they cost ~0.7 s of every start otherwise
+# (a one-line config error included). Until `parallelize` imports them, no module or tensor can be one of theirs.
 def is_fsdp(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def _is_dtensor(x) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(x, tensor.DTensor)
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
@@ -55,6 +62,8 @@ def parallelize(model: torch.nn.Module, env: DistEnv, strategy: str = "auto", co
         for block in model.blocks:
             block.activation_checkpointing = True
     if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # see is_fsdp
+
         bf16 = precision == "bf16" or (precision == "auto" and env.device.type == "cuda")
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
@@ -94,7 +103,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     tensor, the same on every rank."""
     parameters = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
-    if isinstance(total, DTensor):
+    if _is_dtensor(total):
         total = total.full_tensor()  # the sharded norms' reduction (a collective)
     if max_norm != float("inf"):  # no clipping asked: leave the gradients alone
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
