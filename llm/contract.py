@@ -1,4 +1,4 @@
-"""What the rooms agree on: the batch every dataset yields and the interface every objective offers.
+"""What the rooms agree on: the batch every dataset yields, and the interfaces every data object and objective offer.
 
 model, data, eval and train all import this module (it imports only torch), so none of them has to import
 another room for a constant or a key name.
@@ -38,12 +38,34 @@ def batch_tokens(batch: dict) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith(INPUT_IDS))
 
 
+class Data:
+    """What a task's data object offers the trainer and the objectives (data=... / post_data=... build one).
+
+    `prepare()` does the work (tokenize, cache, split) and returns the object; then `train` and `val` are map-style
+    datasets whose items collate into the batch above, and `tokenizer` is the run's. Optional, with defaults here:
+    `token_bytes`, UTF-8 bytes of text per token id (special tokens 0), which makes the validation report bits per
+    byte (None: no such table, e.g. chat rows whose templates add text); `report(sampler)`, what the run has
+    consumed so far (a mixture's realised shares) for the log and results.json. A task's objective may ask for
+    more of its own data class (SFT and DPO: `eval_examples`)."""
+
+    tokenizer = None
+    train: torch.utils.data.Dataset | None = None
+    val: torch.utils.data.Dataset | None = None
+    token_bytes = None
+
+    def prepare(self) -> "Data":
+        raise NotImplementedError
+
+    def report(self, sampler) -> dict:
+        return {}
+
+
 class Objective:
     """What a task computes from a batch. The trainer calls only these methods, never asks which task it runs.
 
-    `loss` is required; the others have defaults that do nothing (or reuse `loss`). `trains = False` declares an evaluation-only
-    task (task=eval_length): the trainer then runs zero steps, builds no optimizer and reports how long the
-    evaluation took."""
+    `loss` is required; the others have defaults that do nothing (or reuse `loss`). `trains = False` declares an
+    evaluation-only task (task=eval_length): the trainer then runs zero steps, builds no optimizer and reports how
+    long the evaluation took."""
 
     trains: bool = True
 

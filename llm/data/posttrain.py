@@ -15,8 +15,8 @@ import zlib
 import torch
 from loguru import logger
 
-from llm.contract import (ATTN_MASK, CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, POSITION_IDS, REJECTED, ref_logp_key,
-                          side_key)
+from llm.contract import (ATTN_MASK, CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, POSITION_IDS, REJECTED, Data,
+                          ref_logp_key, side_key)
 from llm.data.chat import check_message, encode_chat, ensure_chat_template, require_text, to_messages
 from llm.errors import ConfigError, DataError, check_choice
 
@@ -81,7 +81,7 @@ def pack(samples: list[dict], seq_len: int) -> list[dict]:
     return rows
 
 
-class _PostTrainData:
+class _PostTrainData(Data):
     """Shared by SFT and preference data: rows -> train/val split -> samples, over-long handling, eval examples."""
 
     def __init__(self, tokenizer, source, seq_len: int, val_source=None, val_fraction: float = 0.05,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from llm.contract import INPUT_IDS, LABELS
+from llm.contract import INPUT_IDS, LABELS, Data
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
@@ -74,7 +74,7 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class PretrainData:
+class PretrainData(Data):
     """Train/validation windows of a corpus for language modelling. Lazy: `prepare()` does the work."""
 
     def __init__(self, tokenizer, source, seq_len: int, cache_dir: str = "~/.cache/llm", val_fraction: float = 0.05,

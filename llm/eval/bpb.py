@@ -20,7 +20,7 @@ NATS, BYTES = "bpb_nats", "bpb_bytes"  # per-batch sums, replaced by `bpb` in th
 
 def byte_table(data, device) -> torch.Tensor | None:
     """The data object's bytes-per-token table on `device`, or None when it has none (e.g. SFT rows)."""
-    table = getattr(data, "token_bytes", None)
+    table = data.token_bytes  # llm.contract.Data: None where the data has no such table
     return None if table is None else torch.as_tensor(table, dtype=torch.float32, device=device)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
+from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.eval import bpb
 from llm.model import unwrap_model
@@ -67,10 +68,10 @@ class LengthEval(Objective):
         from the packed validation array); bits per byte is NaN without a bytes table."""
         plain = unwrap_model(model)
         device = next(plain.parameters()).device
-        tokens = getattr(data.val, "tokens", None)
-        if tokens is None:  # a mixture's windows come from several token streams
+        if not isinstance(data.val, PackedTokens):  # a mixture's windows come from several token streams
             raise ConfigError("task=eval_length reads one held-out token stream: use data=stdlib, files or hub, not a "
                               "mixture")
+        tokens = data.val.tokens
         n = min(self.windows, (len(tokens) - 1) // length)
         if n < 1:
             raise ConfigError(f"the validation split has {len(tokens)} tokens, too few for one window of {length}")

@@ -62,13 +62,6 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
-def data_report(data, sampler) -> dict:
-    """What a data object says about the samples consumed so far (`report(sampler)`, optional: a mixture's
-    realised shares), logged with each evaluation."""
-    report = getattr(data, "report", None)
-    return report(sampler) if report else {}
-
-
 def check_fits(seq_len: int, max_seq_len: int) -> None:
     if seq_len > max_seq_len:
         raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
@@ -204,7 +197,7 @@ class Trainer:
             count += weight
         sums, count = reduce_sums(sums, count)  # over ranks
         means = self.objective.summarize({k: (v / count).item() for k, v in sums.items()})
-        out = {**{f"val_{k}": v for k, v in means.items()}, **data_report(self.data, self.sampler)}
+        out = {**{f"val_{k}": v for k, v in means.items()}, **self.data.report(self.sampler)}
         with self.autocast():
             out.update(self.objective.evaluate(self.model, self.data))
         self.model.train()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from llm.contract import Data
 from llm.data import FileCorpus, train_bpe
 from llm.data.pretrain import PackedTokens
 from llm.data.tokenizer import token_byte_lengths
@@ -39,7 +40,7 @@ def test_byte_table_sums_to_the_utf8_length_and_specials_count_zero(tokenizer):
     assert all(table[i] == 0 for i in tokenizer.all_special_ids)  # EOS, BOS, PAD, chat markers
 
 
-class _Data:
+class _Data(Data):
     """The tiny text packed as one validation window (and the same as training data), with its bytes table."""
 
     def __init__(self, tokenizer, path):

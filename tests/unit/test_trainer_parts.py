@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.contract import Objective
+from llm.contract import Data, Objective
 from llm.errors import ConfigError
 from llm.eval.length import LengthEval
 from llm.eval.sample import SampleSettings
@@ -107,7 +107,7 @@ class _Windows:
         return {k: torch.stack([x[k] for x in items]) for k in items[0]}
 
 
-class _Data:
+class _Data(Data):
     def __init__(self):
         self.train, self.val = _Windows(8), _Windows(4)
 
