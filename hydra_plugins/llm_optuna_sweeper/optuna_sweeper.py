@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm.errors import ConfigError, LLMError
 from llm.eval.sweep import direction_of
-from llm.train.pruning import PRUNERS, default_storage, make_pruner
+from llm.train.pruning import PRUNERS, default_storage, make_pruner, open_storage
 
 SAMPLERS = ("tpe", "random")
 
@@ -88,7 +88,7 @@ class OptunaSweeper(Sweeper):
 
     def _study(self, optuna, sweep_dir: Path):
         metric = self.config.get("optimized_metric") or "val_loss"
-        storage = self.storage or default_storage(sweep_dir)
+        storage = open_storage(optuna, self.storage or default_storage(sweep_dir))
         study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
                                     direction=direction_of(metric, self.direction),
                                     pruner=make_pruner(optuna, self.pruner, self.n_startup_trials, self.n_warmup_steps))

@@ -34,6 +34,19 @@ def default_storage(sweep_dir: str | Path) -> str:
     return f"sqlite:///{Path(sweep_dir).absolute() / 'optuna.db'}"
 
 
+SQLITE_WAIT_S = 120  # how long a writer waits for SQLite's lock (Python's default, 5 s, fails busy sweeps)
+
+
+def open_storage(optuna, url: str):
+    """The study's storage for `url`. SQLite, the default, lets one writer in at a time: with many trials at once
+    (`n_jobs`, SLURM) each report waits for the lock rather than failing with "database is locked". For hundreds
+    of parallel trials, or a sweep dir on a network file system (NFS locks are unreliable), give
+    `hydra.sweeper.storage` a server database URL (postgresql://..., mysql://...)."""
+    if url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}})
+    return url
+
+
 class TrialPruner:
     """`early_stop` for the Trainer: reports `metric` at each evaluation, returns a reason once the study's pruner
     says the trial is hopeless."""
@@ -44,7 +57,7 @@ class TrialPruner:
             import optuna  # the `sweep` extra
         except ImportError as e:
             raise ConfigError("trial: pruning needs Optuna: pip install -e '.[sweep]'") from e
-        study = optuna.load_study(study_name=study_name, storage=storage,
+        study = optuna.load_study(study_name=study_name, storage=open_storage(optuna, storage),
                                   pruner=make_pruner(optuna, pruner, n_startup_trials, n_warmup_steps))
         trial_id = next((t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if trial_id is None:

@@ -11,6 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from llm.errors import ConfigError
 from llm.eval.sweep import direction_of, summarize
+from llm.train.pruning import SQLITE_WAIT_S, default_storage, open_storage
 
 
 def _job(sweep, name, overrides, results=None, error=None, checkpoint=False):
@@ -92,3 +93,13 @@ def test_importance_plot_only_when_it_means_something(tmp_path):
     importances = write_importance(study, tmp_path / "importance.png", optuna)
     assert set(importances) == {"lr", "wd"} and importances["lr"] > importances["wd"]
     assert (tmp_path / "importance.png").stat().st_size > 2000
+
+
+def test_sqlite_study_storage_waits_for_the_lock(tmp_path):
+    """Parallel trials share one SQLite file: a writer must wait for the lock (minutes), not fail after Python's
+    default 5 s with "database is locked"; other URLs go to Optuna as they are."""
+    optuna = pytest.importorskip("optuna")
+    storage = open_storage(optuna, default_storage(tmp_path))
+    with storage.engine.connect() as connection:  # the busy timeout SQLite itself applies, in ms
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_WAIT_S * 1000
+    assert open_storage(optuna, "postgresql://host/db") == "postgresql://host/db"
