@@ -76,7 +76,8 @@ def check_settings(names: list[str], limit, num_fewshot, batch_size, max_new_tok
 
 def task_manager(names: list[str]):
     """lm-eval's TaskManager, indexing lm-eval's own tasks only when a name asks for one (its ~14k YAML files take
-    seconds); an unknown name is a one-line ConfigError. Ours are given to lm-eval as the paths of their files."""
+    seconds); an unknown name, or one of its tasks whose data cannot be had, is a one-line ConfigError. Ours are
+    given to lm-eval as the paths of their files (see `task_specs`)."""
     from lm_eval.tasks import TaskManager  # lazy: lm-eval is optional and slow to import
 
     theirs = [n for n in names if n not in OUR_TASKS]
@@ -85,6 +86,12 @@ def task_manager(names: list[str]):
     if unknown:
         raise ConfigError(f"task.tasks: {unknown[0]!r} is not an lm-eval task; ours are {', '.join(OUR_TASKS)}, and "
                           f"`lm_eval --tasks list` lists lm-eval's own")
+    if theirs:
+        try:  # their data now (from the hub or its cache), so a task that cannot load fails before any work
+            manager.load(theirs)
+        except OSError as e:  # datasets' offline and not-found errors, connection errors
+            raise ConfigError(f"task.tasks: the data of lm-eval's {', '.join(theirs)} does not load (most come from "
+                              f"the Hugging Face hub): {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return manager
 
 
