@@ -83,7 +83,8 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
                 cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
         if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
             cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
-        if (hf_dir or cfg.task.name in ("export", "lm_eval")) and not any(k.split(".")[0] == "extrapolation" for k in explicit):
+        exports = cfg.task.name in ("export", "lm_eval")
+        if (hf_dir or exports) and not any(k.split(".")[0] == "extrapolation" for k in explicit):
             cfg.extrapolation = saved.get("rope_scaling") or {"type": "none"}
         cfg.init_from = str(init_ckpt)
     return cfg
@@ -100,12 +101,13 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
         if finished is not None:
             return finished
     explicit = {o.split("=")[0].lstrip("+~") for o in overrides}
+    rescaled = any(k.split(".")[0] == "extrapolation" for k in explicit)
     lm_eval_version = harness.require_lm_eval() if cfg.task.name == "lm_eval" else None  # before any work
     cfg = resolve_init_from(cfg, explicit)
     if cfg.task.name == "export":
         return export(cfg, run_dir)
     if cfg.task.name == "lm_eval":
-        return lm_eval(cfg, run_dir, lm_eval_version, rescaled=any(k.split(".")[0] == "extrapolation" for k in explicit))
+        return lm_eval(cfg, run_dir, lm_eval_version, rescaled)
     if cfg.get("trial") is not None:
         sweeper = hydra.get("sweeper") or {}
         with open_dict(cfg):
@@ -280,6 +282,9 @@ def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False
         model, tokenizer = load(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
         reserved_chat_template(tokenizer)  # as save_hf does: the export's tokenizer
     examples = []
+    if ours and t.get("rows") is None:
+        raise ConfigError(f"task.rows is null (post_data.val): {', '.join(ours)} are made of held-out rows; set "
+                          f"post_data.val (or task.rows), or name only lm-eval's tasks in task.tasks")
     if ours:
         rows = build(t.rows, "held-out rows")
         logger.info(f"lm_eval: {', '.join(ours)} from {rows.describe()}")

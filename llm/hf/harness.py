@@ -5,7 +5,7 @@ Our tasks, written as lm-eval task files (YAML + JSONL) into the run dir so a re
 - `llm_builtin_gen` (generate_until): a greedy reply to each held-out prompt, scored by exact match after trimming
   whitespace on both sides, as `llm.eval.exact_match` scores it;
 - `llm_builtin_mc` (multiple_choice): the reference answer against the row's plausible wrong one (`rejected`),
-  scored by the log-likelihood of each complete reply (`acc`; `acc_norm` divides by the reply's length in bytes).
+  scored by the log-likelihood of each complete reply (`acc`; `acc_norm` divides it by the reply's characters).
 
 Prompts are stored already rendered by the model's own chat template, and lm-eval is told to add no BOS, so lm-eval
 feeds the model exactly the token ids `exact_match` feeds it (checked for every row when the files are written);
@@ -100,7 +100,7 @@ def task_specs(names: list[str], task_dir: Path) -> list[str]:
     return [str(task_dir / f"{n}.yaml") if n in OUR_TASKS else n for n in names]
 
 
-def held_out_examples(rows, tokenizer, model: str, limit: int | None = None) -> list[dict]:
+def held_out_examples(rows, tokenizer, model: str) -> list[dict]:
     """(where, row) pairs -> {messages, prompt (rendered), answer, rejected, task} as `exact_match` sees them: the
     messages before the last assistant turn, and that turn's content as the answer. `model` names the model dir."""
     if not getattr(tokenizer, "chat_template", None):
@@ -117,8 +117,6 @@ def held_out_examples(rows, tokenizer, model: str, limit: int | None = None) -> 
         rejected = row.get("rejected") if isinstance(row.get("rejected"), str) else None
         examples.append({"where": where, "messages": prompt, "prompt": text, "answer": answer,
                          "rejected": rejected, "task": row.get("task")})
-        if limit is not None and len(examples) >= limit:
-            break
     return examples
 
 
@@ -173,8 +171,9 @@ def _write_task(task_dir: Path, name: str, docs: list[dict], config: dict) -> in
 
 def run_lm_eval(model_dir: Path, specs: list[str], manager, limit: int | None = None, batch_size: int = 8,
                 device: str = "cpu", num_fewshot: int | None = None, seed: int = 1234) -> tuple[dict, dict]:
-    """lm-eval's `simple_evaluate` of the HF model dir on `specs` (see `task_specs`): (flat scores `lm_eval/<task>/<metric>` (and
-    `<metric>_stderr`), per-task samples: the doc, the model's reply or log-likelihoods, the per-example scores)."""
+    """lm-eval's `simple_evaluate` of the HF model dir on `specs` (see `task_specs`): (flat scores
+    `lm_eval/<task>/<metric>` (and `<metric>_stderr`), per-task samples: the doc, the model's reply or
+    log-likelihoods, the per-example scores)."""
     import lm_eval  # lazy: see the module docstring
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

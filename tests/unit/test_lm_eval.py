@@ -117,7 +117,8 @@ def few_lm_eval_tasks(monkeypatch):
     (["task.num_fewshot=2"], "task.num_fewshot=2: llm_builtin_gen, llm_builtin_mc are zero-shot chat prompts"),
     (["task.limit=0"], "task.limit=0 must be an integer >= 1 (or null)"),
     (["init_from={tmp}"], "init_from='{tmp}': no complete checkpoint"),
-], ids=["ours", "theirs", "offline", "fewshot", "limit", "not-a-model"])
+    (["post_data=files", "post_data.train.paths=[rows.jsonl]"], "task.rows is null (post_data.val)"),
+], ids=["ours", "theirs", "offline", "fewshot", "limit", "not-a-model", "no-rows"])
 def test_bad_input_writes_nothing(exported, few_lm_eval_tasks, tmp_path, overrides, message):
     init = [] if any(o.startswith("init_from") for o in overrides) else [f"init_from={exported[2]}"]
     with pytest.raises(ConfigError) as error:
