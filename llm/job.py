@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -300,6 +301,7 @@ def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False
     scores, samples = harness.run_lm_eval(model_dir, harness.task_specs(names, task_dir), manager, t.limit,
                                           t.batch_size, device, t.num_fewshot, cfg.seed)
     harness.write_samples(task_dir / "samples", samples)
+    shutil.rmtree(task_dir / harness.DATASETS_CACHE, ignore_errors=True)  # a copy of our JSONL files
     results = {"task": "lm_eval", "init_from": str(init), "model_dir": str(model_dir), "exported": not reuse,
                "lm_eval_version": version, "tasks": names, "limit": t.limit, "num_fewshot": t.num_fewshot,
                "examples": counts, **scores, "wall_seconds": round(time.time() - start, 2),

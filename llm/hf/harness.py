@@ -32,6 +32,7 @@ from llm.errors import ConfigError, DataError, check_int
 GEN, MC = "llm_builtin_gen", "llm_builtin_mc"
 OUR_TASKS = (GEN, MC)
 EXTRA = "pip install -e .[eval]"
+DATASETS_CACHE = "datasets_cache"  # in the task dir, while lm-eval runs
 
 
 def require_lm_eval() -> str:
@@ -163,7 +164,9 @@ def write_tasks(task_dir: Path, examples: list[dict], tokenizer, names: list[str
 def _write_task(task_dir: Path, name: str, docs: list[dict], config: dict) -> int:
     data = task_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+    # datasets' Arrow copy of the rows goes to the run dir (not ~/.cache/huggingface); job.lm_eval removes it
+    files = {"data_files": {"test": str(data)}, "cache_dir": str(task_dir / DATASETS_CACHE)}
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": files,
             "test_split": "test", "doc_to_text": "prompt", "num_fewshot": 0, **config, "metadata": {"version": 1}}
     (task_dir / f"{name}.yaml").write_text(json.dumps(task, indent=2) + "\n")  # JSON is YAML
     return len(docs)

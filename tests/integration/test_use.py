@@ -128,6 +128,8 @@ def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
         <= results.keys() and 0 <= results["lm_eval/llm_builtin_mc/acc"] <= 1
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
     assert "lm_eval/llm_builtin_mc/acc = " in (run_dir / "train.log").read_text()
+    assert sorted(p.name for p in (run_dir / "lm_eval").iterdir()) == [
+        "llm_builtin_gen.jsonl", "llm_builtin_gen.yaml", "llm_builtin_mc.jsonl", "llm_builtin_mc.yaml", "samples"]
     for name in ("llm_builtin_gen", "llm_builtin_mc"):
         assert (run_dir / "lm_eval" / f"{name}.yaml").is_file()
         assert len((run_dir / "lm_eval" / f"{name}.jsonl").read_text().splitlines()) == 200
