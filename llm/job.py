@@ -1,5 +1,5 @@
 """One run from a composed config: resolve `init_from`, build the plain objects (each `_target_` logged), fit; or,
-for task=export, write the init_from model as a Hugging Face model dir.
+for task=export, write the init_from model as a Hugging Face model dir; for task=lm_eval, score it with lm-eval.
 
 run.py calls `run` from its Hydra job; with `trainer.nproc_per_node` > 1, `run` starts that many workers, each of
 which calls `train` (this module's function, imported by name) with the resolved config as a plain dict. This
@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -26,8 +28,10 @@ from omegaconf.errors import OmegaConfBaseException
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.eval.sweep import ERROR_FILE
+from llm.data.chat import reserved_chat_template
 from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, looks_like_hub_name,
                     read_hf_config, save_hf)
+from llm.hf import harness
 from llm.model import gpt_config
 from llm.train import rundir
 from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
@@ -80,7 +84,8 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
                 cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
         if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
             cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
-        if (hf_dir or cfg.task.name == "export") and not any(k.split(".")[0] == "extrapolation" for k in explicit):
+        exports = cfg.task.name in ("export", "lm_eval")
+        if (hf_dir or exports) and not any(k.split(".")[0] == "extrapolation" for k in explicit):
             cfg.extrapolation = saved.get("rope_scaling") or {"type": "none"}
         cfg.init_from = str(init_ckpt)
     return cfg
@@ -96,9 +101,14 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
         finished = continue_sweep_job(cfg, run_dir, overrides)
         if finished is not None:
             return finished
-    cfg = resolve_init_from(cfg, {o.split("=")[0].lstrip("+~") for o in overrides})
+    explicit = {o.split("=")[0].lstrip("+~") for o in overrides}
+    rescaled = any(k.split(".")[0] == "extrapolation" for k in explicit)
+    lm_eval_version = harness.require_lm_eval() if cfg.task.name == "lm_eval" else None  # before any work
+    cfg = resolve_init_from(cfg, explicit)
     if cfg.task.name == "export":
         return export(cfg, run_dir)
+    if cfg.task.name == "lm_eval":
+        return lm_eval(cfg, run_dir, lm_eval_version, rescaled)
     if cfg.get("trial") is not None:
         sweeper = hydra.get("sweeper") or {}
         with open_dict(cfg):
@@ -251,6 +261,54 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     logger.info(f"exported {written['architecture']} ({written['params']:,} parameters, {written['dtype']}) to "
                 f"{written['out_dir']}: load it with transformers.AutoModelForCausalLM.from_pretrained(dir)")
+    return results
+
+
+def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False) -> dict:
+    """task=lm_eval: lm-eval's scores of the init_from model on task.tasks. An HF model dir is scored as it is
+    (unless extrapolation=... rescales it); a run or checkpoint is exported to `hf/` in this run's dir first, as
+    task=export does. Our tasks' files go to `lm_eval/`, lm-eval's per-example records to `lm_eval/samples/`.
+    Everything is checked (names, settings, rows, chat template) before anything is written."""
+    start, t = time.time(), cfg.task
+    names = harness.check_task_names(OmegaConf.to_container(t.tasks) if OmegaConf.is_list(t.tasks) else t.tasks)
+    device = harness.check_settings(names, t.limit, t.num_fewshot, t.batch_size, t.max_new_tokens, t.device)
+    manager = harness.task_manager(names)
+    init, ours = Path(cfg.init_from), [n for n in names if n in harness.OUR_TASKS]
+    reuse = is_hf_model_dir(init) and not rescaled
+    model = None
+    if reuse:
+        tokenizer = load_pretrained(str(init))
+    else:
+        load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
+        model, tokenizer = load(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
+        reserved_chat_template(tokenizer)  # as save_hf does: the export's tokenizer
+    examples = []
+    if ours and t.get("rows") is None:
+        raise ConfigError(f"task.rows is null (post_data.val): {', '.join(ours)} are made of held-out rows; set "
+                          f"post_data.val (or task.rows), or name only lm-eval's tasks in task.tasks")
+    if ours:
+        rows = build(t.rows, "held-out rows")
+        logger.info(f"lm_eval: {', '.join(ours)} from {rows.describe()}")
+        examples = harness.held_out_examples(rows.rows(), tokenizer, str(init))
+    if reuse:
+        model_dir = init
+    else:
+        model_dir = Path(save_hf(model, tokenizer, run_dir / "hf", t.get("dtype"))["out_dir"])
+        logger.info(f"lm_eval: exported {init} to {model_dir}")
+    task_dir = run_dir / "lm_eval"
+    counts = harness.write_tasks(task_dir, examples, tokenizer, ours, t.max_new_tokens) if ours else {}
+    logger.info(f"lm_eval {version}: {', '.join(names)} on {model_dir} ({device}, limit {t.limit})")
+    scores, samples = harness.run_lm_eval(model_dir, harness.task_specs(names, task_dir), manager, t.limit,
+                                          t.batch_size, device, t.num_fewshot, cfg.seed)
+    harness.write_samples(task_dir / "samples", samples)
+    shutil.rmtree(task_dir / harness.DATASETS_CACHE, ignore_errors=True)  # a copy of our JSONL files
+    results = {"task": "lm_eval", "init_from": str(init), "model_dir": str(model_dir), "exported": not reuse,
+               "lm_eval_version": version, "tasks": names, "limit": t.limit, "num_fewshot": t.num_fewshot,
+               "examples": counts, **scores, "wall_seconds": round(time.time() - start, 2),
+               "overrides": read_overrides(run_dir), "git_commit": git_commit(Path(__file__).parent)}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    for key, value in scores.items():
+        logger.info(f"{key} = {value}")
     return results
 
 

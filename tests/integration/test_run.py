@@ -128,7 +128,7 @@ def test_several_loggers_at_once(cache_dir, tmp_path):
 def test_help_is_the_projects():
     proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for line in ("Usage: python run.py", "hparams_search: dpo, pretrain", "task: dpo, eval_length, export, pretrain, sft",
+    for line in ("Usage: python run.py", "hparams_search: dpo, pretrain", "task: dpo, eval_length, export, lm_eval, pretrain, sft",
                  "python run.py -m hparams_search=pretrain", "Main keys: seed, init_from"):
         assert line in proc.stdout, line
     assert "Powered by Hydra" not in proc.stdout

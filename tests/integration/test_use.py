@@ -1,5 +1,5 @@
 """Taking a model out of the runner and bringing one in, through run.py: task=export of a run, init_from=<a Hugging
-Face model dir> for training, and the errors of both."""
+Face model dir> for training, task=lm_eval of a run, and the errors of export and import."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm.data import VerifiableTasks
 from llm.errors import ConfigError, DataError
+from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
 from llm.job import resolve_init_from
 from llm.train.checkpoint import latest_checkpoint, load_checkpoint_model
@@ -108,3 +110,32 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     (llama / "config.json").write_text(json.dumps(config))
     resolved = resolve_init_from(cfg(llama), set())
     assert resolved.model.n_kv_head == 2 and resolved.model.rope_theta == 5e4 and resolved.init_from == str(llama)
+
+
+def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
+    """task=lm_eval init_from=<run dir> task.limit=4, offline: the run is exported to hf/, our two tasks are written
+    from all 200 held-out rows into lm_eval/, lm-eval scores the first 4 of each, and results.json has its scores
+    as flat keys; lm-eval's replies are the checkpoint's own greedy replies to the same prompts."""
+    pytest.importorskip("lm_eval")
+    run_dir = tmp_path / "lm_eval"
+    run_cli(["task=lm_eval", f"init_from={small_run}", "task.limit=4", "task.max_new_tokens=8",
+             f"hydra.run.dir={run_dir}"], cache_dir, env={"HF_DATASETS_OFFLINE": "1"})
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == "lm_eval" and results["exported"] and results["model_dir"] == str(run_dir / "hf")
+    assert results["tasks"] == ["llm_builtin_gen", "llm_builtin_mc"] and results["limit"] == 4
+    assert results["examples"] == {"llm_builtin_gen": 200, "llm_builtin_mc": 200} and results["lm_eval_version"]
+    assert {"lm_eval/llm_builtin_gen/exact_match", "lm_eval/llm_builtin_mc/acc", "lm_eval/llm_builtin_mc/acc_norm"} \
+        <= results.keys() and 0 <= results["lm_eval/llm_builtin_mc/acc"] <= 1
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
+    assert "lm_eval/llm_builtin_mc/acc = " in (run_dir / "train.log").read_text()
+    assert sorted(p.name for p in (run_dir / "lm_eval").iterdir()) == [
+        "llm_builtin_gen.jsonl", "llm_builtin_gen.yaml", "llm_builtin_mc.jsonl", "llm_builtin_mc.yaml", "samples"]
+    for name in ("llm_builtin_gen", "llm_builtin_mc"):
+        assert (run_dir / "lm_eval" / f"{name}.yaml").is_file()
+        assert len((run_dir / "lm_eval" / f"{name}.jsonl").read_text().splitlines()) == 200
+    samples = [json.loads(line) for line in (run_dir / "lm_eval" / "samples" / "llm_builtin_gen.jsonl").read_text()
+               .splitlines()]
+    model, tokenizer = load_checkpoint_model(latest_checkpoint(small_run))
+    rows = VerifiableTasks(split="heldout", num_examples=4).rows()
+    replies = generate_replies(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for _, r in rows], 8)
+    assert [s["resps"][0][0] for s in samples] == replies
