@@ -201,8 +201,6 @@ class PretrainData(Data):
         return chunks_from
 
     def _build(self, path: Path) -> dict:
-        import datasets
-
         resuming = (path / "progress.json").exists()
         logger.info(f"data: {'continuing to tokenize' if resuming else 'tokenizing'} {self.source.describe()} "
                     f"into {path} ({self.num_proc} process(es))")
@@ -211,6 +209,8 @@ class PretrainData(Data):
             total = len(lines)
             chunks_from = functools.partial(lines.chunks, chunk_bytes=CHUNK_BYTES, chunk_docs=CHUNK_DOCS)
         else:
+            import datasets  # here only: importing it costs most of a second and ~100 MB in every tokenizer process
+
             ds = self.source.load()
             streaming = isinstance(ds, datasets.IterableDataset)
             total = None if streaming else len(ds)
