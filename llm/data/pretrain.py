@@ -1,7 +1,8 @@
 """Pretraining data: tokenize a corpus once into token shards on disk, serve windows of them.
 
 Preparation (`PretrainData.prepare`): `llm/data/shards.py` tokenizes every document over `num_proc` processes
-(local files and streaming hub datasets alike), appends EOS, sends each document to train or validation by a
+(text files read straight from disk block by block, `llm/data/textlines.py`; other sources through `datasets`,
+streaming hub datasets included), appends EOS, sends each document to train or validation by a
 seeded hash of its index (deterministic, disjoint), and writes fixed-size shards (`shard_tokens` tokens, uint16
 when the vocabulary fits, else uint32) and their index (`meta.json`) in a cache directory keyed by a hash of
 source + tokenizer + split settings. A killed preparation continues where it stopped on the next run; a complete
@@ -31,6 +32,7 @@ from loguru import logger
 from llm.contract import INPUT_IDS, LABELS, Data
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
+from llm.data.sources import FileCorpus
 from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
 
@@ -199,21 +201,27 @@ class PretrainData(Data):
         return chunks_from
 
     def _build(self, path: Path) -> dict:
-        import datasets
-
         resuming = (path / "progress.json").exists()
         logger.info(f"data: {'continuing to tokenize' if resuming else 'tokenizing'} {self.source.describe()} "
                     f"into {path} ({self.num_proc} process(es))")
-        ds = self.source.load()
-        streaming = isinstance(ds, datasets.IterableDataset)
-        if not streaming and len(ds) == 0:
+        lines = self.source.text_lines() if isinstance(self.source, FileCorpus) else None
+        if lines is not None:  # local text files: read block by block, no Arrow copy (llm/data/textlines.py)
+            total = len(lines)
+            chunks_from = functools.partial(lines.chunks, chunk_bytes=CHUNK_BYTES, chunk_docs=CHUNK_DOCS)
+        else:
+            import datasets  # here only: importing it costs most of a second and ~100 MB in every tokenizer process
+
+            ds = self.source.load()
+            streaming = isinstance(ds, datasets.IterableDataset)
+            total = None if streaming else len(ds)
+            chunks_from = self._chunks(ds, streaming)
+        if total == 0:
             raise DataError(f"data: {self.source.describe()} has no documents")
         dtype = np.dtype(np.uint16 if len(self.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32).name
         settings = {"format_version": FORMAT_VERSION, "dtype": dtype, "val_fraction": self.val_fraction,
                     "split_seed": self.split_seed, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
-        total = None if streaming else len(ds)
         num_proc = 1 if total is not None and total < 100 else self.num_proc  # a tiny corpus: no processes
-        done = prepare_shards(path, self._chunks(ds, streaming), self.tokenizer, settings, num_proc,
+        done = prepare_shards(path, chunks_from, self.tokenizer, settings, num_proc,
                               self.shard_tokens, total_documents=total or getattr(self.source, "max_documents", None))
         documents, tokens = sum(done["num_documents"].values()), sum(done["num_tokens"].values())
         if documents == 0 or tokens == documents:  # nothing, or nothing but EOS

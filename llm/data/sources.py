@@ -21,6 +21,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from llm.data.textlines import TextLines, not_utf8
 from llm.errors import ConfigError, DataError
 
 # Folders of the standard library left out of the default corpus: test suites, bundled apps and the
@@ -162,6 +163,11 @@ class FileCorpus:
                 ds.remove_columns("text").rename_column(self.text_field, "text")
         return ds.select_columns(["text"])
 
+    def text_lines(self) -> TextLines | None:
+        """Text files as documents read straight from disk (what tokenizing reads); None for JSON / Parquet."""
+        files = self.files()
+        return TextLines(files) if self._format(files) == "text" else None
+
     def describe(self) -> str:
         return f"local files {self.patterns}"
 
@@ -179,8 +185,7 @@ def utf8_lines(path: str):
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                raise not_utf8(path, lineno, raw, e.start) from None
 
 
 def iter_jsonl(path: str):

@@ -118,3 +118,25 @@ def test_a_streaming_dataset_is_tokenized_in_parallel_like_a_local_one(corpus, t
     assert np.array_equal(np.asarray(local.train.tokens), np.asarray(streamed.train.tokens))
     assert streamed.meta["num_documents"] == local.meta["num_documents"]
     assert sum(streamed.meta["num_documents"].values()) == 300
+
+
+def test_text_files_read_block_by_block_are_the_rows_of_datasets_text_loader(tmp_path, monkeypatch):
+    """Tokenizing reads .txt files itself (no Arrow copy): the same documents as datasets' `text` loader, whatever
+    the block size and starting document: universal newlines, a last line without a break, several files."""
+    import llm.data.textlines as textlines
+
+    rng = np.random.default_rng(3)
+    pieces = [" ".join(rng.choice(WORDS + ["é", "漢字", "\x0b", "\u2028", "  "], size=int(rng.integers(0, 9))))
+              + str(rng.choice(["\n", "\n", "\r\n", "\r"])) for _ in range(300)]
+    (tmp_path / "a.txt").write_bytes("".join(pieces).encode())
+    (tmp_path / "b.txt").write_bytes(b"\n\nlast\r\r\nno break at the end")
+    source = FileCorpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
+    expected = list(source.load()["text"])
+    for block in (1 << 20, 64, 1):
+        monkeypatch.setattr(textlines, "BLOCK_BYTES", block)
+        lines = source.text_lines()
+        assert len(lines) == len(expected)
+        for start in (0, 1, 150, len(expected) - 1, len(expected)):
+            chunks = list(lines.chunks(start, chunk_bytes=200, chunk_docs=7))
+            assert [t for _, texts in chunks for t in texts] == expected[start:]
+            assert [first for first, _ in chunks] == list(np.cumsum([start] + [len(t) for _, t in chunks])[:-1])
