@@ -25,6 +25,7 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from llm.data.cache import check_writable_dir
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.eval.sweep import ERROR_FILE
@@ -195,12 +196,24 @@ def validate(cfg: DictConfig) -> dict:
     for group in ("data", "tokenizer", "post_data"):
         _check_tree(group, plain.get(group) or {})
     _check_tree("task.data", plain["task"].get("data") or {})
+    check_cache_dirs(plain)
     built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
              "objective": build(cfg.task.objective, "objective")}
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
     return built
+
+
+def check_cache_dirs(plain: dict) -> None:
+    """The cache dirs this run will write (the BPE's unless init_from brings a tokenizer, the token cache's) are
+    directories it can write: else one line naming the key (`cache_dir` when the group takes the top-level one)."""
+    used = {"task.data.cache_dir": (plain["task"].get("data") or {}).get("cache_dir")}
+    if not plain.get("init_from"):
+        used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
+    for key, value in used.items():
+        if value is not None:
+            check_writable_dir("cache_dir" if value == plain.get("cache_dir") else key, value)
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:

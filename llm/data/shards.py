@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from llm.data.cache import read_entry_json
+
 SPLITS = ("train", "val")
 KILL_AFTER_ENV = "LLM_PREPARE_KILL_AFTER"  # testing aid: SIGKILL this process after that many chunks
 
@@ -173,9 +175,10 @@ def prepare_shards(root: Path, chunks_from, tokenizer, settings: dict, num_proc:
     (dtype, val_fraction, split_seed, ...) must match a found progress.json, else it starts over."""
     root.mkdir(parents=True, exist_ok=True)
     progress_path = root / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if progress is not None and progress.get("settings") != settings:
-        progress = None  # another format or split: start over
+    progress = read_entry_json(progress_path, "data") if progress_path.exists() else None  # None: damaged
+    if progress is not None and (progress.get("settings") != settings
+                                 or not {"next_document", "shard_tokens", "writers"} <= set(progress)):
+        progress = None  # another format or split, or an unreadable record: start over
     start = progress["next_document"] if progress else 0
     shard_tokens = progress["shard_tokens"] if progress else shard_tokens
     writers = {s: ShardWriter(root, s, settings["dtype"], shard_tokens, progress and progress["writers"][s])
