@@ -21,6 +21,7 @@ from loguru import logger
 from llm.errors import ConfigError, DataError
 
 from llm.data.cache import discard, file_lock, read_entry_json
+from llm.data.hub import hub_call
 from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -122,9 +123,14 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     local = os.path.expanduser(str(name_or_path))
     if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(local):
         raise DataError(f"tokenizer.name_or_path={name_or_path!r}: no such directory")
+    def load():
+        return AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
+                                             trust_remote_code=trust_remote_code)
+
     try:
-        tok = AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
-                                            trust_remote_code=trust_remote_code)
+        tok = load() if os.path.isdir(local) else hub_call("tokenizer.name_or_path", name_or_path, load)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"tokenizer.name_or_path={name_or_path!r}: not a tokenizer directory and not loadable from the hub "
