@@ -1,6 +1,6 @@
 """Reliability end to end: kill -9 then resume=auto gives a bit-identical loss trace (pretrain, SFT, DPO);
-SIGTERM and Ctrl-C save and exit with the documented codes (before the first step: nothing to save, exit 75); a corrupt newest checkpoint is skipped; non-finite steps are
-skipped and too many in a row stop the run."""
+SIGTERM and Ctrl-C save and exit with the documented codes (75, 130; before the first step: nothing to save, 75);
+a corrupt newest checkpoint is skipped; non-finite steps are skipped and too many in a row stop the run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import llm.train.checkpoint as ckpt
 from llm.train.cluster import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
@@ -88,27 +89,25 @@ def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, 
 
 
 @SHARES_REFERENCES
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGINT, INTERRUPTED_EXIT_CODE)])
-def test_a_stop_signal_saves_exits_and_resumes_identically(signum, code, references, cache_dir, tmp_path):
-    """SIGTERM (a scheduler): exit 75; Ctrl-C: exit 130 (the shell's code for it). Both save the step first."""
+def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
     proc = _start(args, cache_dir)
     _wait_for_step(proc, run_dir, 8)
-    proc.send_signal(signum)
-    assert proc.wait(timeout=120) == code and code in (75, 130)
-    assert "Traceback" not in proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE == 75
     stopped = read_metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / f"step_{stopped:07d}" / "manifest.json").exists()
     assert (run_dir / "checkpoints" / "last").read_text().strip() == f"step_{stopped:07d}"
-    if signum == signal.SIGTERM:  # the resume is the same after either (one run of it is enough)
-        run_cli([*args, "resume=auto"], cache_dir)
-        _assert_same_trace(references["pretrain"], read_metrics(run_dir))
+    run_cli([*args, "resume=auto"], cache_dir)
+    _assert_same_trace(references["pretrain"], read_metrics(run_dir))
 
 
-def test_a_signal_before_the_first_step_exits_75_and_the_same_command_runs_again(cache_dir, tmp_path):
+def test_a_signal_before_the_first_step_exits_75_and_ctrl_c_later_saves_and_exits_130(cache_dir, tmp_path):
+    """SIGTERM while the tokenizer, data and model are being made: exit 75, nothing of a run written, so the same
+    command starts again; Ctrl-C in that run saves its step and exits 130 (the shell's code for Ctrl-C)."""
     run_dir = tmp_path / "run"
-    args = [*SMALL, "trainer.max_steps=2", "trainer.eval_batches=1", f"hydra.run.dir={run_dir}"]
+    args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
     proc = _start(args, cache_dir)
     deadline = time.time() + 120
     while time.time() < deadline and "instantiating tokenizer" not in _text(run_dir / "train.log"):
@@ -117,8 +116,14 @@ def test_a_signal_before_the_first_step_exits_75_and_the_same_command_runs_again
     assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
     assert "SIGTERM: before the first step" in proc.stderr.read()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
-    run_cli(args, cache_dir)  # nothing of a run to refuse: the same command starts again
-    assert (run_dir / "results.json").is_file()
+    proc = _start(args, cache_dir)  # nothing of a run to refuse: the same command starts again
+    _wait_for_step(proc, run_dir, 4)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == INTERRUPTED_EXIT_CODE == 130
+    assert "Traceback" not in proc.stderr.read()
+    stopped = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == f"step_{stopped:07d}"
+    assert ckpt.is_complete(run_dir / "checkpoints" / f"step_{stopped:07d}")
 
 
 def _text(path) -> str:
