@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -25,8 +26,11 @@ from omegaconf.errors import OmegaConfBaseException as ConfError
 from llm import job  # importing it registers the resolvers conf/hydra/default.yaml uses
 from llm.errors import LLMError
 from llm.eval.sweep import SweepSummary
-from llm.train.cluster import PREEMPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
+from llm.train.cluster import INTERRUPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
 from llm.utils.logging import setup_logging
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the machine's state, not a bug: one line, no traceback
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -47,12 +51,16 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with lock or contextlib.nullcontext():  # held until the job ends (each job of a -m sweep its own dir)
             results = job.run(cfg, hydra_cfg)
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)  # a checkpoint was saved; resume=auto (or the same sweep again) continues
+    except Preempted as e:  # a signal (75) or Ctrl-C (130): a checkpoint was saved (or there was none to save yet);
+        sys.exit(e.exit_code)  # resume=auto (or the same sweep again) continues
     except Exception as e:
-        if cfg.get("debug") or os.environ.get("LLM_DEBUG") or not (in_sweep or isinstance(e, (LLMError, ConfError))):
+        full_disk = isinstance(e, OSError) and e.errno in DISK_FULL
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG") or not (in_sweep or full_disk
+                                                                    or isinstance(e, (LLMError, ConfError))):
             raise  # a bug (or debug=true): the whole traceback
         message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else f"error: {e}"
+        if full_disk:
+            message = f"error: cannot write {e.filename or 'a file of the run'}: {e.strerror}"
         if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
             logger.opt(exception=not isinstance(e, LLMError)).error(f"job failed: {message}")
             job.record_failure(run_dir, e)
@@ -88,6 +96,12 @@ if __name__ == "__main__":
     prepare_launch()  # under torchrun / srun: join the group; all ranks share rank 0's run-dir stamp
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C before the run caught it, or a second one: stop at once
+        if os.environ.get("LLM_DEBUG") or "debug=true" in sys.argv:
+            raise
+        print("\nerror: interrupted (Ctrl-C): stopped at once without saving; resume=auto continues from the "
+              "newest checkpoint, if any", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         shutdown()
     if SweepSummary.failed:  # a sweep went on past its failed jobs; its exit code still says so

@@ -25,6 +25,7 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from llm.data.cache import check_writable_dir
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.eval.sweep import ERROR_FILE
@@ -36,7 +37,8 @@ from llm.model import gpt_config
 from llm.train import rundir
 from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
                                   load_model_weights, read_json, resolve_checkpoint)
-from llm.train.cluster import Preempted, env_rank, launch, main_process_first, process_group
+from llm.train.cluster import (Interrupted, Preempted, StopSignals, env_rank, launch, main_process_first,
+                               process_group, stop_exception)
 from llm.train.pruning import TrialPruner, default_storage
 from llm.train.trainer import RunInfo, Trainer
 from llm.utils import git_commit, seed_everything
@@ -62,7 +64,12 @@ def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
     """init_from resolved to one checkpoint dir (or a Hugging Face model dir), and the model keys not set on the
     command line (`explicit`: the keys of the command-line overrides) taken from its config. The RoPE scaling of
     an HF model (and of a checkpoint that task=export writes out) is the model's own unless extrapolation is set."""
-    if cfg.task.get("requires_init_from") and not cfg.init_from and not cfg.task.get("allow_scratch"):
+    need = cfg.task.get("requires_init_from")  # true: an error without init_from; warn: a warning (SFT)
+    if need == "warn" and not cfg.init_from and not cfg.task.get("allow_scratch"):
+        logger.warning(f"task={cfg.task.name} without init_from trains from RANDOM weights, not from a pretrained "
+                       f"model: pass init_from=<run or checkpoint dir> (or init_from=latest:pretrain, or a Hugging "
+                       f"Face model), or set task.allow_scratch=true if this is on purpose (no warning)")
+    elif need and not cfg.init_from and not cfg.task.get("allow_scratch"):
         raise ConfigError(f"task={cfg.task.name} starts from a trained model: set init_from=<run or checkpoint dir> "
                           f"(or init_from=latest:<task>), or task.allow_scratch=true to start from random weights")
     if not cfg.init_from:
@@ -95,7 +102,19 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
     """The Hydra job (`hydra`: its Hydra config): resolve init_from against the command-line overrides, then train
     here or in trainer.nproc_per_node worker processes (they get the resolved config, not Hydra: a -m sweep runs
     each job as its own process group). A sweep job run again by the same command continues where it stopped; an
-    Optuna trial (`+trial=<n>`) learns where its study is."""
+    Optuna trial (`+trial=<n>`) learns where its study is. From here a stop signal or Ctrl-C ends the run at the
+    next check (llm.train.cluster.StopSignals), saving a checkpoint once there is one to save."""
+    stop = StopSignals()
+    with stop.installed():
+        try:
+            return _run(cfg, hydra, stop)
+        except LLMError:
+            if stop.received:  # e.g. the tokenizer processes ended by the same signal: the signal is why
+                raise stop.stopped("stopped before anything could be saved") from None
+            raise
+
+
+def _run(cfg: DictConfig, hydra: DictConfig, stop: StopSignals) -> dict:
     run_dir, overrides = Path(hydra.runtime.output_dir), [str(o) for o in hydra.overrides.task]
     if hydra.mode == RunMode.MULTIRUN:
         finished = continue_sweep_job(cfg, run_dir, overrides)
@@ -105,6 +124,7 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
     rescaled = any(k.split(".")[0] == "extrapolation" for k in explicit)
     lm_eval_version = harness.require_lm_eval() if cfg.task.name == "lm_eval" else None  # before any work
     cfg = resolve_init_from(cfg, explicit)
+    stop.check("after resolving init_from")
     if cfg.task.name == "export":
         return export(cfg, run_dir)
     if cfg.task.name == "lm_eval":
@@ -119,9 +139,9 @@ def run(cfg: DictConfig, hydra: DictConfig) -> dict:
     nproc = check_int("trainer.nproc_per_node", cfg.trainer.get("nproc_per_node") or 1, 1)
     if nproc > 1:
         validate(cfg)  # here, once, before any worker starts
-        return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir), reraise=(Preempted,),
-                      on_signal=Preempted)
-    return train(cfg, run_dir)
+        return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir),
+                      reraise=(Interrupted, Preempted), on_signal=stop_exception)
+    return train(cfg, run_dir, stop)
 
 
 def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:
@@ -152,12 +172,13 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
     Path(run_dir, ERROR_FILE).write_text(f"{type(error).__name__}: {error}".splitlines()[0] + "\n")
 
 
-def train(cfg: DictConfig | dict, run_dir: str | Path) -> dict:
+def train(cfg: DictConfig | dict, run_dir: str | Path, stop: StopSignals | None = None) -> dict:
     """Build everything from a resolved config and train, in this process's group (one process, one rank of
-    torchrun / SLURM, or one worker of `launch`)."""
+    torchrun / SLURM, or one worker of `launch`). `stop`: the job's stop signals (a worker catches its own)."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    with process_group(cfg.trainer.get("device", "auto")):
-        return _train(cfg, Path(run_dir))
+    stop = stop or StopSignals()
+    with process_group(cfg.trainer.get("device", "auto")), stop.installed():
+        return _train(cfg, Path(run_dir), stop)
 
 
 # Keys of the data, tokenizer and post-training groups that count something (the least value allowed; null passes:
@@ -195,6 +216,7 @@ def validate(cfg: DictConfig) -> dict:
     for group in ("data", "tokenizer", "post_data"):
         _check_tree(group, plain.get(group) or {})
     _check_tree("task.data", plain["task"].get("data") or {})
+    check_cache_dirs(plain)
     built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
              "objective": build(cfg.task.objective, "objective")}
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
@@ -203,7 +225,18 @@ def validate(cfg: DictConfig) -> dict:
     return built
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def check_cache_dirs(plain: dict) -> None:
+    """The cache dirs this run will write (the BPE's unless init_from brings a tokenizer, the token cache's) are
+    directories it can write: else one line naming the key (`cache_dir` when the group takes the top-level one)."""
+    used = {"task.data.cache_dir": (plain["task"].get("data") or {}).get("cache_dir")}
+    if not plain.get("init_from"):
+        used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
+    for key, value in used.items():
+        if value is not None:
+            check_writable_dir("cache_dir" if value == plain.get("cache_dir") else key, value)
+
+
+def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
     cheap = validate(cfg)  # before the tokenizer and the data, which may take minutes
     seed_everything(cfg.seed)
     init_ckpt = Path(cfg.init_from) if cfg.init_from else None
@@ -219,6 +252,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         with main_process_first():  # rank 0 trains and caches a tokenizer; the other ranks reuse it
             tokenizer = build(cfg.tokenizer, "tokenizer")
+    stop.check("after building the tokenizer")
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
     if saved is not None:  # keys the model presets do not carry (an imported model's untied head, norm eps, ...)
@@ -233,13 +267,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
     logger.info(f"model: {model.num_params():,} parameters")
+    stop.check("after building the model")
     objective, optim, loggers, settings = cheap["objective"], cheap["optim"], cheap["loggers"], cheap["settings"]
     early_stop = TrialPruner(**cfg.trial) if cfg.get("trial") and env_rank() == 0 else None  # a sweep trial
     run_info = RunInfo(run_dir=str(run_dir), task=cfg.task.name, seed=cfg.seed, resume=cfg.resume, config=plain_cfg,
                        overwrite=bool(cfg.get("overwrite")), fingerprint=run_fingerprint(plain_cfg, tokenizer),
                        overrides=tuple(read_overrides(run_dir)), git_commit=git_commit(Path(__file__).parent))
     return Trainer(model, data, objective, optim, settings, run_info, tokenizer=tokenizer, loggers=loggers,
-                   early_stop=early_stop).fit()
+                   early_stop=early_stop, stop=stop).fit()
 
 
 def read_overrides(run_dir: Path) -> list[str]:

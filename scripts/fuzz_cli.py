@@ -8,16 +8,29 @@ run (made once), and is judged:
 - `error`  expected: a non-zero exit whose last stderr line is `error: ...` (or Hydra's own one-line message), no
   traceback, and a finished run's files unchanged;
 - `ok`     expected: exit 0 (and results.json written);
-- `stop`   expected: exit 75 with a checkpoint (a signal).
+- `stop`   expected: exit 75 with a checkpoint (a signal); `early`: exit 75 before the first step, no checkpoint;
+  `interrupt`: exit 130 with a checkpoint (Ctrl-C); `abort`: exit 130 (a second Ctrl-C);
+- `same`   expected: exit 0 and the loss trace of the uninterrupted finished run, bit for bit (a kill -9 at a
+  seeded moment of data preparation or of a checkpoint write, then the same command with resume=auto).
+`stderr_has` must appear in stderr (a warning that must not be silent).
 Verdicts: pass, ZERO-EXIT (a failure that exited 0), TRACEBACK, DATA-LOSS (a finished run's file changed or gone),
-UNEXPECTED (an `ok` case that failed, or a wrong exit code).
+SILENT (an expected warning missing), UNEXPECTED (an `ok` case that failed, or a wrong exit code).
+
+`python scripts/fuzz_cli.py --fault <name> <run.py args>` runs run.py in this process with a fault injected (used
+by the cases: `enospc`: the second checkpoint's weights hit a full disk; `kill9-ckpt-<k>`: SIGKILL at moment k of
+the second checkpoint write; `kill9-eval`: SIGKILL during the final evaluation; `sigterm-eval`: SIGTERM during the
+first evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import errno
+import json
 import os
+import random
+import runpy
 import shutil
 import signal
 import subprocess
@@ -41,7 +54,10 @@ class Case:
     expect: str = "error"  # error | ok | stop
     on_finished: bool = False  # run on a copy of a finished run (its files must survive)
     files: dict = field(default_factory=dict)  # name -> bytes, in the case's dir, referenced as {tmp}
-    fault: str | None = None  # concurrent | sigterm_early | kill9_resume
+    fault: str | None = None  # concurrent | sigterm_early | kill9_resume | sigterm_prep | sigint | sigint2 | ...
+    env: dict = field(default_factory=dict)  # extra environment of the case
+    stderr_has: str = ""  # must appear in stderr
+    fresh_cache: bool = False  # its own cache dir under {tmp}/cache (a copy of the shared one when "copy")
 
 
 BAD_VALUES = {  # key -> values that must each be refused with one line
@@ -139,8 +155,94 @@ def cases() -> list[Case]:
         Case("SIGTERM during the run", ["trainer.max_steps=400"], expect="stop", fault="sigterm_early"),
         Case("kill -9 then resume", ["trainer.max_steps=40"], expect="ok", fault="kill9_resume"),
         Case("all steps non-finite", ["trainer.max_steps=3", "trainer.nan_steps=[1,2,3]"]),
+        # caches
+        Case("cache_dir is a file", ["cache_dir={tmp}/f"], files={"f": b"x"}),
+        Case("cache_dir cannot be written", ["cache_dir=/proc/llm-fuzz-cache"]),
+        Case("tokenizer.cache_dir is a file", ["tokenizer.cache_dir={tmp}/f"], files={"f": b"x"}),
+        Case("damaged tokenizer and token caches", [], expect="ok", fault="damage_cache", stderr_has="rebuilding"),
+        # the hub, offline or unreachable (one line, in seconds)
+        Case("hub dataset offline", ["data=hub", "data.name=nobody/nothing"]),
+        Case("hub rows offline", ["task=sft", "init_from={finished}", "post_data=hub",
+                                  "post_data.train.name=nobody/nothing"]),
+        Case("hub tokenizer offline", ["tokenizer=pretrained", "tokenizer.name_or_path=nobody/nothing"]),
+        Case("hub model offline", ["task=sft", "init_from=nobody/nothing"]),
+        Case("hub unreachable", ["data=hub", "data.name=nobody/nothing"],
+             env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, stderr_has="cannot be reached"),
+        Case("hub model unreachable", ["task=sft", "init_from=nobody/nothing"],
+             env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, stderr_has="cannot be reached"),
+        # signals, Ctrl-C, a full disk
+        Case("SIGTERM during data preparation", [], expect="early", fault="sigterm_prep", fresh_cache=True),
+        Case("SIGUSR1 during the run", ["trainer.max_steps=400"], expect="stop", fault="sigusr1"),
+        Case("Ctrl-C during the run", ["trainer.max_steps=400"], expect="interrupt", fault="sigint"),
+        Case("Ctrl-C twice", ["trainer.max_steps=400", "trainer.batch_size=128"], expect="abort", fault="sigint2"),
+        Case("full disk while saving", [], fault="enospc", stderr_has="No space left on device"),
+        Case("sft from random weights", ["task=sft", "post_data.train.num_examples=64", "task.data.eval_samples=4",
+                                         "post_data.val.num_examples=4"], expect="ok", stderr_has="RANDOM weights"),
+        # kill -9 at seeded moments, then resume=auto: the finished run's trace bit for bit
+        *[Case(f"kill -9 during data preparation ({k})", [], expect="same", fault=f"kill9_prep_{k}",
+               fresh_cache=True) for k in (1, 2)],
+        *[Case(f"kill -9 during a checkpoint write ({k})", [], expect="same", fault=f"kill9-ckpt-{k}")
+          for k in random.Random(0).sample(range(len(CKPT_MOMENTS)), 3)],
+        Case("kill -9 during the final evaluation", [], expect="same", fault="kill9-eval"),
+        Case("SIGTERM during the first evaluation", [], expect="same", fault="sigterm-eval"),
     ]
     return out
+
+
+CKPT_MOMENTS = ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "manifest", "rename", "last")
+
+
+def fault_run(fault: str, argv: list[str]) -> None:
+    """run.py in this process with a fault in its second checkpoint write (the first one stays complete)."""
+    sys.path.insert(0, str(ROOT))  # this checkout's llm, as run.py would import it
+    import llm.train.checkpoint as ckpt
+    import llm.train.trainer as trainer
+
+    evaluate, evaluations = trainer.Trainer.evaluate, []
+
+    def faulty_evaluate(self):  # the first evaluation is before step 1, the second the final one
+        evaluations.append(1)
+        if fault == "sigterm-eval" and len(evaluations) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if fault == "kill9-eval" and len(evaluations) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return evaluate(self)
+
+    trainer.Trainer.evaluate = faulty_evaluate
+
+    calls = {"n": 0}
+
+    def at(moment: str) -> bool:
+        return fault == "enospc" and moment == "model.safetensors" or fault == f"kill9-ckpt-{CKPT_MOMENTS.index(moment)}"
+
+    def hit(moment: str) -> None:
+        if calls["n"] == 2 and at(moment):
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device", moment)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(name: str, moment: str, before: bool = False):
+        original = getattr(ckpt, name)
+
+        def wrapped(*args, **kwargs):
+            if name == "save_model":
+                calls["n"] += 1
+            if before:
+                hit(moment)
+            out = original(*args, **kwargs)
+            if not before:
+                hit(moment)
+            return out
+        setattr(ckpt, name, wrapped)
+
+    wrap("save_model", "model.safetensors", before=fault == "enospc")
+    wrap("save_file", "optimizer.safetensors")
+    wrap("_sha256", "trainer_state.json")  # the manifest's checksums: every file is written
+    wrap("_fsync_dir", "manifest", before=True)  # the manifest written, before the rename
+    wrap("write_last_pointer", "rename", before=True)
+    wrap("write_last_pointer", "last")
+    sys.argv = [str(ROOT / "run.py"), *argv]
+    runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
 
 
 def _snapshot(run_dir: Path) -> dict:
@@ -153,10 +255,25 @@ def _popen(args, env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _wait_for(path: Path, timeout: float = 120) -> None:
+def _wait_for(path: Path, timeout: float = 120, text: str = "") -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline and not path.exists():
+    while time.time() < deadline and not (path.exists() and text in path.read_text(errors="replace")):
         time.sleep(0.05)
+
+
+def _losses(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss"))
+            for m in map(json.loads, path.read_text().splitlines())]
+
+
+def _damage_caches(cache: Path) -> None:
+    for tokenizer_json in cache.glob("tokenizers/*/tokenizer.json"):
+        tokenizer_json.write_bytes(tokenizer_json.read_bytes()[:500])
+    for meta in cache.glob("data/*/meta.json"):
+        meta.write_bytes(meta.read_bytes()[:40])
 
 
 def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, str]:
@@ -169,6 +286,12 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
         shutil.copytree(finished, run_dir)
         before = _snapshot(run_dir)
     args = [a.replace("{tmp}", str(tmp)).replace("{finished}", str(finished)) for a in case.args]
+    env = {**env, **case.env}
+    if case.fresh_cache or case.fault == "damage_cache":
+        if case.fault == "damage_cache":
+            shutil.copytree(env["LLM_CACHE_DIR"], tmp / "cache", ignore=shutil.ignore_patterns("*.lock"))
+            _damage_caches(tmp / "cache")
+        env["LLM_CACHE_DIR"] = str(tmp / "cache")
     groups = {a.split("=")[0] for a in args if "." not in a.split("=")[0]}
     small = [o for o in SMALL if o.split(".")[0] not in groups]
     if not any(a.startswith("hydra.run.dir=") for a in args):
@@ -181,6 +304,34 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
                               capture_output=True)
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
+    elif case.fault == "sigterm_prep":
+        proc = _popen(args, env)
+        _wait_for(run_dir / "train.log", text="instantiating tokenizer")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    elif case.fault in ("sigusr1", "sigint", "sigint2"):
+        proc = _popen(args, env)
+        _wait_for(run_dir / "metrics.jsonl", text='"step": 2')
+        proc.send_signal(signal.SIGUSR1 if case.fault == "sigusr1" else signal.SIGINT)
+        if case.fault == "sigint2":
+            time.sleep(1.5)  # a person's second Ctrl-C (sooner is taken for the same one)
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    elif case.fault and case.fault.startswith(("kill9_prep", "kill9-ckpt", "enospc", "kill9-eval", "sigterm-eval")):
+        if case.fault.startswith("kill9_prep"):
+            first = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, text=True,
+                                   capture_output=True, env={**env, "LLM_PREPARE_KILL_AFTER": case.fault[-1]})
+        else:
+            first = subprocess.run([sys.executable, __file__, "--fault", case.fault, *args], cwd=ROOT, env=env,
+                                   text=True, capture_output=True)
+        proc = first
+        if case.expect == "same":
+            if first.returncode != (75 if case.fault == "sigterm-eval" else -9):
+                return "UNEXPECTED", f"the fault did not stop it (rc {first.returncode}): {first.stderr[-300:]}"
+            proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "resume=auto"], cwd=ROOT, env=env,
+                                  text=True, capture_output=True)
     elif case.fault in ("sigterm_early", "kill9_resume"):
         proc = _popen(args, env)
         _wait_for(run_dir / "checkpoints" / "last")
@@ -197,6 +348,8 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
     last = err[-1] if err else ""
     if "Traceback" in proc.stderr:
         return "TRACEBACK", last
+    if case.stderr_has and case.stderr_has not in proc.stderr:
+        return "SILENT", f"no {case.stderr_has!r} in stderr (rc {proc.returncode}): {last}"
     if before is not None and case.expect == "error":
         after = _snapshot(run_dir)
         lost = [k for k in before if after.get(k) != before[k]]
@@ -210,17 +363,28 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
         if not (last.startswith("error: ") or "Could not" in proc.stderr or "Error" in last):
             return "UNEXPECTED", f"rc {proc.returncode}: {last}"
         return "pass", last
-    if case.expect == "stop":
-        ok = proc.returncode == 75 and (run_dir / "checkpoints" / "last").exists()
-        return ("pass", "exit 75") if ok else ("UNEXPECTED", f"rc {proc.returncode}: {last}")
+    if case.expect == "abort":  # at once (130), or while it was already exiting after the first (-2: SIGINT)
+        ok = proc.returncode in (130, -2)
+        return ("pass", f"exit {proc.returncode}: {last}") if ok else ("UNEXPECTED", f"rc {proc.returncode}: {last}")
+    if case.expect in ("stop", "interrupt", "early"):
+        code = 75 if case.expect in ("stop", "early") else 130
+        saved = (run_dir / "checkpoints" / "last").exists()
+        ok = proc.returncode == code and saved == (case.expect in ("stop", "interrupt"))
+        return ("pass", f"exit {code}: {last}") if ok else ("UNEXPECTED", f"rc {proc.returncode}, saved {saved}: {last}")
+    if case.expect == "same":
+        same = proc.returncode == 0 and _losses(run_dir) == _losses(finished) != []
+        return ("pass", "resumed bit for bit") if same else ("UNEXPECTED", f"rc {proc.returncode}: {last}")
     ok = proc.returncode == 0 and (run_dir / "results.json").exists()
     return ("pass", "exit 0") if ok else ("UNEXPECTED", f"rc {proc.returncode}: {last}")
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--fault"]:
+        fault_run(sys.argv[2], sys.argv[3:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-j", type=int, default=2, help="cases at a time")
-    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains one of these ('|' between)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="llm-fuzz-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLM_DEBUG": ""}
@@ -228,7 +392,7 @@ def main() -> int:
     finished = base / "finished"
     subprocess.run([sys.executable, str(ROOT / "run.py"), *SMALL, f"hydra.run.dir={finished}"], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    todo = [c for c in cases() if args.only in c.name]
+    todo = [c for c in cases() if any(part in c.name for part in args.only.split("|"))]
     tally: dict[str, int] = {}
     with concurrent.futures.ThreadPoolExecutor(args.j) as pool:
         futures = {pool.submit(run_case, c, base, finished, env): c for c in todo}

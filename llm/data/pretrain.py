@@ -16,8 +16,6 @@ report bits per byte.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -30,6 +28,7 @@ import torch
 from loguru import logger
 
 from llm.contract import INPUT_IDS, LABELS, Data
+from llm.data.cache import discard, file_lock, read_entry_json  # noqa: F401  (file_lock: tests import it here)
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.sources import FileCorpus
@@ -62,18 +61,6 @@ class PackedTokens(torch.utils.data.Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """One process at a time in the block (others wait for it, then see what it made); released if it dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class PretrainData(Data):
@@ -168,18 +155,28 @@ class PretrainData(Data):
 
     @staticmethod
     def _complete_meta(path: Path) -> dict | None:
-        """The index of a complete cached corpus; None when there is none. A corpus with a shard missing or of
-        the wrong size is removed (and so rebuilt), never used in part."""
+        """The index of a complete cached corpus; None when there is none. A corpus whose meta.json does not parse
+        or lacks the index, or with a shard missing or of the wrong size, is removed (and so rebuilt, with a
+        warning naming it), never used in part."""
         meta_path = path / "meta.json"
         if not meta_path.exists():
             return None
-        meta = json.loads(meta_path.read_text())
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for shard in (x for split in SPLITS for x in meta["shards"][split]):
-            file = path / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
-                logger.warning(f"data: cached shard {file} is missing or damaged; tokenizing the corpus again")
-                shutil.rmtree(path)
+        meta = read_entry_json(meta_path, "data")  # None (after a warning) when it does not parse
+        if meta is None:
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        try:
+            itemsize = np.dtype(meta["dtype"]).itemsize
+            shards = [x for split in SPLITS for x in meta["shards"][split]]
+            expected = {path / x["file"]: int(x["tokens"]) * itemsize for x in shards}
+            if not isinstance(meta["num_tokens"], dict) or not isinstance(meta["num_documents"], dict):
+                raise TypeError("num_tokens")
+        except (TypeError, KeyError, ValueError):
+            discard(path, "data", f"has an unreadable index ({meta_path})")
+            return None
+        for file, size in expected.items():
+            if not file.is_file() or file.stat().st_size != size:
+                discard(path, "data", f"is damaged: shard {file} is missing or not {size:,} bytes")
                 return None
         return meta
 

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from llm.data.hub import hub_call
 from llm.errors import ConfigError, DataError
 from llm.data.sources import FileCorpus, first_char, iter_jsonl, utf8_lines
 
@@ -71,8 +72,15 @@ class HubRows:
         kwargs = {"revision": self.revision} if self.revision else {}
         if self.trust_remote_code:
             kwargs["trust_remote_code"] = True
+        local = os.path.expanduser(self.name)
+
+        def load():
+            return datasets.load_dataset(local, self.config_name, split=self.split, **kwargs)
+
         try:
-            ds = datasets.load_dataset(os.path.expanduser(self.name), self.config_name, split=self.split, **kwargs)
+            ds = load() if os.path.exists(local) else hub_call("post_data dataset", self.name, load)
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"data: cannot load dataset {self.name!r} [{self.split}]: {str(e).splitlines()[0]}") from e
         if len(ds) == 0:

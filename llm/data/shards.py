@@ -21,20 +21,28 @@ documents included (deterministic, disjoint, independent of chunking and of the 
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
 import signal
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from llm.data.cache import read_entry_json
+from llm.errors import DataError
+
 SPLITS = ("train", "val")
 KILL_AFTER_ENV = "LLM_PREPARE_KILL_AFTER"  # testing aid: SIGKILL this process after that many chunks
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 _worker: dict = {}  # the tokenizer and settings of a tokenizer process (set once by its initializer)
 
 
@@ -54,6 +62,17 @@ def _init_worker(tokenizer_json: str, eos_id: int, val_fraction: float, split_se
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc processes use num_proc cores
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, val_fraction=val_fraction,
                    split_seed=split_seed, dtype=np.dtype(dtype))
+
+
+def _init_pool_worker(*init_args) -> None:
+    """A tokenizer process: Ctrl-C is the main process's to handle (it ends the pool); the other signals end this
+    process (not the handlers a fork inherits, which would keep it alive when the pool ends it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: end with the main process, even after its kill -9
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _init_worker(*init_args)
 
 
 def encode_chunk(first_index: int, texts: list) -> dict:
@@ -86,16 +105,21 @@ def _encoded_chunks(chunks, num_proc: int, init_args: tuple):
             if parallelism is not None:
                 os.environ["TOKENIZERS_PARALLELISM"] = parallelism
         return
-    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=init_args) as pool:
-        pending = collections.deque()
-        for first, texts in chunks:
-            pending.append((len(texts), pool.apply_async(encode_chunk, (first, texts))))
-            if len(pending) >= 2 * num_proc:
+    context = multiprocessing.get_context("fork")
+    try:  # an executor, not a Pool: a process that dies (a signal, the OOM killer) is an error, not a wait forever
+        with ProcessPoolExecutor(num_proc, context, initializer=_init_pool_worker, initargs=init_args) as pool:
+            pending = collections.deque()
+            for first, texts in chunks:
+                pending.append((len(texts), pool.submit(encode_chunk, first, texts)))
+                if len(pending) >= 2 * num_proc:
+                    n, result = pending.popleft()
+                    yield n, result.result()
+            while pending:
                 n, result = pending.popleft()
-                yield n, result.get()
-        while pending:
-            n, result = pending.popleft()
-            yield n, result.get()
+                yield n, result.result()
+    except BrokenProcessPool as e:
+        raise DataError("data: a tokenizer process ended abruptly (a signal or out of memory); run again to continue "
+                        "the preparation where it stopped") from e
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -173,9 +197,10 @@ def prepare_shards(root: Path, chunks_from, tokenizer, settings: dict, num_proc:
     (dtype, val_fraction, split_seed, ...) must match a found progress.json, else it starts over."""
     root.mkdir(parents=True, exist_ok=True)
     progress_path = root / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if progress is not None and progress.get("settings") != settings:
-        progress = None  # another format or split: start over
+    progress = read_entry_json(progress_path, "data") if progress_path.exists() else None  # None: damaged
+    if progress is not None and (progress.get("settings") != settings
+                                 or not {"next_document", "shard_tokens", "writers"} <= set(progress)):
+        progress = None  # another format or split, or an unreadable record: start over
     start = progress["next_document"] if progress else 0
     shard_tokens = progress["shard_tokens"] if progress else shard_tokens
     writers = {s: ShardWriter(root, s, settings["dtype"], shard_tokens, progress and progress["writers"][s])

@@ -21,6 +21,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from llm.data.hub import hub_call
 from llm.data.textlines import TextLines, not_utf8
 from llm.errors import ConfigError, DataError
 
@@ -236,8 +237,14 @@ class HubCorpus:
         kwargs = {"revision": self.revision} if self.revision else {}
         if self.trust_remote_code:
             kwargs["trust_remote_code"] = True
+        def load():
+            return datasets.load_dataset(self.name, self.config_name, split=self.split, streaming=self.streaming,
+                                         **kwargs)
+
         try:
-            ds = datasets.load_dataset(self.name, self.config_name, split=self.split, streaming=self.streaming, **kwargs)
+            ds = load() if os.path.exists(os.path.expanduser(self.name)) else hub_call("data.name", self.name, load)
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"data.name={self.name!r}: cannot load dataset: {str(e).splitlines()[0]}") from e
         columns = ds.column_names

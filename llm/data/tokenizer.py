@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from loguru import logger
 
 from llm.errors import ConfigError, DataError
 
+from llm.data.cache import discard, file_lock, read_entry_json
+from llm.data.hub import hub_call
 from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -34,8 +37,8 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
     """Train (or load from cache) a byte-level BPE on `corpus` (a source from llm.data.sources).
 
     The cache key is the corpus fingerprint plus the training settings, so a second run loads in milliseconds.
+    A damaged cache entry is trained again (with a warning naming it); concurrent runs train it once.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 264:
@@ -44,9 +47,44 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
         f"bpe-v2|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
     ).hexdigest()[:16]
     path = _cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
-    if (path / "tokenizer.json").exists():
-        logger.info(f"tokenizer: cached byte-level BPE ({vocab_size}) from {path}")
+    with file_lock(path.with_name(path.name + ".lock")):  # one process trains; the others wait and load it
+        cached = _load_cached(path)
+        if cached is not None:
+            logger.info(f"tokenizer: cached byte-level BPE ({vocab_size}) from {path}")
+            return cached
+        fast = _train(corpus, vocab_size, min_frequency, max_train_bytes)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fast.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)  # a damaged entry _load_cached gave up on
+        tmp.rename(path)  # whole or not at all: a kill leaves only a .tmp dir
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _load_cached(path: Path):
+    """The cached tokenizer in `path`, or None when there is none or it is damaged (a truncated or garbled file:
+    removed with a warning naming it, to be trained again)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not path.exists():
+        return None
+    if not (path / "tokenizer.json").is_file():
+        discard(path, "tokenizer", "has no tokenizer.json")
+        return None
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists() and read_entry_json(path / name, "tokenizer") is None:
+            discard(path, "tokenizer", f"has a damaged {name}")
+            return None
+    try:
         return PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as e:  # parseable JSON that is not a tokenizer
+        discard(path, "tokenizer", f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+
+
+def _train(corpus, vocab_size: int, min_frequency: int, max_train_bytes: int | None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     logger.info(f"tokenizer: training a byte-level BPE of {vocab_size} tokens on {corpus.describe()}")
 
@@ -72,15 +110,7 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=CHAT)
     fast.chat_template = BUILTIN_TEMPLATE
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fast.save_pretrained(str(tmp))
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished first: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return fast
 
 
 def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
@@ -93,9 +123,14 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     local = os.path.expanduser(str(name_or_path))
     if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(local):
         raise DataError(f"tokenizer.name_or_path={name_or_path!r}: no such directory")
+    def load():
+        return AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
+                                             trust_remote_code=trust_remote_code)
+
     try:
-        tok = AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
-                                            trust_remote_code=trust_remote_code)
+        tok = load() if os.path.isdir(local) else hub_call("tokenizer.name_or_path", name_or_path, load)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"tokenizer.name_or_path={name_or_path!r}: not a tokenizer directory and not loadable from the hub "

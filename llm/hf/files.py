@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm.data.chat import reserved_chat_template, stop_token_id, uses_builtin_template
+from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
 from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
@@ -32,9 +33,13 @@ def fetch_hub_model(name: str, key: str = "init_from") -> Path:
     files only (network needed once; HF_HUB_OFFLINE=1 uses the local cache)."""
     from huggingface_hub import snapshot_download
 
+    def load():
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                            "*.jinja"]))
+        return hub_call(key, name, load, ConfigError)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(f"{key}={name!r}: no such local dir, and not loadable from the hub "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

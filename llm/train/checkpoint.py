@@ -237,7 +237,11 @@ def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
     """`checkpoints/last` names the newest complete checkpoint (written atomically)."""
     root = Path(run_dir) / "checkpoints"
     tmp = root / "last.tmp"
-    tmp.write_text(checkpoint.name + "\n")
+    try:
+        tmp.write_text(checkpoint.name + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(root / "last")
 
 

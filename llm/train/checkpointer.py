@@ -39,11 +39,11 @@ class Checkpointer:
         try:
             ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(),
                                  self.tokenizer)
-        except OSError as e:
+            ckpt.write_last_pointer(self.run_dir, path)
+        except OSError as e:  # a full disk, a quota: the older checkpoints and `last` stay as they were
             previous = ckpt.latest_checkpoint(self.run_dir)
             raise TrainingError(f"checkpoint {path} could not be written ({e.strerror or e}); the newest complete "
                                 f"checkpoint is {previous or 'none'}") from e
-        ckpt.write_last_pointer(self.run_dir, path)
         ckpt.prune_checkpoints(self.run_dir, self.keep_last)
         logger.info(f"checkpoint: {path}")
         self.last = path

@@ -6,7 +6,7 @@
 - The process group: NCCL for CUDA tensors (plus gloo for CPU objects), gloo on CPU; joined once per run.
 - `launch`: N local workers through PyTorch's elastic launcher (`trainer.nproc_per_node`), each calling an
   importable function of the package with a plain (already resolved) config dict. This module does not import Hydra.
-- `StopSignals`: SIGTERM / SIGUSR1 / SIGUSR2 ask the loop to save and stop; every rank agrees on when.
+- `StopSignals`: SIGTERM / SIGUSR1 / SIGUSR2 (and Ctrl-C) ask the run to save and stop; every rank agrees on when.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,11 +35,27 @@ from llm.utils.logging import setup_logging
 
 STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"  # the same as conf/hydra/default.yaml's ${now:...} run dir
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by one of STOP_SIGNALS after saving a checkpoint; resume=auto goes on
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a person stopped it (no scheduler requeues)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+ABORT_AFTER_S = 1.0  # a second Ctrl-C sooner than this is the same one, forwarded by a launcher to its workers
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was saved because a stop signal arrived; run.py exits with PREEMPTED_EXIT_CODE."""
+    """Raised after a checkpoint was saved (or before the first step, with nothing to save) because a stop signal
+    arrived; run.py exits with `exit_code`."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class Interrupted(Preempted):
+    """The same for Ctrl-C (SIGINT)."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+
+def stop_exception(signal_name: str, message: str) -> Preempted:
+    """The exception a stop by `signal_name` ends the run with."""
+    return (Interrupted if signal_name == "SIGINT" else Preempted)(message)
 
 
 class LaunchError(LLMError):
@@ -239,14 +256,14 @@ def _worker(fn, cfg: dict, run_dir: str, threads: int | None):
 
 
 def launch(fn, nproc: int, cfg: dict, run_dir: str, reraise: tuple[type[BaseException], ...] = (),
-           on_signal: type[BaseException] | None = None):
+           on_signal: Callable[[str, str], BaseException] | None = None):
     """Run `fn(cfg, run_dir)` in `nproc` local worker processes forming one process group, through PyTorch's
     elastic launcher (what torchrun uses). `fn` is a module-level function of an importable module (the workers
     import it by name); `cfg` is the plain, resolved config (no Hydra in the workers).
     Returns rank 0's return value. A worker's failure raises LaunchError with its message, or — when its exception
     class is one of `reraise` (by name) — that exception class again, in this process. SIGTERM, SIGUSR1/SIGUSR2
     (warnings before a time limit), SIGINT, ... reaching this process are passed on to the workers (which may save
-    and stop), then raise `on_signal` here (if given)."""
+    and stop), then raise `on_signal(signal name, message)` here (if given)."""
     if env_world_size() > 1:
         raise ConfigError(f"trainer.nproc_per_node={nproc} inside an already distributed launch "
                           f"(WORLD_SIZE={env_world_size()}); set trainer.nproc_per_node=1 under torchrun or SLURM")
@@ -267,7 +284,8 @@ def launch(fn, nproc: int, cfg: dict, run_dir: str, reraise: tuple[type[BaseExce
     except SignalException as e:
         if on_signal is None:
             raise
-        raise on_signal(f"signal {e.sigval}") from e
+        name = signal.Signals(e.sigval).name
+        raise on_signal(name, f"signal {name}: the workers were stopped") from e
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         message = failure.message
@@ -295,40 +313,59 @@ def _llm_error_classes():
 
 # ---------------------------------------------------------------------------------------------- stop signals
 class StopSignals:
-    """Two ways a run ends before max_steps, agreed by every rank after each step:
+    """Three ways a run ends before max_steps, agreed by every rank after each step (and, before the first step,
+    at `check`):
     - a signal — SIGTERM, SIGUSR1 (`sbatch --signal=USR1@120`) or SIGUSR2 (what submitit sends before the time
       limit): finish the step, save, exit with code 75 (`Preempted`); `received` names the signal;
+    - Ctrl-C (SIGINT): the same with exit code 130 (`Interrupted`); a second Ctrl-C aborts at once, saving nothing;
     - `finish(reason)`, e.g. a sweep's pruner giving up on the trial: save and finish the run as done, early."""
 
-    GO_ON, FINISH, PREEMPT = 0, 1, 2
+    GO_ON, FINISH, PREEMPT, INTERRUPT = 0, 1, 2, 3  # ranks agree on the largest
 
     def __init__(self):
         self.received: str | None = None
         self.finish_reason: str | None = None
+        self._installed = False
+        self._first_interrupt: float | None = None
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
 
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is not None and now - self._first_interrupt > ABORT_AFTER_S:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+                # not the logger: a handler may run in the middle of a log call (its lock)
+                os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+                            b"(Ctrl-C again to abort without saving)\n")
+        if self.received != "SIGINT":  # Ctrl-C wins: a person asked
+            self.received = name
+
     @contextlib.contextmanager
     def installed(self):
-        """Catch the stop signals for the duration of the block (only the main thread can)."""
-        if threading.current_thread() is not threading.main_thread():
+        """Catch the stop signals and Ctrl-C for the duration of the block (only the main thread can; a block
+        nested in another of the same object changes nothing)."""
+        if self._installed or threading.current_thread() is not threading.main_thread():
             yield
             return
-
-        def handler(signum, frame):
-            self.received = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, self._handle) for s in (*STOP_SIGNALS, signal.SIGINT)}
+        self._installed = True
         try:
             yield
         finally:
+            self._installed = False
             for s, h in previous.items():
                 signal.signal(s, h)
 
     def agreed(self, world_size: int, device: torch.device) -> int:
-        """GO_ON, FINISH or PREEMPT (a signal wins over an early finish); every rank gets the same answer."""
-        code = self.PREEMPT if self.received else self.FINISH if self.finish_reason else self.GO_ON
+        """GO_ON, FINISH, PREEMPT or INTERRUPT (a signal wins over an early finish, Ctrl-C over the others); every
+        rank gets the same answer."""
+        code = (self.INTERRUPT if self.received == "SIGINT" else self.PREEMPT if self.received
+                else self.FINISH if self.finish_reason else self.GO_ON)
         if world_size > 1 and dist.is_initialized():
             # a CPU tensor goes through gloo (the group is cpu:gloo,cuda:nccl): a small message between the ranks'
             # host threads each step, not a wait for the GPU to drain its queue
@@ -336,8 +373,25 @@ class StopSignals:
             t = torch.tensor(float(code), device="cpu" if on_cpu else device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             code = int(t.item())
-            if code == self.PREEMPT and self.received is None:
+            if code == self.INTERRUPT and self.received != "SIGINT":
+                self.received = "SIGINT"  # on a peer rank
+            elif code == self.PREEMPT and self.received is None:
                 self.received = "peer rank"
             if code == self.FINISH and self.finish_reason is None:
                 self.finish_reason = "rank 0's decision"
         return code
+
+    def check(self, where: str) -> None:
+        """Before the first step: when a stop signal arrived (on any rank: every rank calls this at the same
+        points), stop now; `resume=auto` (or the same command) starts again."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        device = torch.device("cuda", cuda_index()) if world > 1 and torch.cuda.is_available() else torch.device("cpu")
+        if self.agreed(world, device) >= self.PREEMPT:
+            raise self.stopped(f"before the first step ({where}), nothing to save")
+
+    def stopped(self, what: str) -> Preempted:
+        """The exception that ends the run after a stop signal (`what`: what was saved), the reason logged."""
+        who, code = (("Ctrl-C", INTERRUPTED_EXIT_CODE) if self.received == "SIGINT"
+                     else (f"signal {self.received}", PREEMPTED_EXIT_CODE))
+        logger.warning(f"{who}: {what}; exiting with code {code} (resume=auto continues)")
+        return stop_exception(self.received, f"{who}: {what}")

@@ -27,7 +27,7 @@ from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
 from llm.train.checkpointer import Checkpointer
-from llm.train.cluster import PREEMPTED_EXIT_CODE, Preempted, StopSignals, dist_env
+from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
 from llm.train.optim import OptimizerConfig
 from llm.train.parallel import clip_grad_norm_, eval_shard, parallelize, reduce_sums, set_gradient_sync
@@ -77,10 +77,11 @@ def check_trained(steps: int, skipped: int) -> None:
 
 class Trainer:
     def __init__(self, model, data, objective: Objective, optim: OptimizerConfig, settings: TrainerSettings,
-                 run: RunInfo, tokenizer=None, loggers=(), early_stop: Callable[[int, dict], str | None] | None = None):
+                 run: RunInfo, tokenizer=None, loggers=(), early_stop: Callable[[int, dict], str | None] | None = None,
+                 stop: StopSignals | None = None):
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
-        sweep's pruner giving up on the trial), or None."""
+        sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
         check_fits(settings.loop.seq_len, model.config.max_seq_len)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
@@ -88,7 +89,7 @@ class Trainer:
         self.run_dir = Path(run.run_dir)
         self.max_steps = self.loop.max_steps if objective.trains else 0  # evaluation-only tasks take no step
         self.logger_factories, self.early_stop = list(loggers or []), early_stop
-        self.state, self.stop, self.loggers = TrainerState(), StopSignals(), []
+        self.state, self.stop, self.loggers = TrainerState(), stop or StopSignals(), []
         self._started, self._wall_before = time.perf_counter(), 0.0
 
     # ------------------------------------------------------------------ setup
@@ -111,6 +112,7 @@ class Trainer:
         self.optimizer = self.optim.build(self.raw_model, self.device.type) if self.max_steps else None
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
+        self.stop.check("after preparing the data and the objective")  # the two steps that may take long
         self.checkpointer = Checkpointer(self.run_dir, self.tokenizer, self.cadence.keep_last, self.env.is_main)
         saved = self.run.resume and self.checkpointer.restore(self.run.resume, self.raw_model, self.optimizer,
                                                               self.run.fingerprint)
@@ -206,7 +208,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         try:
-            return self._fit()
+            with self.stop.installed():  # from here, a stop signal or Ctrl-C stops the run at the next `check`/step
+                return self._fit()
         finally:  # an exception must not leave a W&B run (or files) open for the next sweep job
             for lg in self.loggers:
                 lg.close()
@@ -233,26 +236,23 @@ class Trainer:
                    disable=not (cadence.progress and self.env.is_main and sys.stderr.isatty()))
         self.window.restart_clock()
         t_start, seconds_before = time.perf_counter(), st.seconds
-        with self.stop.installed():
-            while st.step < self.max_steps:
-                self.window.add(*self.train_step())
-                bar.update(1)
-                last = st.step == self.max_steps
-                do_eval = last or (cadence.eval_every and st.step % cadence.eval_every == 0)
-                if do_eval or st.step % cadence.log_every == 0:
-                    self._log_step(do_eval, bar)
-                st.seconds = seconds_before + time.perf_counter() - t_start
-                stop = self.stop.agreed(self.env.world_size, self.device)
-                if last or stop or (cadence.save_every and st.step % cadence.save_every == 0):
-                    self.save()
-                if stop == StopSignals.FINISH and not last:
-                    logger.info(f"step {st.step}: finishing early ({self.stop.finish_reason})")
-                    break
-                if stop and not last:  # a signal (fit() closes the loggers); on the last step the run simply finishes
-                    bar.close()
-                    logger.warning(f"signal {self.stop.received}: saved step {st.step}; exiting with code "
-                                   f"{PREEMPTED_EXIT_CODE} (resume=auto continues)")
-                    raise Preempted(st.step)
+        while st.step < self.max_steps:
+            self.window.add(*self.train_step())
+            bar.update(1)
+            last = st.step == self.max_steps
+            do_eval = last or (cadence.eval_every and st.step % cadence.eval_every == 0)
+            if do_eval or st.step % cadence.log_every == 0:
+                self._log_step(do_eval, bar)
+            st.seconds = seconds_before + time.perf_counter() - t_start
+            stop = self.stop.agreed(self.env.world_size, self.device)
+            if last or stop or (cadence.save_every and st.step % cadence.save_every == 0):
+                self.save()
+            if stop == StopSignals.FINISH and not last:
+                logger.info(f"step {st.step}: finishing early ({self.stop.finish_reason})")
+                break
+            if stop and not last:  # a signal (fit() closes the loggers); on the last step the run simply finishes
+                bar.close()
+                raise self.stop.stopped(f"saved step {st.step}")
         bar.close()
         return self._finish()
 

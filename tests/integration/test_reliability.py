@@ -1,6 +1,6 @@
 """Reliability end to end: kill -9 then resume=auto gives a bit-identical loss trace (pretrain, SFT, DPO);
-SIGTERM saves and exits with the documented code; a corrupt newest checkpoint is skipped; non-finite steps are
-skipped and too many in a row stop the run."""
+SIGTERM and Ctrl-C save and exit with the documented codes (75, 130; before the first step: nothing to save, 75);
+a corrupt newest checkpoint is skipped; non-finite steps are skipped and too many in a row stop the run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from llm.train.cluster import PREEMPTED_EXIT_CODE
+import llm.train.checkpoint as ckpt
+from llm.train.cluster import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
 pytestmark = pytest.mark.integration
@@ -100,6 +101,33 @@ def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, t
     assert (run_dir / "checkpoints" / "last").read_text().strip() == f"step_{stopped:07d}"
     run_cli([*args, "resume=auto"], cache_dir)
     _assert_same_trace(references["pretrain"], read_metrics(run_dir))
+
+
+def test_a_signal_before_the_first_step_exits_75_and_ctrl_c_later_saves_and_exits_130(cache_dir, tmp_path):
+    """SIGTERM while the tokenizer, data and model are being made: exit 75, nothing of a run written, so the same
+    command starts again; Ctrl-C in that run saves its step and exits 130 (the shell's code for Ctrl-C)."""
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
+    proc = _start(args, cache_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and "instantiating tokenizer" not in _text(run_dir / "train.log"):
+        time.sleep(0.01)  # the tokenizer, the data and the model are still to come
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    assert "SIGTERM: before the first step" in proc.stderr.read()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    proc = _start(args, cache_dir)  # nothing of a run to refuse: the same command starts again
+    _wait_for_step(proc, run_dir, 4)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == INTERRUPTED_EXIT_CODE == 130
+    assert "Traceback" not in proc.stderr.read()
+    stopped = read_metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == f"step_{stopped:07d}"
+    assert ckpt.is_complete(run_dir / "checkpoints" / f"step_{stopped:07d}")
+
+
+def _text(path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def test_corrupt_newest_checkpoint_is_skipped_on_resume(cache_dir, tmp_path):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm.data import VerifiableTasks
+from llm.data.hub import offline_reason
 from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
@@ -94,8 +95,12 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=f"init_from='{tmp_path / 'notes'}': no complete checkpoint"):
         resolve_init_from(cfg(tmp_path / "notes"), set())
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # owner/name: the hub (offline here)
-    with pytest.raises(ConfigError, match="init_from='nobody/no-such-model': no such local dir, and not loadable"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_reason.cache_clear()  # asked again, with the variable set
+    with pytest.raises(ConfigError, match="init_from=nobody/no-such-model: not in the local Hugging Face cache and "
+                                          r"the hub is offline \(HF_HUB_OFFLINE=1\)"):
         resolve_init_from(cfg("nobody/no-such-model"), set())
+    offline_reason.cache_clear()
     llama = hf_model_dir(small_run, tmp_path / "llama", "llama")
     config = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
