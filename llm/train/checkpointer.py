@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from llm.errors import ConfigError, TrainingError
 from llm.train import checkpoint as ckpt
-from llm.train.cluster import barrier
-from llm.train.parallel import is_fsdp
+from llm.train.parallel import is_fsdp, rank0_succeeded
 
 
 class Checkpointer:
@@ -30,9 +29,19 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path | None:
         """Write `checkpoints/step_NNNNNNN/` (atomically), point `last` at it, prune. Returns its path on rank 0."""
         model_state, optim_state = full_state(model, optimizer)  # fsdp: all ranks gather
-        if not self.is_main:
-            barrier()  # until rank 0 has written it
-            return None
+        path, error = None, None
+        if self.is_main:
+            try:
+                path = self._write(step, model, model_state, optim_state, trainer_state)
+            except Exception as e:  # raised below, once every rank knows
+                error = e
+        # every rank waits for rank 0's write and learns how it went: a failure there stops them all at once
+        # instead of leaving them at a barrier until the collective times out
+        if not rank0_succeeded(error is None):
+            raise error or TrainingError(f"step {step}: rank 0 could not write the checkpoint (its log says why)")
+        return path
+
+    def _write(self, step: int, model, model_state, optim_state, trainer_state: dict) -> Path:
         if not all(bool(torch.isfinite(t).all()) for t in model_state.state_dict().values()):
             raise TrainingError(f"step {step}: the weights are not finite; no checkpoint written")
         path = self.run_dir / "checkpoints" / ckpt.step_dir_name(step)
@@ -47,7 +56,6 @@ class Checkpointer:
         ckpt.prune_checkpoints(self.run_dir, self.keep_last)
         logger.info(f"checkpoint: {path}")
         self.last = path
-        barrier()
         return path
 
     def restore(self, resume: str, model: torch.nn.Module, optimizer, fingerprint: dict | None = None) -> dict | None:

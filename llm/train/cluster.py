@@ -192,11 +192,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def prepare_launch() -> None:
     """run.py, before Hydra, in a process started by torchrun or `srun` (WORLD_SIZE > 1): join the process group
     and make every rank use rank 0's timestamp for the run dir (LLM_RUN_STAMP, read by conf/hydra/default.yaml),

@@ -3,8 +3,8 @@
 - `parallelize`: the model on its device with the chosen strategy — `single`, `ddp` (DistributedDataParallel) or
   `fsdp` (FSDP2 `fully_shard` per transformer block, then the root) — with activation checkpointing and
   torch.compile. The training loop only sees the returned module.
-- Gradient-sync control during accumulation, gradient clipping on DTensors, metric averaging over ranks and the
-  lockstep share of the validation batches.
+- Gradient-sync control during accumulation, gradient clipping on DTensors, metric averaging over ranks, the
+  lockstep share of the validation batches, and rank 0's verdict on what it alone does (a checkpoint write).
 """
 
 from __future__ import annotations
@@ -110,7 +110,17 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-# ---------------------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------------------------------- collectives
+def rank0_succeeded(ok: bool) -> bool:
+    """Rank 0's `ok` on every rank (a broadcast, so also a barrier): the other ranks wait for what rank 0 alone
+    does (writing a checkpoint) and learn whether it worked. One process: `ok` itself."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    verdict = [ok if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    return bool(verdict[0])
+
+
 def all_reduce_mean(metrics: dict) -> dict:
     """The mean over ranks of each 0-d tensor in `metrics` (one collective; a no-op with one rank)."""
     if not metrics or not dist.is_initialized() or dist.get_world_size() == 1:

@@ -125,11 +125,27 @@ def test_nested_launch_is_refused(monkeypatch):
         C.launch(print, 2, {}, "/tmp/x")
 
 
-def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out):
+def _failed_save(rank: int, blocked_dir: str) -> str | None:
+    """Rank 0 cannot write the checkpoint (its run dir is a file): every rank's save raises, none waits for ever."""
+    from llm.errors import TrainingError
+    from llm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
+    saver = checkpointer.Checkpointer(blocked_dir, None, None, is_main=rank == 0)
+    try:
+        saver.save(1, model, None, {"step": 1})
+    except TrainingError as e:
+        return str(e)
+    return None
+
+
+def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_dir: str):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        agreed = (P.rank0_succeeded(rank == 0), P.rank0_succeeded(rank != 0))  # rank 0's word, on both ranks
+        failed_save = _failed_save(rank, blocked_dir)
         quiet = C.StopSignals().agreed(2, torch.device("cpu"))
         finish = C.StopSignals()
         if rank == 0:
@@ -139,13 +155,14 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out):
         if rank == signalled_rank:
             stop.received = "SIGTERM"
             stop.finish("pruned")  # a signal wins over an early finish
-        out.put((rank, quiet, finished, stop.agreed(2, torch.device("cpu")), stop.received))
+        out.put((rank, quiet, finished, stop.agreed(2, torch.device("cpu")), stop.received, agreed, failed_save))
     finally:
         dist.destroy_process_group()
 
 
-def test_a_signal_on_one_rank_stops_every_rank():
-    """SIGTERM reaching rank 1 only: both ranks agree to stop after the same step (rank 0 names the peer)."""
+def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
+    """SIGTERM reaching rank 1 only: both ranks agree to stop after the same step (rank 0 names the peer). And a
+    checkpoint rank 0 cannot write fails the save on both ranks (rank 1 does not wait at a barrier for ever)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -155,11 +172,16 @@ def test_a_signal_on_one_rank_stops_every_rank():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, 1, out)) for r in range(2)]
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the run dir should be")
+    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, 1, out, str(blocked))) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
     go_on, finish, preempt = C.StopSignals.GO_ON, C.StopSignals.FINISH, C.StopSignals.PREEMPT
-    assert results == [(0, go_on, finish, preempt, "peer rank"), (1, go_on, finish, preempt, "SIGTERM")]
+    assert [r[:5] for r in results] == [(0, go_on, finish, preempt, "peer rank"),
+                                        (1, go_on, finish, preempt, "SIGTERM")]
+    assert [r[5] for r in results] == [(True, False), (True, False)]
+    assert "could not be written" in results[0][6] and "rank 0 could not write the checkpoint" in results[1][6]
