@@ -64,6 +64,17 @@ def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: 
     return proc
 
 
+def run_cli_batch(arg_lists: list[list[str]], cache_dir: Path, timeout: int = 600) -> list[dict]:
+    """`python run.py <args>` for each argument list, all in one interpreter (tests/cli_batch.py): for runs that
+    stop early, whose start-up would cost more than the run. Returns {returncode, stdout, stderr} per run."""
+    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py")], input=json.dumps(arg_lists),
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout)
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(results) == len(arg_lists), proc.stderr[-3000:]
+    return results
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -16,7 +16,7 @@ from llm.data import PretrainData, StdlibCorpus, load_pretrained
 from llm.model import GPT, GPTConfig
 from llm.train.checkpoint import latest_checkpoint, load_model_weights, read_json
 from llm.train.objectives import cross_entropy
-from tests.conftest import ROOT, SMALL, read_metrics, run_cli
+from tests.conftest import ROOT, SMALL, read_metrics, run_cli, run_cli_batch
 
 pytestmark = pytest.mark.integration
 
@@ -185,20 +185,33 @@ def _ids(errors):
     return [f"{i}-{e[0][-1].split('/')[0][:40]}" for i, e in enumerate(errors)]
 
 
-@pytest.mark.parametrize("overrides,files,message", ERRORS, ids=_ids(ERRORS))
-def test_bad_input_is_a_one_line_error(overrides, files, message, cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def bad_input_runs(cache_dir, tmp_path_factory) -> list[tuple[dict, Path]]:
+    """Every row of ERRORS through run.py, in one interpreter (run_cli_batch): (its result, its tmp dir)."""
+    arg_lists, dirs = [], []
+    for overrides, files, _ in ERRORS:
+        tmp = tmp_path_factory.mktemp("bad_input")
+        for name, content in files.items():
+            (tmp / name).write_text(content)
+        overrides = [o.replace("{tmp}", str(tmp)) for o in overrides]
+        groups = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}  # e.g. data=files
+        base = [o for o in SMALL if o.split(".")[0] not in groups]  # drop the shrink keys of a replaced group
+        run_dir = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={tmp / 'run'}"]
+        arg_lists.append([*base, *overrides, *run_dir])
+        dirs.append(tmp)
+    return list(zip(run_cli_batch(arg_lists, cache_dir), dirs))
+
+
+@pytest.mark.xdist_group("bad_input")  # one worker runs the batch
+@pytest.mark.parametrize("case", range(len(ERRORS)), ids=_ids(ERRORS))
+def test_bad_input_is_a_one_line_error(case, bad_input_runs):
     """The bad-input table: one line naming the culprit, exit code 2, no traceback."""
-    for name, content in files.items():
-        (tmp_path / name).write_text(content)
-    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
-    groups = {o.split("=")[0] for o in overrides if "." not in o.split("=")[0]}  # e.g. data=files
-    base = [o for o in SMALL if o.split(".")[0] not in groups]  # drop the shrink keys of a replaced group
-    run_dir = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = run_cli([*base, *overrides, *run_dir], cache_dir, check=False)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in last, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    result, tmp = bad_input_runs[case]
+    message = ERRORS[case][2].replace("{tmp}", str(tmp))
+    assert result["returncode"] == 2, result["stderr"][-2000:]
+    last = result["stderr"].strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"]
 
 
 def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
