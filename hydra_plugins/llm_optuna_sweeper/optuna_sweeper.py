@@ -7,10 +7,11 @@ trial; `enqueue` lists parameter sets to try first.
 
 The study lives in SQLite in the sweep dir unless `storage` says otherwise, so the same command again continues
 it: `n_trials` counts every finished trial (complete, pruned or failed) of the study, a trial that an earlier
-attempt left running is run again with its own parameters and job dir (which resumes from its checkpoint), and
-no finished trial runs twice. Each trial is one job dir `<trial number>_<overrides>`; it gets `+trial=<number>`,
-reports its objective (`optimized_metric`) at every evaluation, and the pruner (median by default) may finish it
-early. A failed trial (its error in error.txt) or a non-finite objective is marked failed and the search goes on.
+attempt left running is run again with its own parameters and job dir (which resumes from its checkpoint; one
+killed before it had all of its parameters gets the rest), and no finished trial runs twice. Each trial is one
+job dir `<trial number>_<overrides>`; it gets `+trial=<number>`, reports its objective (`optimized_metric`) at
+every evaluation, and the pruner (median by default) may finish it early. A failed trial (its error in error.txt)
+or a non-finite objective is marked failed and the search goes on.
 Optuna is imported when a search starts, not when Hydra scans its plugins (the `sweep` extra).
 """
 
@@ -153,12 +154,13 @@ class OptunaSweeper(Sweeper):
             finished = sum(t.state.is_finished() for t in trials)
             if finished >= self.n_trials:
                 break
-            # trials an interrupted earlier attempt left running go first, with their own parameters (one that
-            # died before it had all of them never started: it is marked failed)
+            # trials an interrupted earlier attempt left running go first, with their own parameters (one killed
+            # before it had all of them gets the rest now; one with parameters outside this space is failed)
             stale = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            for trial in [t for t in stale if set(t.params) != set(space)]:
+            for trial in [t for t in stale if not set(t.params) <= set(space)]:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            batch = [t for t in stale if set(t.params) == set(space)][: self.n_jobs]
+            batch = [_all_params(study, t, space, optuna) for t in stale if set(t.params) <= set(space)]
+            batch = batch[: self.n_jobs]
             for _ in range(min(self.n_jobs, self.n_trials - finished) - len(batch)):
                 batch.append(study.ask(space))
             returns.extend(self._run(study, batch, fixed, optuna))
@@ -188,6 +190,18 @@ class OptunaSweeper(Sweeper):
                     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             results.extend(jobs)
         return results
+
+
+def _all_params(study, frozen, space: dict, optuna):
+    """A trial left running with every parameter of `space`: one that an earlier attempt was killed in the middle
+    of asking (between `ask` and its last parameter, before any job dir) gets the missing ones as `ask` gives them
+    (an enqueued trial its own values, otherwise the sampler's), so it runs under its own number."""
+    if set(frozen.params) == set(space):
+        return frozen
+    trial = optuna.trial.Trial(study, frozen._trial_id)
+    for name, distribution in space.items():
+        trial._suggest(name, distribution)  # what study.ask(space) calls; a parameter already set is kept
+    return study._storage.get_trial(frozen._trial_id)
 
 
 def write_importance(study, path: Path, optuna, min_trials: int = 10) -> dict | None:

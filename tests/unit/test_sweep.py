@@ -103,3 +103,23 @@ def test_sqlite_study_storage_waits_for_the_lock(tmp_path):
     with storage.engine.connect() as connection:  # the busy timeout SQLite itself applies, in ms
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_WAIT_S * 1000
     assert open_storage(optuna, "postgresql://host/db") == "postgresql://host/db"
+
+
+def test_a_trial_killed_while_being_asked_gets_its_parameters(tmp_path):
+    """A search killed between `ask` and the trial's parameters leaves it running with none: the next attempt runs
+    it under its own number with the parameters `ask` gives (an enqueued trial its own), not as a failure."""
+    optuna = pytest.importorskip("optuna")
+    from hydra_plugins.llm_optuna_sweeper.optuna_sweeper import _all_params
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
+             "trainer.batch_size": optuna.distributions.CategoricalDistribution([8, 16])}
+    study = optuna.create_study(storage=default_storage(tmp_path))
+    study.enqueue_trial({"optim.lr": 0.5, "trainer.batch_size": 16})
+    enqueued, drawn = study.ask(), study.ask()  # RUNNING, no parameters yet: what the kill leaves
+    assert enqueued.params == drawn.params == {}
+    frozen = {t.number: t for t in study.get_trials()}
+    assert _all_params(study, frozen[0], space, optuna).params == {"optim.lr": 0.5, "trainer.batch_size": 16}
+    params = _all_params(study, frozen[1], space, optuna).params
+    assert set(params) == set(space) and 1e-4 <= params["optim.lr"] <= 1.0 and params["trainer.batch_size"] in (8, 16)
+    assert all(t.state.name == "RUNNING" for t in study.get_trials())  # still to be run, under numbers 0 and 1
