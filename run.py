@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -24,6 +23,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException as ConfError
 
 from llm import job  # importing it registers the resolvers conf/hydra/default.yaml uses
+from llm.data.cache import check_writable_dir
 from llm.errors import LLMError
 from llm.eval.sweep import SweepSummary
 from llm.train.cluster import INTERRUPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
@@ -74,20 +74,17 @@ def main(cfg: DictConfig) -> float | None:
 def check_output_dir(argv: list[str]) -> None:
     """Fail with one line, before Hydra starts, when the run or sweep dir cannot be created."""
     sweep = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     target = "multirun_outputs" if sweep else "outputs"
     for arg in argv:
-        if arg.startswith("hydra.sweep.dir=" if sweep else "hydra.run.dir="):
+        if arg.startswith(f"{key}="):
             target = arg.split("=", 1)[1]
     if "${" in target:
         return
-    path = Path(target).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is not a directory")
-        tempfile.TemporaryDirectory(dir=existing).cleanup()
-    except OSError as e:
-        print(f"error: cannot write the output dir {path}: {e.strerror or e}", file=sys.stderr)
+        check_writable_dir(key, target, create=False)  # nothing is created: Hydra makes the dir
+    except LLMError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

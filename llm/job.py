@@ -233,7 +233,7 @@ def check_cache_dirs(plain: dict) -> None:
         used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
     for key, value in used.items():
         if value is not None:
-            check_writable_dir("cache_dir" if value == plain.get("cache_dir") else key, value)
+            check_writable_dir("cache_dir" if value == plain.get("cache_dir") else key, value, hint=" (or LLM_CACHE_DIR)")
 
 
 def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:

@@ -34,21 +34,22 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_writable_dir(key: str, value) -> Path:
-    """The dir `value` (created if missing), or ConfigError naming `key` and the path when it is a file, lies
-    under a file, or cannot be written (a probe file is created and removed: permission bits alone do not say
-    what root, ACLs or a read-only mount allow)."""
+def check_writable_dir(key: str, value, create: bool = True, hint: str = "") -> Path:
+    """The dir `value` (created if missing; with create=False its nearest existing parent is probed instead), or
+    ConfigError naming `key` and the path when it is a file, lies under a file, or cannot be written (a probe file
+    is created and removed: permission bits alone do not say what root, ACLs or a read-only mount allow)."""
     path = Path(os.path.expanduser(str(value))).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{key}={value}: {existing} is a file, not a directory; set {key} to a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path if create else existing, prefix=".write-probe-"):
             pass
     except OSError as e:
         raise ConfigError(f"{key}={value}: cannot write to {path} ({e.strerror or e}); set {key} to a writable "
-                          f"directory (or LLM_CACHE_DIR)") from None
+                          f"directory{hint}") from None
     return path
 
 

@@ -174,7 +174,7 @@ ERRORS = [
     (["init_from=/nonexistent/run"], {}, "init_from='/nonexistent/run': no such run or checkpoint directory"),
     (["init_from=latest:nosuchtask"], {}, "latest:nosuchtask: no finished nosuchtask run"),
     (["task=dpo"], {}, "task=dpo starts from a trained model: set init_from"),
-    (["hydra.run.dir=/proc/llm_run"], {}, "cannot write the output dir /proc/llm_run"),
+    (["hydra.run.dir=/proc/llm_run"], {}, "hydra.run.dir=/proc/llm_run: cannot write to /proc/llm_run"),
 ]
 
 
