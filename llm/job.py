@@ -213,15 +213,17 @@ def validate(cfg: DictConfig) -> dict:
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ConfigError(f"overwrite={cfg.overwrite!r} must be true or false")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("data", "tokenizer", "post_data"):
-        _check_tree(group, plain.get(group) or {})
-    _check_tree("task.data", plain["task"].get("data") or {})
-    check_cache_dirs(plain)
+    # the groups whose keys the data groups interpolate (task.data.seq_len: ${trainer.seq_len}) come first, so an
+    # error names the key the user typed
     built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
              "objective": build(cfg.task.objective, "objective")}
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
+    for group in ("data", "tokenizer", "post_data"):
+        _check_tree(group, plain.get(group) or {})
+    _check_tree("task.data", plain["task"].get("data") or {})
+    check_cache_dirs(plain)
     return built
 
 

@@ -161,6 +161,7 @@ ERRORS = [
     (["model.n_head=5"], {}, "model.d_model=64 must be divisible by model.n_head=5"),
     (["+model.n_layers=3"], {}, "unknown model key(s) ['n_layers']"),
     (["trainer.batch_size=0"], {}, "trainer.batch_size=0 must be an integer >= 1"),
+    (["trainer.seq_len=0"], {}, "trainer.seq_len=0 must be an integer >= 1"),  # not task.data.seq_len, its copy
     (["trainer.batch_size=abc"], {}, "trainer.batch_size='abc' must be an integer >= 1"),
     (["trainer.max_steps=-5"], {}, "trainer.max_steps=-5 must be an integer >= 0"),
     (["trainer.max_steps=2.5", "optim.lr=inf"], {}, "trainer.max_steps=2.5 must be an integer >= 0"),
