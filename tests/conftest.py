@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from llm.data.pretrain import file_lock
+from llm.data.cache import file_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

@@ -28,7 +28,7 @@ import torch
 from loguru import logger
 
 from llm.contract import INPUT_IDS, LABELS, Data
-from llm.data.cache import discard, file_lock, read_entry_json  # noqa: F401  (file_lock: tests import it here)
+from llm.data.cache import discard, file_lock, read_entry_json
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.sources import FileCorpus

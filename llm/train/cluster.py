@@ -386,7 +386,7 @@ class StopSignals:
 
     def stopped(self, what: str) -> Preempted:
         """The exception that ends the run after a stop signal (`what`: what was saved), the reason logged."""
-        who, code = (("Ctrl-C", INTERRUPTED_EXIT_CODE) if self.received == "SIGINT"
-                     else (f"signal {self.received}", PREEMPTED_EXIT_CODE))
-        logger.warning(f"{who}: {what}; exiting with code {code} (resume=auto continues)")
-        return stop_exception(self.received, f"{who}: {what}")
+        who = "Ctrl-C" if self.received == "SIGINT" else f"signal {self.received}"
+        error = stop_exception(self.received, f"{who}: {what}")
+        logger.warning(f"{who}: {what}; exiting with code {error.exit_code} (resume=auto continues)")
+        return error
