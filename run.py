@@ -1,10 +1,10 @@
 """Entry point: compose the config with Hydra, build plain objects from it, train. Everything else is in `llm/`.
 
-    python run.py                                  # tiny model, pretraining on the standard library, CPU
-    python run.py model=125m trainer=gpu optim.lr=6e-4
-    python run.py -m optim.lr=1e-4,3e-4            # a sweep: one job dir each under multirun_outputs/
-    python run.py trainer.nproc_per_node=4         # 4 local worker processes, one process group (DDP by default)
-    torchrun --nproc_per_node=4 run.py             # the same through torchrun (multi-node: --nnodes, --rdzv-*)
+python run.py                                  # tiny model, pretraining on the standard library, CPU
+python run.py model=125m trainer=gpu optim.lr=6e-4
+python run.py -m optim.lr=1e-4,3e-4            # a sweep: one job dir each under multirun_outputs/
+python run.py trainer.nproc_per_node=4         # 4 local worker processes, one process group (DDP by default)
+torchrun --nproc_per_node=4 run.py             # the same through torchrun (multi-node: --nnodes, --rdzv-*)
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from llm.errors import LLMError
 from llm.eval.sweep import SweepSummary
 from llm.train.cluster import INTERRUPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
 from llm.utils.logging import setup_logging
-
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the machine's state, not a bug: one line, no traceback
 
@@ -55,8 +54,11 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(e.exit_code)  # resume=auto (or the same sweep again) continues
     except Exception as e:
         full_disk = isinstance(e, OSError) and e.errno in DISK_FULL
-        if cfg.get("debug") or os.environ.get("LLM_DEBUG") or not (in_sweep or full_disk
-                                                                    or isinstance(e, (LLMError, ConfError))):
+        if (
+            cfg.get("debug")
+            or os.environ.get("LLM_DEBUG")
+            or not (in_sweep or full_disk or isinstance(e, (LLMError, ConfError)))
+        ):
             raise  # a bug (or debug=true): the whole traceback
         message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else f"error: {e}"
         if full_disk:
@@ -96,8 +98,11 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before the run caught it, or a second one: stop at once
         if os.environ.get("LLM_DEBUG") or "debug=true" in sys.argv:
             raise
-        print("\nerror: interrupted (Ctrl-C): stopped at once without saving; resume=auto continues from the "
-              "newest checkpoint, if any", file=sys.stderr)
+        print(
+            "\nerror: interrupted (Ctrl-C): stopped at once without saving; resume=auto continues from the "
+            "newest checkpoint, if any",
+            file=sys.stderr,
+        )
         sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         shutdown()

@@ -162,7 +162,7 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if cuda else meter.peak) - base
-    del model, step_model, opt  # memory is freed at the start of the next measurement
+    model = step_model = opt = None  # memory is freed at the start of the next measurement
     return {"params": params, "tok_s": x.numel() * args.steps / elapsed,
             "step_ms": 1000 * elapsed / args.steps, "peak_mib": peak / 2**20}
 

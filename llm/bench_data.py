@@ -124,8 +124,13 @@ def raw_encoder(path: Path, tokenizer_json: str, num_proc: int) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(t + d for t, d in counts)  # + one EOS per non-empty document, as preparation writes
     cpu = _cpu_s(resource.RUSAGE_CHILDREN) - cpu0
-    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-            "cpu_s": round(cpu, 1), "tokens_per_cpu_s": round(tokens / max(cpu, 1e-3))}
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "cpu_s": round(cpu, 1),
+        "tokens_per_cpu_s": round(tokens / max(cpu, 1e-3)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- preparation
@@ -138,10 +143,17 @@ def _prepare(path: str, tokenizer_dir: str, cache_dir: str, num_proc: int, queue
     cpu_main = _cpu_s(resource.RUSAGE_SELF) - cpu0  # reading, handing out, writing
     cpu = cpu_main + _cpu_s(resource.RUSAGE_CHILDREN)  # + the tokenizer processes
     tokens = sum(data.meta["num_tokens"].values())
-    queue.put({"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-               "tokenizing_tokens_per_s": data.meta["tokens_per_s"],  # the tokenizing loop alone
-               "cpu_s": round(cpu, 1), "tokens_per_cpu_s": round(tokens / max(cpu, 1e-3)),
-               "cpu_s_main": round(cpu_main, 1)})
+    queue.put(
+        {
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds),
+            "tokenizing_tokens_per_s": data.meta["tokens_per_s"],  # the tokenizing loop alone
+            "cpu_s": round(cpu, 1),
+            "tokens_per_cpu_s": round(tokens / max(cpu, 1e-3)),
+            "cpu_s_main": round(cpu_main, 1),
+        }
+    )
 
 
 def _cpu_s(who: int) -> float:
@@ -205,8 +217,12 @@ def prepare_in_fresh_process(path: Path, tokenizer_dir: str, cache_dir: Path, nu
         proc.join()
         watch.join()
         shutil.rmtree(cache_dir, ignore_errors=True)
-    return {**result, "peak_rss_mb": round(watch.peak_tree_mb), "peak_rss_main_mb": round(watch.peak_main_mb),
-            "peak_rss_largest_worker_mb": round(watch.peak_child_mb)}
+    return {
+        **result,
+        "peak_rss_mb": round(watch.peak_tree_mb),
+        "peak_rss_main_mb": round(watch.peak_main_mb),
+        "peak_rss_largest_worker_mb": round(watch.peak_child_mb),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -228,17 +244,25 @@ def the_tokenizer(name: str | None, corpus: Path, work: Path) -> tuple[str, str]
 def measure(corpus: Path, tokenizer: tuple[str, str], work: Path, num_proc: int) -> dict:
     raw = raw_encoder(corpus, tokenizer[1], num_proc)
     ours = prepare_in_fresh_process(corpus, tokenizer[0], work / "cache" / "prepare", num_proc)
-    return {"corpus_mb": round(corpus.stat().st_size / 1e6, 1), "num_proc": num_proc, "raw": raw, "prepare": ours,
-            "prepare_over_raw": round(ours["tokens_per_s"] / raw["tokens_per_s"], 3),
-            "same_tokens": raw["tokens"] == ours["tokens"]}
+    return {
+        "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
+        "num_proc": num_proc,
+        "raw": raw,
+        "prepare": ours,
+        "prepare_over_raw": round(ours["tokens_per_s"] / raw["tokens_per_s"], 3),
+        "same_tokens": raw["tokens"] == ours["tokens"],
+    }
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[200, 2000], help="corpus sizes (MB)")
     parser.add_argument("--num-proc", type=int, default=2, help="tokenizer processes on both sides")
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer dir or hub name (default: a BPE of 4096 "
-                        "trained on the first 5 MB of the first corpus)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer dir or hub name (default: a BPE of 4096 trained on the first 5 MB of the first corpus)",
+    )
     parser.add_argument("--work-dir", default=None, help="parent of the temporary dir (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the generated corpora and tokenizer")
     parser.add_argument("--json", default=None, help="also write the report to this file")

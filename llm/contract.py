@@ -53,7 +53,7 @@ class Data:
     val: torch.utils.data.Dataset | None = None
     token_bytes = None
 
-    def prepare(self) -> "Data":
+    def prepare(self) -> Data:
         raise NotImplementedError
 
     def report(self, sampler) -> dict:

@@ -55,8 +55,15 @@ def check_int(key: str, value, low: int | None = None, high: int | None = None, 
     return value
 
 
-def check_number(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
-                 high_open: bool = False, allow_none: bool = False):
+def check_number(
+    key: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+):
     """`value` when it is a finite number (NaN and Inf never pass) within the bounds (`*_open`: the bound itself is
     excluded), else ConfigError naming `key`, the value and what is allowed."""
     if value is None and allow_none:

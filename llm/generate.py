@@ -41,8 +41,17 @@ def load_model(path: str, device: str = "cpu"):
 class Generator:
     """Streams completions and chat replies of one model; `messages` is the conversation so far."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int | None = 50, top_p: float | None = None, seed: int = 0, system: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int = 0,
+        system: str | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.device = next(model.parameters()).device
@@ -66,11 +75,11 @@ class Generator:
                 new.append(token.item())
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # a multi-byte character is complete
-                    out.write(text[len(shown):])
+                    out.write(text[len(shown) :])
                     out.flush()
                     shown = text
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        out.write(text[len(shown):])
+        out.write(text[len(shown) :])
         out.flush()
         return text
 
@@ -108,8 +117,11 @@ def interactive(gen: Generator, stdin, out) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m llm.generate", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a run dir (its newest checkpoint), a checkpoint dir or a Hugging Face model dir")
-    p.add_argument("--prompt", help="the text to complete (with --chat: the user's message); default: read stdin, "
-                                    "or an interactive chat on a terminal")
+    p.add_argument(
+        "--prompt",
+        help="the text to complete (with --chat: the user's message); default: read stdin, "
+        "or an interactive chat on a terminal",
+    )
     p.add_argument("--chat", action="store_true", help="apply the chat template: the prompt is a user turn")
     p.add_argument("--system", help="a system message before the conversation (chat only)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -129,8 +141,16 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         model, tokenizer = load_model(args.model, device)
-        gen = Generator(model, tokenizer, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
-                        args.seed, args.system)
+        gen = Generator(
+            model,
+            tokenizer,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k or None,
+            args.top_p,
+            args.seed,
+            args.system,
+        )
         chatting = args.chat or (args.prompt is None and stdin.isatty())
         if chatting and not getattr(reserved_chat_template(tokenizer), "chat_template", None):
             raise DataError(f"{args.model}: its tokenizer has no chat template; generate without --chat")

@@ -41,10 +41,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "data.max_bytes=2000000",
-         "tokenizer.vocab_size=1024", "trainer.max_steps=4", "trainer.batch_size=8", "trainer.seq_len=64",
-         "trainer.eval_every=0", "trainer.eval_batches=2", "trainer.log_every=1", "trainer.save_every=2",
-         "trainer.progress=false", "task.sample.max_new_tokens=4", "logger=none"]
+SMALL = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "data.max_bytes=2000000",
+    "tokenizer.vocab_size=1024",
+    "trainer.max_steps=4",
+    "trainer.batch_size=8",
+    "trainer.seq_len=64",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=2",
+    "trainer.log_every=1",
+    "trainer.save_every=2",
+    "trainer.progress=false",
+    "task.sample.max_new_tokens=4",
+    "logger=none",
+]
 
 
 @dataclass
@@ -104,34 +118,52 @@ BAD_VALUES = {  # key -> values that must each be refused with one line
     "task.sample.max_new_tokens": ["-1", "1.5"],
     "overwrite": ["yes"],
 }
-EXTRAPOLATION = [["extrapolation=yarn", "extrapolation.factor=nan"], ["extrapolation=yarn", "extrapolation.factor=0.5"],
-                 ["extrapolation=linear", "extrapolation.factor=inf"], ["extrapolation=ntk", "extrapolation.factor=-2"],
-                 ["extrapolation=yarn", "extrapolation.beta_fast=inf"]]
+EXTRAPOLATION = [
+    ["extrapolation=yarn", "extrapolation.factor=nan"],
+    ["extrapolation=yarn", "extrapolation.factor=0.5"],
+    ["extrapolation=linear", "extrapolation.factor=inf"],
+    ["extrapolation=ntk", "extrapolation.factor=-2"],
+    ["extrapolation=yarn", "extrapolation.beta_fast=inf"],
+]
 
 
 def cases() -> list[Case]:
     out = [Case(f"{key}={v}", [f"{key}={v}"]) for key, values in BAD_VALUES.items() for v in values]
     out += [Case(" ".join(a), a) for a in EXTRAPOLATION]
     out += [
-        Case("unknown key", ["trainer.max_step=3"]), Case("unknown option", ["model=2b"]),
+        Case("unknown key", ["trainer.max_step=3"]),
+        Case("unknown option", ["model=2b"]),
         Case("missing file", ["data=files", "data.paths={tmp}/missing.txt"]),
         Case("empty file", ["data=files", "data.paths={tmp}/e.txt"], files={"e.txt": b""}),
         Case("bad jsonl", ["data=files", "data.paths={tmp}/b.jsonl"], files={"b.jsonl": b'{"text": "a"}\n{oops\n'}),
-        Case("non-utf8 text", ["data=files", "data.paths={tmp}/n.txt"], files={"n.txt": b"ok line\n\xff\xfe bad\n" * 50}),
-        Case("non-utf8 jsonl", ["data=files", "data.paths={tmp}/n.jsonl"],
-             files={"n.jsonl": b'{"text": "a"}\n{"text": "\xff"}\n'}),
-        Case("json array with leading whitespace", ["data=files", "data.paths={tmp}/a.json", "tokenizer.vocab_size=300"],
-             files={"a.json": b'  \n[{"text": "hello world"}, {"text": "again"}]'}),
-        Case("dpo: chosen == rejected", ["task=dpo", "init_from={finished}", "post_data=files",
-                                         "post_data.train.paths={tmp}/p.jsonl"],
-             files={"p.jsonl": b"".join(b'{"prompt": "p%d", "chosen": "a", "rejected": "a"}\n' % i
-                                        for i in range(60))}),
-        Case("dpo: empty chosen list", ["task=dpo", "init_from={finished}", "post_data=files",
-                                        "post_data.train.paths={tmp}/p.jsonl"],
-             files={"p.jsonl": b'{"prompt": "p", "chosen": [], "rejected": "a"}\n'}),
-        Case("sft: messages without an assistant", ["task=sft", "init_from={finished}", "post_data=files",
-                                                    "post_data.train.paths={tmp}/m.jsonl"],
-             files={"m.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'}),
+        Case(
+            "non-utf8 text", ["data=files", "data.paths={tmp}/n.txt"], files={"n.txt": b"ok line\n\xff\xfe bad\n" * 50}
+        ),
+        Case(
+            "non-utf8 jsonl",
+            ["data=files", "data.paths={tmp}/n.jsonl"],
+            files={"n.jsonl": b'{"text": "a"}\n{"text": "\xff"}\n'},
+        ),
+        Case(
+            "json array with leading whitespace",
+            ["data=files", "data.paths={tmp}/a.json", "tokenizer.vocab_size=300"],
+            files={"a.json": b'  \n[{"text": "hello world"}, {"text": "again"}]'},
+        ),
+        Case(
+            "dpo: chosen == rejected",
+            ["task=dpo", "init_from={finished}", "post_data=files", "post_data.train.paths={tmp}/p.jsonl"],
+            files={"p.jsonl": b"".join(b'{"prompt": "p%d", "chosen": "a", "rejected": "a"}\n' % i for i in range(60))},
+        ),
+        Case(
+            "dpo: empty chosen list",
+            ["task=dpo", "init_from={finished}", "post_data=files", "post_data.train.paths={tmp}/p.jsonl"],
+            files={"p.jsonl": b'{"prompt": "p", "chosen": [], "rejected": "a"}\n'},
+        ),
+        Case(
+            "sft: messages without an assistant",
+            ["task=sft", "init_from={finished}", "post_data=files", "post_data.train.paths={tmp}/m.jsonl"],
+            files={"m.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'},
+        ),
         Case("missing tokenizer dir", ["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"]),
         Case("resume nonexistent", ["resume=/nonexistent/run"]),
         Case("init_from nonexistent", ["init_from=/nonexistent/run"]),
@@ -162,27 +194,45 @@ def cases() -> list[Case]:
         Case("damaged tokenizer and token caches", [], expect="ok", fault="damage_cache", stderr_has="rebuilding"),
         # the hub, offline or unreachable (one line, in seconds)
         Case("hub dataset offline", ["data=hub", "data.name=nobody/nothing"]),
-        Case("hub rows offline", ["task=sft", "init_from={finished}", "post_data=hub",
-                                  "post_data.train.name=nobody/nothing"]),
+        Case(
+            "hub rows offline",
+            ["task=sft", "init_from={finished}", "post_data=hub", "post_data.train.name=nobody/nothing"],
+        ),
         Case("hub tokenizer offline", ["tokenizer=pretrained", "tokenizer.name_or_path=nobody/nothing"]),
         Case("hub model offline", ["task=sft", "init_from=nobody/nothing"]),
-        Case("hub unreachable", ["data=hub", "data.name=nobody/nothing"],
-             env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, stderr_has="cannot be reached"),
-        Case("hub model unreachable", ["task=sft", "init_from=nobody/nothing"],
-             env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}, stderr_has="cannot be reached"),
+        Case(
+            "hub unreachable",
+            ["data=hub", "data.name=nobody/nothing"],
+            env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            stderr_has="cannot be reached",
+        ),
+        Case(
+            "hub model unreachable",
+            ["task=sft", "init_from=nobody/nothing"],
+            env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            stderr_has="cannot be reached",
+        ),
         # signals, Ctrl-C, a full disk
         Case("SIGTERM during data preparation", [], expect="early", fault="sigterm_prep", fresh_cache=True),
         Case("SIGUSR1 during the run", ["trainer.max_steps=400"], expect="stop", fault="sigusr1"),
         Case("Ctrl-C during the run", ["trainer.max_steps=400"], expect="interrupt", fault="sigint"),
         Case("Ctrl-C twice", ["trainer.max_steps=400", "trainer.batch_size=128"], expect="abort", fault="sigint2"),
         Case("full disk while saving", [], fault="enospc", stderr_has="No space left on device"),
-        Case("sft from random weights", ["task=sft", "post_data.train.num_examples=64", "task.data.eval_samples=4",
-                                         "post_data.val.num_examples=4"], expect="ok", stderr_has="RANDOM weights"),
+        Case(
+            "sft from random weights",
+            ["task=sft", "post_data.train.num_examples=64", "task.data.eval_samples=4", "post_data.val.num_examples=4"],
+            expect="ok",
+            stderr_has="RANDOM weights",
+        ),
         # kill -9 at seeded moments, then resume=auto: the finished run's trace bit for bit
-        *[Case(f"kill -9 during data preparation ({k})", [], expect="same", fault=f"kill9_prep_{k}",
-               fresh_cache=True) for k in (1, 2)],
-        *[Case(f"kill -9 during a checkpoint write ({k})", [], expect="same", fault=f"kill9-ckpt-{k}")
-          for k in random.Random(0).sample(range(len(CKPT_MOMENTS)), 3)],
+        *[
+            Case(f"kill -9 during data preparation ({k})", [], expect="same", fault=f"kill9_prep_{k}", fresh_cache=True)
+            for k in (1, 2)
+        ],
+        *[
+            Case(f"kill -9 during a checkpoint write ({k})", [], expect="same", fault=f"kill9-ckpt-{k}")
+            for k in random.Random(0).sample(range(len(CKPT_MOMENTS)), 3)
+        ],
         Case("kill -9 during the final evaluation", [], expect="same", fault="kill9-eval"),
         Case("SIGTERM during the first evaluation", [], expect="same", fault="sigterm-eval"),
     ]
@@ -213,7 +263,9 @@ def fault_run(fault: str, argv: list[str]) -> None:
     calls = {"n": 0}
 
     def at(moment: str) -> bool:
-        return fault == "enospc" and moment == "model.safetensors" or fault == f"kill9-ckpt-{CKPT_MOMENTS.index(moment)}"
+        return (
+            fault == "enospc" and moment == "model.safetensors" or fault == f"kill9-ckpt-{CKPT_MOMENTS.index(moment)}"
+        )
 
     def hit(moment: str) -> None:
         if calls["n"] == 2 and at(moment):
@@ -233,6 +285,7 @@ def fault_run(fault: str, argv: list[str]) -> None:
             if not before:
                 hit(moment)
             return out
+
         setattr(ckpt, name, wrapped)
 
     wrap("save_model", "model.safetensors", before=fault == "enospc")
@@ -246,13 +299,22 @@ def fault_run(fault: str, argv: list[str]) -> None:
 
 
 def _snapshot(run_dir: Path) -> dict:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name not in (".lock", "train.log")}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in (".lock", "train.log")
+    }
 
 
 def _popen(args, env):
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for(path: Path, timeout: float = 120, text: str = "") -> None:
@@ -265,8 +327,10 @@ def _losses(run_dir: Path) -> list:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss"))
-            for m in map(json.loads, path.read_text().splitlines())]
+    return [
+        (m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss"))
+        for m in map(json.loads, path.read_text().splitlines())
+    ]
 
 
 def _damage_caches(cache: Path) -> None:
@@ -300,8 +364,9 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
     if case.fault == "concurrent":
         first = _popen([*args, "trainer.max_steps=400"], env)
         _wait_for(run_dir / "metrics.jsonl")
-        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True,
-                              capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True, capture_output=True
+        )
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     elif case.fault == "sigterm_prep":
@@ -321,17 +386,32 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
         proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     elif case.fault and case.fault.startswith(("kill9_prep", "kill9-ckpt", "enospc", "kill9-eval", "sigterm-eval")):
         if case.fault.startswith("kill9_prep"):
-            first = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, text=True,
-                                   capture_output=True, env={**env, "LLM_PREPARE_KILL_AFTER": case.fault[-1]})
+            first = subprocess.run(
+                [sys.executable, str(ROOT / "run.py"), *args],
+                cwd=ROOT,
+                text=True,
+                capture_output=True,
+                env={**env, "LLM_PREPARE_KILL_AFTER": case.fault[-1]},
+            )
         else:
-            first = subprocess.run([sys.executable, __file__, "--fault", case.fault, *args], cwd=ROOT, env=env,
-                                   text=True, capture_output=True)
+            first = subprocess.run(
+                [sys.executable, __file__, "--fault", case.fault, *args],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                capture_output=True,
+            )
         proc = first
         if case.expect == "same":
             if first.returncode != (75 if case.fault == "sigterm-eval" else -9):
                 return "UNEXPECTED", f"the fault did not stop it (rc {first.returncode}): {first.stderr[-300:]}"
-            proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "resume=auto"], cwd=ROOT, env=env,
-                                  text=True, capture_output=True)
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "run.py"), *args, "resume=auto"],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                capture_output=True,
+            )
     elif case.fault in ("sigterm_early", "kill9_resume"):
         proc = _popen(args, env)
         _wait_for(run_dir / "checkpoints" / "last")
@@ -339,11 +419,17 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
         out, err = proc.communicate(timeout=120)
         proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if case.fault == "kill9_resume":
-            proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "resume=auto"], cwd=ROOT, env=env,
-                                  text=True, capture_output=True)
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "run.py"), *args, "resume=auto"],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                capture_output=True,
+            )
     else:
-        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True,
-                              capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True, capture_output=True
+        )
     err = proc.stderr.strip().splitlines()
     last = err[-1] if err else ""
     if "Traceback" in proc.stderr:
@@ -370,7 +456,9 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
         code = 75 if case.expect in ("stop", "early") else 130
         saved = (run_dir / "checkpoints" / "last").exists()
         ok = proc.returncode == code and saved == (case.expect in ("stop", "interrupt"))
-        return ("pass", f"exit {code}: {last}") if ok else ("UNEXPECTED", f"rc {proc.returncode}, saved {saved}: {last}")
+        return (
+            ("pass", f"exit {code}: {last}") if ok else ("UNEXPECTED", f"rc {proc.returncode}, saved {saved}: {last}")
+        )
     if case.expect == "same":
         same = proc.returncode == 0 and _losses(run_dir) == _losses(finished) != []
         return ("pass", "resumed bit for bit") if same else ("UNEXPECTED", f"rc {proc.returncode}: {last}")
@@ -390,8 +478,13 @@ def main() -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LLM_DEBUG": ""}
     env.setdefault("LLM_CACHE_DIR", str(base / "cache"))
     finished = base / "finished"
-    subprocess.run([sys.executable, str(ROOT / "run.py"), *SMALL, f"hydra.run.dir={finished}"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *SMALL, f"hydra.run.dir={finished}"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     todo = [c for c in cases() if any(part in c.name for part in args.only.split("|"))]
     tally: dict[str, int] = {}
     with concurrent.futures.ThreadPoolExecutor(args.j) as pool:

@@ -24,11 +24,24 @@ CONF = ROOT / "conf"
 
 # Overrides that make a run take seconds on 2 CPU cores: a 2-layer 64-wide model, a 1k BPE trained on ~2 MB.
 SMALL = [
-    "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=128",
-    "data.max_bytes=2000000", "tokenizer.vocab_size=1024",
-    "trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=64", "trainer.eval_every=10",
-    "trainer.eval_batches=4", "trainer.log_every=5", "trainer.progress=false", "task.sample.max_new_tokens=16",
-    "optim.lr=1e-2", "optim.warmup_steps=5", "logger=tensorboard",
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.max_seq_len=128",
+    "data.max_bytes=2000000",
+    "tokenizer.vocab_size=1024",
+    "trainer.max_steps=20",
+    "trainer.batch_size=8",
+    "trainer.seq_len=64",
+    "trainer.eval_every=10",
+    "trainer.eval_batches=4",
+    "trainer.log_every=5",
+    "trainer.progress=false",
+    "task.sample.max_new_tokens=16",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=5",
+    "logger=tensorboard",
 ]
 
 
@@ -55,10 +68,22 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
     """python run.py <args> in a subprocess; returns CompletedProcess (stdout+stderr as text)."""
-    full_env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=full_env, text=True,
-                          capture_output=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "LLM_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -68,9 +93,16 @@ def run_cli_batch(arg_lists: list[list[str]], cache_dir: Path, timeout: int = 60
     """`python run.py <args>` for each argument list, all in one interpreter (tests/cli_batch.py): for runs that
     stop early, whose start-up would cost more than the run. Returns {returncode, stdout, stderr} per run."""
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py")], input=json.dumps(arg_lists),
-                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_batch.py")],
+        input=json.dumps(arg_lists),
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and len(results) == len(arg_lists), proc.stderr[-3000:]
     return results
 

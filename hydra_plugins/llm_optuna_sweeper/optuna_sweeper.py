@@ -47,13 +47,16 @@ def distribution(override: Override, optuna) -> Any:
         if not values:
             raise ConfigError(f"search space of {key}: range({sweep.start}, {sweep.stop}) is empty")
         if all(isinstance(v, int) for v in values):
-            return optuna.distributions.IntDistribution(values[0], values[-1], log=log,
-                                                        step=1 if log else int(sweep.step))
+            return optuna.distributions.IntDistribution(
+                values[0], values[-1], log=log, step=1 if log else int(sweep.step)
+            )
         return optuna.distributions.FloatDistribution(values[0], values[-1], log=log, step=None if log else sweep.step)
     if isinstance(sweep, IntervalSweep):
         if not sweep.start < sweep.end or (log and sweep.start <= 0):
-            raise ConfigError(f"search space of {key}: interval({sweep.start}, {sweep.end}) must have start < end"
-                              + (" and start > 0 on a log scale" if log else ""))
+            raise ConfigError(
+                f"search space of {key}: interval({sweep.start}, {sweep.end}) must have start < end"
+                + (" and start > 0 on a log scale" if log else "")
+            )
         if "int" in sweep.tags:  # Hydra reads interval bounds as floats
             return optuna.distributions.IntDistribution(int(sweep.start), int(sweep.end), log=log)
         return optuna.distributions.FloatDistribution(float(sweep.start), float(sweep.end), log=log)
@@ -61,10 +64,21 @@ def distribution(override: Override, optuna) -> Any:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, n_trials: int = 20, n_jobs: int = 1, direction: str | None = None, storage: str | None = None,
-                 study_name: str = "sweep", sampler: str = "tpe", seed: int | None = None, pruner: str = "median",
-                 n_startup_trials: int = 2, n_warmup_steps: int = 0, params: dict | None = None,
-                 enqueue: list | None = None):
+    def __init__(
+        self,
+        n_trials: int = 20,
+        n_jobs: int = 1,
+        direction: str | None = None,
+        storage: str | None = None,
+        study_name: str = "sweep",
+        sampler: str = "tpe",
+        seed: int | None = None,
+        pruner: str = "median",
+        n_startup_trials: int = 2,
+        n_warmup_steps: int = 0,
+        params: dict | None = None,
+        enqueue: list | None = None,
+    ):
         self.n_trials, self.n_jobs, self.direction, self.storage = n_trials, n_jobs, direction, storage
         self.study_name, self.sampler, self.seed, self.pruner = study_name, sampler, seed, pruner
         self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
@@ -79,25 +93,32 @@ class OptunaSweeper(Sweeper):
                 raise ConfigError(f"hydra.sweeper.{key}={value!r} must be a whole number >= {low}")
         for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("direction", ("minimize", "maximize", None))):
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"hydra.sweeper.{key}={getattr(self, key)!r} is not allowed; choose one of "
-                                  f"{list(allowed)}")
+                raise ConfigError(
+                    f"hydra.sweeper.{key}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}"
+                )
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                 task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _study(self, optuna, sweep_dir: Path):
         metric = self.config.get("optimized_metric") or "val_loss"
         storage = open_storage(optuna, self.storage or default_storage(sweep_dir))
-        study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
-                                    direction=direction_of(metric, self.direction),
-                                    pruner=make_pruner(optuna, self.pruner, self.n_startup_trials, self.n_warmup_steps))
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=storage,
+            load_if_exists=True,
+            direction=direction_of(metric, self.direction),
+            pruner=make_pruner(optuna, self.pruner, self.n_startup_trials, self.n_warmup_steps),
+        )
         # the sampler's seed moves on with the trials already in the study: a search started again does not
         # replay the draws of its first attempt
         seed = None if self.seed is None else self.seed + len(study.get_trials(deepcopy=False))
-        study.sampler = (optuna.samplers.TPESampler(seed=seed) if self.sampler == "tpe"
-                         else optuna.samplers.RandomSampler(seed=seed))
+        study.sampler = (
+            optuna.samplers.TPESampler(seed=seed) if self.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+        )
         return study
 
     def _enqueue(self, study, space: dict) -> None:
@@ -105,8 +126,9 @@ class OptunaSweeper(Sweeper):
             for key, value in params.items():
                 dist = space.get(key)
                 if dist is None or not _contains(dist, value):
-                    raise ConfigError(f"hydra.sweeper.enqueue: {key}={value!r} is not in the search space "
-                                      f"({dist or 'not searched'})")
+                    raise ConfigError(
+                        f"hydra.sweeper.enqueue: {key}={value!r} is not in the search space ({dist or 'not searched'})"
+                    )
             study.enqueue_trial(params, skip_if_exists=True)
 
     def _space(self, arguments: list[str]) -> tuple[list[str], dict]:
@@ -123,8 +145,10 @@ class OptunaSweeper(Sweeper):
             else:
                 fixed.append(override.input_line)
         if not space:
-            raise ConfigError("hydra/sweeper=optuna: nothing to search; give hydra.sweeper.params or a sweep override "
-                              "such as optim.lr='tag(log, interval(1e-4, 1e-2))'")
+            raise ConfigError(
+                "hydra/sweeper=optuna: nothing to search; give hydra.sweeper.params or a sweep override "
+                "such as optim.lr='tag(log, interval(1e-4, 1e-2))'"
+            )
         return fixed, space
 
     def sweep(self, arguments: list[str]) -> list:
@@ -178,8 +202,10 @@ class OptunaSweeper(Sweeper):
             else:
                 runs.append([trial])
         for run in runs:
-            jobs = self.launcher.launch([[*fixed, *(f"{k}={_value(v)}" for k, v in t.params.items()),
-                                          f"+trial={t.number}"] for t in run], initial_job_idx=run[0].number)
+            jobs = self.launcher.launch(
+                [[*fixed, *(f"{k}={_value(v)}" for k, v in t.params.items()), f"+trial={t.number}"] for t in run],
+                initial_job_idx=run[0].number,
+            )
             for trial, job in zip(run, jobs):
                 value = job.return_value if job.status.name == "COMPLETED" else None
                 if _stopped_early(job):

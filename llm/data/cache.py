@@ -48,8 +48,9 @@ def check_writable_dir(key: str, value, create: bool = True, hint: str = "") -> 
         with tempfile.NamedTemporaryFile(dir=path if create else existing, prefix=".write-probe-"):
             pass
     except OSError as e:
-        raise ConfigError(f"{key}={value}: cannot write to {path} ({e.strerror or e}); set {key} to a writable "
-                          f"directory{hint}") from None
+        raise ConfigError(
+            f"{key}={value}: cannot write to {path} ({e.strerror or e}); set {key} to a writable directory{hint}"
+        ) from None
     return path
 
 

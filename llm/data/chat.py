@@ -81,16 +81,24 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         if m["role"] == "assistant":
             before, through = render(messages[:i], True), render(messages[: i + 1], False)
             if not (text.startswith(before) and text.startswith(through)):
-                raise DataError("the tokenizer's chat template does not render conversations as growing prefixes; "
-                                "cannot locate the assistant turns")
+                raise DataError(
+                    "the tokenizer's chat template does not render conversations as growing prefixes; "
+                    "cannot locate the assistant turns"
+                )
             spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
     return enc["input_ids"], mask
 
 
-def to_messages(row: dict, where: str, messages_field: str = "messages", prompt_field: str = "prompt",
-                response_field: str = "response", system_field: str | None = None) -> list[dict]:
+def to_messages(
+    row: dict,
+    where: str,
+    messages_field: str = "messages",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    system_field: str | None = None,
+) -> list[dict]:
     """A row -> messages: a `messages` list, or a prompt/response pair (strings). Errors name `where`."""
     if messages_field in row and row[messages_field] is not None:
         messages = row[messages_field]

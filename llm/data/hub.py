@@ -41,8 +41,9 @@ def offline_reason() -> str | None:
     url = urlparse(_endpoint())
     outcome: list = []
     # in a thread: name resolution has no timeout of its own
-    probe = threading.Thread(target=_connect, args=(url.hostname, url.port or (80 if url.scheme == "http" else 443),
-                                                    outcome), daemon=True)
+    probe = threading.Thread(
+        target=_connect, args=(url.hostname, url.port or (80 if url.scheme == "http" else 443), outcome), daemon=True
+    )
     probe.start()
     probe.join(PROBE_SECONDS + 1)
     if outcome and outcome[0] is None:

@@ -35,8 +35,12 @@ class MixturePart:
 
 
 def _number(key: str, value, minimum: float, allow_equal: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value >= minimum if allow_equal else value > minimum)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= minimum if allow_equal else value > minimum)
+    )
     if not ok:
         raise ConfigError(f"{key}={value!r} must be a number {'>=' if allow_equal else '>'} {minimum}")
 
@@ -46,18 +50,24 @@ class Mixture:
 
     def __init__(self, sources: dict, seed: int = 0, sample_prompt: str = ""):
         if not sources:
-            raise ConfigError("data.sources is empty: give at least one source, e.g. "
-                              "data.sources.code={corpus:{_target_:llm.data.StdlibCorpus},weight:1}")
+            raise ConfigError(
+                "data.sources is empty: give at least one source, e.g. "
+                "data.sources.code={corpus:{_target_:llm.data.StdlibCorpus},weight:1}"
+            )
         self.parts = []
         for name, spec in sources.items():
             spec = dict(spec or {})
             unknown = sorted(set(spec) - set(KNOWN))
             if unknown:
-                raise ConfigError(f"data.sources.{name}.{unknown[0]} is not a mixture setting; known: {', '.join(KNOWN)}")
+                raise ConfigError(
+                    f"data.sources.{name}.{unknown[0]} is not a mixture setting; known: {', '.join(KNOWN)}"
+                )
             corpus = spec.get("corpus")
             if not (hasattr(corpus, "load") and hasattr(corpus, "fingerprint")):
-                raise ConfigError(f"data.sources.{name}.corpus must be a corpus with a _target_ (llm.data.StdlibCorpus,"
-                                  f" FileCorpus or HubCorpus)")
+                raise ConfigError(
+                    f"data.sources.{name}.corpus must be a corpus with a _target_ (llm.data.StdlibCorpus,"
+                    f" FileCorpus or HubCorpus)"
+                )
             part = MixturePart(name, corpus, spec.get("weight", 1.0), spec.get("max_tokens"), spec.get("epochs", 1.0))
             _number(f"data.sources.{name}.weight", part.weight, 0, allow_equal=True)
             _number(f"data.sources.{name}.epochs", part.epochs, 0, allow_equal=False)
@@ -66,7 +76,9 @@ class Mixture:
             self.parts.append(part)
         total = sum(p.weight for p in self.parts)
         if not total > 0:
-            raise ConfigError(f"data.sources: the weights {[p.weight for p in self.parts]} must sum to a positive number")
+            raise ConfigError(
+                f"data.sources: the weights {[p.weight for p in self.parts]} must sum to a positive number"
+            )
         self.shares = [p.weight / total for p in self.parts]
         self.seed, self.sample_prompt = seed, sample_prompt or ""
 
@@ -80,16 +92,22 @@ class Mixture:
 
         loaded = [(p.corpus.load(), share) for p, share in zip(self.parts, self.shares) if share > 0]
         if any(isinstance(ds, datasets.IterableDataset) for ds, _ in loaded):  # one kind for interleave_datasets
-            loaded = [(ds if isinstance(ds, datasets.IterableDataset) else ds.to_iterable_dataset(), s)
-                      for ds, s in loaded]
+            loaded = [
+                (ds if isinstance(ds, datasets.IterableDataset) else ds.to_iterable_dataset(), s) for ds, s in loaded
+            ]
         if len(loaded) == 1:
             return loaded[0][0]
-        return datasets.interleave_datasets([ds for ds, _ in loaded], probabilities=[s for _, s in loaded],
-                                            seed=self.seed, stopping_strategy="all_exhausted")
+        return datasets.interleave_datasets(
+            [ds for ds, _ in loaded],
+            probabilities=[s for _, s in loaded],
+            seed=self.seed,
+            stopping_strategy="all_exhausted",
+        )
 
     def describe(self) -> str:
-        return "mixture of " + ", ".join(f"{p.name} {s:.0%} ({p.corpus.describe()})"
-                                         for p, s in zip(self.parts, self.shares))
+        return "mixture of " + ", ".join(
+            f"{p.name} {s:.0%} ({p.corpus.describe()})" for p, s in zip(self.parts, self.shares)
+        )
 
 
 class MixedWindows(torch.utils.data.Dataset):
@@ -103,12 +121,16 @@ class MixedWindows(torch.utils.data.Dataset):
         available = [len(ds) if limit is None else min(len(ds), limit) for _, ds, _, limit, _ in parts]
         for (name, _, share, _, _), n in zip(parts, available):
             if share > 0 and n == 0:
-                raise DataError(f"data.sources.{name}: the {split} split has no window of trainer.seq_len tokens; "
-                                f"give it more text or a larger max_tokens")
+                raise DataError(
+                    f"data.sources.{name}: the {split} split has no window of trainer.seq_len tokens; "
+                    f"give it more text or a larger max_tokens"
+                )
         uses = [n * epochs for n, (_, _, _, _, epochs) in zip(available, parts)]
         total = min(math.floor(u / p[2]) for u, p in zip(uses, parts) if p[2] > 0)
         self.counts = [min(int(round(p[2] * total)), int(u)) for u, p in zip(uses, parts)]
-        order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(np.repeat(np.arange(len(parts)), self.counts))
+        order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(
+            np.repeat(np.arange(len(parts)), self.counts)
+        )
         self.source = order.astype(np.int16)
         self.local = np.empty(len(order), dtype=np.int64)  # window of its source: cycling through the epochs
         for s, n in enumerate(available):
@@ -123,8 +145,10 @@ class MixedWindows(torch.utils.data.Dataset):
         return self.datasets[self.source[i]][int(self.local[i])]
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {n / max(len(self), 1):.1%} ({n:,} of {a:,} windows)"
-                         for name, n, a in zip(self.names, self.counts, self.available))
+        return ", ".join(
+            f"{name} {n / max(len(self), 1):.1%} ({n:,} of {a:,} windows)"
+            for name, n, a in zip(self.names, self.counts, self.available)
+        )
 
     def proportions(self, indices: np.ndarray) -> dict[str, float]:
         """Share of each source among these windows (e.g. every window a run has trained on)."""

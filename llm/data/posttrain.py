@@ -15,8 +15,18 @@ import zlib
 import torch
 from loguru import logger
 
-from llm.contract import (ATTN_MASK, CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, POSITION_IDS, REJECTED, Data,
-                          ref_logp_key, side_key)
+from llm.contract import (
+    ATTN_MASK,
+    CHOSEN,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    LABELS,
+    POSITION_IDS,
+    REJECTED,
+    Data,
+    ref_logp_key,
+    side_key,
+)
 from llm.data.chat import check_message, encode_chat, ensure_chat_template, require_text, to_messages
 from llm.errors import ConfigError, DataError, check_choice
 
@@ -84,8 +94,17 @@ def pack(samples: list[dict], seq_len: int) -> list[dict]:
 class _PostTrainData(Data):
     """Shared by SFT and preference data: rows -> train/val split -> samples, over-long handling, eval examples."""
 
-    def __init__(self, tokenizer, source, seq_len: int, val_source=None, val_fraction: float = 0.05,
-                 overlong: str = "truncate", eval_samples: int = 200, seed: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        source,
+        seq_len: int,
+        val_source=None,
+        val_fraction: float = 0.05,
+        overlong: str = "truncate",
+        eval_samples: int = 200,
+        seed: int = 0,
+    ):
         check_choice("task.data.overlong", overlong, {"truncate", "drop"})
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ConfigError(f"trainer.seq_len={seq_len!r} must be an integer >= 2")
@@ -101,6 +120,7 @@ class _PostTrainData(Data):
         if self.val_source is not None:
             val = list(self.val_source.rows())
         else:  # by a hash of the prompt, so rows repeating a prompt (e.g. several pairs for one) stay on one side
+
             def is_val(where, row) -> bool:
                 prompt = json.dumps(self._eval_example(row, where)[0], sort_keys=True)
                 return zlib.crc32(f"{self.seed}|{prompt}".encode()) % 10_000 < self.val_fraction * 10_000
@@ -131,17 +151,24 @@ class _PostTrainData(Data):
             encoded[split] = counts, samples
         for split, (counts, samples) in encoded.items():
             if not counts["rows"]:
-                raise DataError(f"data: {self.source.describe()} gave no training rows" if split == "train" else
-                                "data: no validation rows (set post_data.val or raise task.data.val_fraction)")
+                raise DataError(
+                    f"data: {self.source.describe()} gave no training rows"
+                    if split == "train"
+                    else "data: no validation rows (set post_data.val or raise task.data.val_fraction)"
+                )
             same = f", {counts['identical']} with chosen == rejected (dropped)" if counts.get("identical") else ""
             if not samples:
-                raise DataError(f"data: no usable {split} row: {counts['overlong']} of {counts['rows']} longer than "
-                                f"trainer.seq_len={self.seq_len} (task.data.overlong={self.overlong}){same}")
+                raise DataError(
+                    f"data: no usable {split} row: {counts['overlong']} of {counts['rows']} longer than "
+                    f"trainer.seq_len={self.seq_len} (task.data.overlong={self.overlong}){same}"
+                )
             self.stats[split] = counts
             splits[split] = samples
-            logger.info(f"data: {split}: {counts['rows']} rows, {counts['overlong']} longer than "
-                        f"{self.seq_len} tokens ({'dropped' if self.overlong == 'drop' else 'truncated'}){same}, "
-                        f"{counts['kept']} kept")
+            logger.info(
+                f"data: {split}: {counts['rows']} rows, {counts['overlong']} longer than "
+                f"{self.seq_len} tokens ({'dropped' if self.overlong == 'drop' else 'truncated'}){same}, "
+                f"{counts['kept']} kept"
+            )
         self.eval_examples = [self._eval_example(row, where) for where, row in val_rows[: self.eval_samples]]
         self.train = TokenRows(self._finish(splits["train"]), self.tokenizer.pad_token_id)
         self.val = TokenRows(splits["val"], self.tokenizer.pad_token_id)
@@ -154,14 +181,30 @@ class _PostTrainData(Data):
 class SFTData(_PostTrainData):
     """Conversations (`messages`) or prompt/response rows -> SFT samples; loss only on assistant tokens."""
 
-    def __init__(self, tokenizer, source, seq_len: int, val_source=None, val_fraction: float = 0.05,
-                 packing: bool = False, overlong: str = "truncate", messages_field: str = "messages",
-                 prompt_field: str = "prompt", response_field: str = "response", system_field: str | None = None,
-                 eval_samples: int = 200, seed: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        source,
+        seq_len: int,
+        val_source=None,
+        val_fraction: float = 0.05,
+        packing: bool = False,
+        overlong: str = "truncate",
+        messages_field: str = "messages",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        system_field: str | None = None,
+        eval_samples: int = 200,
+        seed: int = 0,
+    ):
         super().__init__(tokenizer, source, seq_len, val_source, val_fraction, overlong, eval_samples, seed)
         self.packing = packing
-        self.fields = dict(messages_field=messages_field, prompt_field=prompt_field, response_field=response_field,
-                           system_field=system_field)
+        self.fields = dict(
+            messages_field=messages_field,
+            prompt_field=prompt_field,
+            response_field=response_field,
+            system_field=system_field,
+        )
 
     def _encode(self, row, where, counts):
         ids, mask = encode_chat(self.tokenizer, to_messages(row, where, **self.fields))
@@ -186,9 +229,20 @@ class PreferenceData(_PostTrainData):
     string (the assistant reply) or a message list (the assistant turn(s) that follow the prompt, or the whole
     conversation starting with the prompt's turns)."""
 
-    def __init__(self, tokenizer, source, seq_len: int, val_source=None, val_fraction: float = 0.05,
-                 overlong: str = "truncate", prompt_field: str = "prompt", chosen_field: str = "chosen",
-                 rejected_field: str = "rejected", eval_samples: int = 200, seed: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        source,
+        seq_len: int,
+        val_source=None,
+        val_fraction: float = 0.05,
+        overlong: str = "truncate",
+        prompt_field: str = "prompt",
+        chosen_field: str = "chosen",
+        rejected_field: str = "rejected",
+        eval_samples: int = 200,
+        seed: int = 0,
+    ):
         super().__init__(tokenizer, source, seq_len, val_source, val_fraction, overlong, eval_samples, seed)
         self.fields = (prompt_field, chosen_field, rejected_field)
 
@@ -205,7 +259,7 @@ class PreferenceData(_PostTrainData):
             if isinstance(value, list):
                 reply = [check_message(m, where, i) for i, m in enumerate(value)]
                 if reply[: len(prompt)] == prompt:  # whole conversations (e.g. ultrafeedback_binarized): the turns
-                    reply = reply[len(prompt) :]      # after the prompt are the reply
+                    reply = reply[len(prompt) :]  # after the prompt are the reply
                 if not reply or reply[-1]["role"] != "assistant":
                     raise DataError(f"{where}: field {field!r} must end with an assistant message (after the prompt)")
                 replies.append(reply)

@@ -66,8 +66,17 @@ class PackedTokens(torch.utils.data.Dataset):
 class PretrainData(Data):
     """Train/validation windows of a corpus for language modelling. Lazy: `prepare()` does the work."""
 
-    def __init__(self, tokenizer, source, seq_len: int, cache_dir: str = "~/.cache/llm", val_fraction: float = 0.05,
-                 split_seed: int = 0, num_proc: int | None = None, shard_tokens: int = SHARD_TOKENS):
+    def __init__(
+        self,
+        tokenizer,
+        source,
+        seq_len: int,
+        cache_dir: str = "~/.cache/llm",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        num_proc: int | None = None,
+        shard_tokens: int = SHARD_TOKENS,
+    ):
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"trainer.seq_len={seq_len!r} must be a positive integer")
         if not 0 < val_fraction < 1:
@@ -90,11 +99,16 @@ class PretrainData(Data):
         return token_byte_lengths(self.tokenizer)
 
     def cache_key(self) -> str:
-        parts = [FORMAT_VERSION, self.source.fingerprint(), tokenizer_fingerprint(self.tokenizer),
-                 self.val_fraction, self.split_seed]
+        parts = [
+            FORMAT_VERSION,
+            self.source.fingerprint(),
+            tokenizer_fingerprint(self.tokenizer),
+            self.val_fraction,
+            self.split_seed,
+        ]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
-    def prepare(self) -> "PretrainData":
+    def prepare(self) -> PretrainData:
         if isinstance(self.source, Mixture):
             return self._prepare_mixture()
         path = self.cache_dir / "data" / self.cache_key()
@@ -124,27 +138,43 @@ class PretrainData(Data):
         )
         return self
 
-    def _prepare_mixture(self) -> "PretrainData":
+    def _prepare_mixture(self) -> PretrainData:
         """Each source prepared (and cached) on its own, then their windows laid out by weight."""
         prepared = []
         for part in self.source.parts:
-            one = PretrainData(self.tokenizer, part.corpus, self.seq_len, str(self.cache_dir), self.val_fraction,
-                               self.split_seed, self.num_proc, self.shard_tokens)
+            one = PretrainData(
+                self.tokenizer,
+                part.corpus,
+                self.seq_len,
+                str(self.cache_dir),
+                self.val_fraction,
+                self.split_seed,
+                self.num_proc,
+                self.shard_tokens,
+            )
             try:
                 prepared.append(one.prepare())
             except DataError as e:
                 raise DataError(f"data.sources.{part.name}: {str(e).removeprefix('data: ')}") from None
         parts, shares = self.source.parts, self.source.shares
         limits = [None if p.max_tokens is None else int(p.max_tokens) // self.seq_len for p in parts]
-        self.train = MixedWindows([(p.name, d.train, s, n, p.epochs) for p, d, s, n in
-                                   zip(parts, prepared, shares, limits)], self.source.seed, "train")
-        self.val = MixedWindows([(p.name, d.val, s, None, 1) for p, d, s in zip(parts, prepared, shares)],
-                                self.source.seed, "val")
+        self.train = MixedWindows(
+            [(p.name, d.train, s, n, p.epochs) for p, d, s, n in zip(parts, prepared, shares, limits)],
+            self.source.seed,
+            "train",
+        )
+        self.val = MixedWindows(
+            [(p.name, d.val, s, None, 1) for p, d, s in zip(parts, prepared, shares)], self.source.seed, "val"
+        )
         self.from_cache = all(d.from_cache for d in prepared)
-        self.meta = {"mixture": {p.name: d.meta for p, d in zip(parts, prepared)},
-                     "num_tokens": {s: len(ds) * self.seq_len for s, ds in (("train", self.train), ("val", self.val))}}
-        logger.info(f"data: mixture of {len(self.train):,} train windows: {self.train.describe()}; "
-                    f"{len(self.val):,} val windows: {self.val.describe()}")
+        self.meta = {
+            "mixture": {p.name: d.meta for p, d in zip(parts, prepared)},
+            "num_tokens": {s: len(ds) * self.seq_len for s, ds in (("train", self.train), ("val", self.val))},
+        }
+        logger.info(
+            f"data: mixture of {len(self.train):,} train windows: {self.train.describe()}; "
+            f"{len(self.val):,} val windows: {self.val.describe()}"
+        )
         return self
 
     def report(self, sampler) -> dict:
@@ -184,6 +214,7 @@ class PretrainData(Data):
     def _chunks(ds, streaming: bool):
         """chunks_from(start) for prepare_shards: (first index, texts) of about CHUNK_BYTES of text (or
         CHUNK_DOCS documents) each, from document `start` on."""
+
         def chunks_from(start: int):
             part = (ds.skip(start) if streaming else ds.select(range(start, len(ds)))) if start else ds
             texts, size = [], 0
@@ -195,12 +226,15 @@ class PretrainData(Data):
                     start, texts, size = start + len(texts), [], 0
             if texts:
                 yield start, texts
+
         return chunks_from
 
     def _build(self, path: Path) -> dict:
         resuming = (path / "progress.json").exists()
-        logger.info(f"data: {'continuing to tokenize' if resuming else 'tokenizing'} {self.source.describe()} "
-                    f"into {path} ({self.num_proc} process(es))")
+        logger.info(
+            f"data: {'continuing to tokenize' if resuming else 'tokenizing'} {self.source.describe()} "
+            f"into {path} ({self.num_proc} process(es))"
+        )
         lines = self.source.text_lines() if isinstance(self.source, FileCorpus) else None
         if lines is not None:  # local text files: read block by block, no Arrow copy (llm/data/textlines.py)
             total = len(lines)
@@ -215,20 +249,37 @@ class PretrainData(Data):
         if total == 0:
             raise DataError(f"data: {self.source.describe()} has no documents")
         dtype = np.dtype(np.uint16 if len(self.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32).name
-        settings = {"format_version": FORMAT_VERSION, "dtype": dtype, "val_fraction": self.val_fraction,
-                    "split_seed": self.split_seed, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+        }
         num_proc = 1 if total is not None and total < 100 else self.num_proc  # a tiny corpus: no processes
-        done = prepare_shards(path, chunks_from, self.tokenizer, settings, num_proc,
-                              self.shard_tokens, total_documents=total or getattr(self.source, "max_documents", None))
+        done = prepare_shards(
+            path,
+            chunks_from,
+            self.tokenizer,
+            settings,
+            num_proc,
+            self.shard_tokens,
+            total_documents=total or getattr(self.source, "max_documents", None),
+        )
         documents, tokens = sum(done["num_documents"].values()), sum(done["num_tokens"].values())
         if documents == 0 or tokens == documents:  # nothing, or nothing but EOS
             shutil.rmtree(path, ignore_errors=True)
-            raise DataError(f"data: {self.source.describe()} has no documents" if documents == 0 else
-                            f"data: every document of {self.source.describe()} is empty")
+            raise DataError(
+                f"data: {self.source.describe()} has no documents"
+                if documents == 0
+                else f"data: every document of {self.source.describe()} is empty"
+            )
         meta = {**settings, "source": self.source.describe(), "vocab_size": len(self.tokenizer), **done}
         (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
         (path / "meta.json.tmp").replace(path / "meta.json")  # last: marks the corpus complete
         (path / "progress.json").unlink()
-        logger.info(f"data: tokenized {documents:,} documents, {tokens:,} tokens in {done['seconds']:.1f}s "
-                    f"({done['tokens_per_s']:,} tokens/s)")
+        logger.info(
+            f"data: tokenized {documents:,} documents, {tokens:,} tokens in {done['seconds']:.1f}s "
+            f"({done['tokens_per_s']:,} tokens/s)"
+        )
         return meta

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from llm.data.hub import hub_call
-from llm.errors import ConfigError, DataError
 from llm.data.sources import FileCorpus, first_char, iter_jsonl, utf8_lines
+from llm.errors import ConfigError, DataError
 
 
 class LocalRows:
@@ -59,8 +59,15 @@ def _check_object(row, where: str) -> dict:
 class HubRows:
     """Rows of a hub dataset (or a local dataset directory) through `datasets.load_dataset`."""
 
-    def __init__(self, name: str, config_name: str | None = None, split: str = "train", revision: str | None = None,
-                 max_rows: int | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        name: str,
+        config_name: str | None = None,
+        split: str = "train",
+        revision: str | None = None,
+        max_rows: int | None = None,
+        trust_remote_code: bool = False,
+    ):
         if not name:
             raise ConfigError("data name is empty: give a hub dataset name")
         self.name, self.config_name, self.split, self.revision = name, config_name, split, revision

@@ -14,8 +14,9 @@ from llm.errors import ConfigError, DataError
 
 
 class ResumableSampler:
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
         if batch_size % world_size:
             raise ConfigError(f"trainer.batch_size={batch_size} must be divisible by the number of ranks {world_size}")
         if num_samples < batch_size:

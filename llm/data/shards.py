@@ -60,8 +60,13 @@ def _init_worker(tokenizer_json: str, eos_id: int, val_fraction: float, split_se
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc processes use num_proc cores
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, val_fraction=val_fraction,
-                   split_seed=split_seed, dtype=np.dtype(dtype))
+    _worker.update(
+        tokenizer=Tokenizer.from_str(tokenizer_json),
+        eos_id=eos_id,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        dtype=np.dtype(dtype),
+    )
 
 
 def _init_pool_worker(*init_args) -> None:
@@ -87,8 +92,10 @@ def encode_chunk(first_index: int, texts: list) -> dict:
         flat[split] += enc.ids
         flat[split].append(w["eos_id"])
         lengths[split].append(len(enc.ids) + 1)
-    return {split: (np.array(flat[split], dtype=w["dtype"]), np.cumsum(np.array(lengths[split], dtype=np.int64)))
-            for split in SPLITS}
+    return {
+        split: (np.array(flat[split], dtype=w["dtype"]), np.cumsum(np.array(lengths[split], dtype=np.int64)))
+        for split in SPLITS
+    }
 
 
 def _encoded_chunks(chunks, num_proc: int, init_args: tuple):
@@ -118,8 +125,10 @@ def _encoded_chunks(chunks, num_proc: int, init_args: tuple):
                 n, result = pending.popleft()
                 yield n, result.result()
     except BrokenProcessPool as e:
-        raise DataError("data: a tokenizer process ended abruptly (a signal or out of memory); run again to continue "
-                        "the preparation where it stopped") from e
+        raise DataError(
+            "data: a tokenizer process ended abruptly (a signal or out of memory); run again to continue "
+            "the preparation where it stopped"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -151,8 +160,9 @@ class ShardWriter:
                 self._open()
             piece = tokens[done : done + self.shard_tokens - self.open_tokens]
             self.file.write(piece.tobytes())
-            ended = np.searchsorted(doc_ends, done + len(piece), side="right") - \
-                np.searchsorted(doc_ends, done, side="right")
+            ended = np.searchsorted(doc_ends, done + len(piece), side="right") - np.searchsorted(
+                doc_ends, done, side="right"
+            )
             self.open_tokens += len(piece)
             self.open_documents += int(ended)
             done += len(piece)
@@ -189,8 +199,15 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)  # atomic: a kill leaves the old or the new file, never half of one
 
 
-def prepare_shards(root: Path, chunks_from, tokenizer, settings: dict, num_proc: int, shard_tokens: int,
-                   total_documents: int | None = None) -> dict:
+def prepare_shards(
+    root: Path,
+    chunks_from,
+    tokenizer,
+    settings: dict,
+    num_proc: int,
+    shard_tokens: int,
+    total_documents: int | None = None,
+) -> dict:
     """Tokenize into `root` (resuming a killed preparation found there); returns the index and totals.
 
     `chunks_from(start)` yields (first index, texts) chunks of the corpus from document `start` on. `settings`
@@ -198,16 +215,23 @@ def prepare_shards(root: Path, chunks_from, tokenizer, settings: dict, num_proc:
     root.mkdir(parents=True, exist_ok=True)
     progress_path = root / "progress.json"
     progress = read_entry_json(progress_path, "data") if progress_path.exists() else None  # None: damaged
-    if progress is not None and (progress.get("settings") != settings
-                                 or not {"next_document", "shard_tokens", "writers"} <= set(progress)):
+    if progress is not None and (
+        progress.get("settings") != settings or not {"next_document", "shard_tokens", "writers"} <= set(progress)
+    ):
         progress = None  # another format or split, or an unreadable record: start over
     start = progress["next_document"] if progress else 0
     shard_tokens = progress["shard_tokens"] if progress else shard_tokens
-    writers = {s: ShardWriter(root, s, settings["dtype"], shard_tokens, progress and progress["writers"][s])
-               for s in SPLITS}
+    writers = {
+        s: ShardWriter(root, s, settings["dtype"], shard_tokens, progress and progress["writers"][s]) for s in SPLITS
+    }
     tokens_done = {s: sum(x["tokens"] for x in w.shards) + w.open_tokens for s, w in writers.items()}
-    init = (tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, settings["val_fraction"],
-            settings["split_seed"], settings["dtype"])
+    init = (
+        tokenizer.backend_tokenizer.to_str(),
+        tokenizer.eos_token_id,
+        settings["val_fraction"],
+        settings["split_seed"],
+        settings["dtype"],
+    )
     kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
     t0, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=total_documents, initial=start, desc="tokenizing", unit="doc", dynamic_ncols=True, disable=None)
@@ -221,16 +245,29 @@ def prepare_shards(root: Path, chunks_from, tokenizer, settings: dict, num_proc:
             os.kill(os.getpid(), signal.SIGKILL)
         for w in writers.values():
             w.flush()
-        _write_json(progress_path, {"settings": settings, "shard_tokens": shard_tokens, "next_document": start,
-                                    "writers": {s: w.state() for s, w in writers.items()}})
+        _write_json(
+            progress_path,
+            {
+                "settings": settings,
+                "shard_tokens": shard_tokens,
+                "next_document": start,
+                "writers": {s: w.state() for s, w in writers.items()},
+            },
+        )
         bar.update(n)
         bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}", refresh=False)
     bar.close()
     index = {s: w.finish() for s, w in writers.items()}
     seconds = time.perf_counter() - t0
-    return {"shard_tokens": shard_tokens, "shards": index, "num_tokens": tokens_done, "documents_read": start,
-            "num_documents": {s: sum(x["documents"] for x in shards) for s, shards in index.items()},
-            "seconds": round(seconds, 2), "tokens_per_s": round(new_tokens / max(seconds, 1e-9))}
+    return {
+        "shard_tokens": shard_tokens,
+        "shards": index,
+        "num_tokens": tokens_done,
+        "documents_read": start,
+        "num_documents": {s: sum(x["documents"] for x in shards) for s, shards in index.items()},
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(new_tokens / max(seconds, 1e-9)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reading

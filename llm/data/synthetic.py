@@ -1,8 +1,9 @@
 """Built-in instruction tasks with checkable answers, generated from a seed (no download).
 
 Tasks: `reverse` (reverse a list of words), `sort` (sort words alphabetically), `rotate` (move the first word to the
-end), `count` (how often a word occurs in a list), `add` (add two numbers). Every answer depends on the prompt: no constant answer scores above 0.2
-exact match (tested). Each example also carries a plausible wrong answer (`rejected`) for preference data.
+end), `count` (how often a word occurs in a list), `add` (add two numbers). Every answer depends on the prompt: no
+constant answer scores above 0.2 exact match (tested). Each example also carries a plausible wrong answer
+(`rejected`) for preference data.
 
 Prompts are split into train and held-out by a hash of the prompt text, so a held-out prompt never appears in
 training data, whatever the number of examples drawn.
@@ -16,10 +17,48 @@ import zlib
 from llm.errors import ConfigError
 
 # Short words that are frequent in Python sources, so the default BPE has most of them as single tokens.
-WORDS = ("self", "list", "data", "name", "file", "type", "value", "key", "path", "line", "time", "size", "mode",
-         "text", "node", "item", "code", "base", "user", "args", "next", "last", "left", "right", "true", "false",
-         "read", "open", "close", "load", "sort", "find", "string", "index", "count", "error", "result", "start",
-         "end", "new")
+WORDS = (
+    "self",
+    "list",
+    "data",
+    "name",
+    "file",
+    "type",
+    "value",
+    "key",
+    "path",
+    "line",
+    "time",
+    "size",
+    "mode",
+    "text",
+    "node",
+    "item",
+    "code",
+    "base",
+    "user",
+    "args",
+    "next",
+    "last",
+    "left",
+    "right",
+    "true",
+    "false",
+    "read",
+    "open",
+    "close",
+    "load",
+    "sort",
+    "find",
+    "string",
+    "index",
+    "count",
+    "error",
+    "result",
+    "start",
+    "end",
+    "new",
+)
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -79,8 +118,15 @@ class VerifiableTasks:
     run with offset = SFT's num_examples sees only prompts new to the model.
     """
 
-    def __init__(self, split: str = "train", tasks=("reverse", "sort", "rotate"), num_examples: int = 4000,
-                 heldout_fraction: float = 0.1, seed: int = 0, offset: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        tasks=("reverse", "sort", "rotate"),
+        num_examples: int = 4000,
+        heldout_fraction: float = 0.1,
+        seed: int = 0,
+        offset: int = 0,
+    ):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ConfigError(f"data tasks {unknown} are not built in; choose from {sorted(TASKS)}")
@@ -103,8 +149,10 @@ class VerifiableTasks:
         while len(seen) < total:
             attempts += 1
             if attempts > 200 * total:
-                raise ConfigError(f"built-in tasks {self.tasks}: cannot draw {self.num_examples} distinct "
-                                  f"{self.split} prompts; ask for fewer")
+                raise ConfigError(
+                    f"built-in tasks {self.tasks}: cannot draw {self.num_examples} distinct "
+                    f"{self.split} prompts; ask for fewer"
+                )
             task = self.tasks[attempts % len(self.tasks)]
             prompt, answer, wrong = TASKS[task](rng)
             if prompt in seen or is_heldout(prompt, self.heldout_fraction, self.seed) != want_heldout:
@@ -112,8 +160,10 @@ class VerifiableTasks:
             seen.add(prompt)
             if len(seen) <= self.offset:
                 continue
-            yield (f"built-in {self.split} #{len(seen)}",
-                   {"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong, "task": task})
+            yield (
+                f"built-in {self.split} #{len(seen)}",
+                {"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong, "task": task},
+            )
 
     def describe(self) -> str:
         skip = f", after the first {self.offset}" if self.offset else ""

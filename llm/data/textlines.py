@@ -15,8 +15,10 @@ BLOCK_BYTES = 1 << 20  # bytes read at a time (then up to the end of that line)
 
 def not_utf8(path: str, lineno: int, line: bytes, position: int) -> DataError:
     """The error for a line of a file whose bytes are not UTF-8 (position: of the first bad byte in the line)."""
-    return DataError(f"{path}:{lineno}: not UTF-8 text (byte {line[position]:#04x} at column {position + 1}); "
-                     f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return DataError(
+        f"{path}:{lineno}: not UTF-8 text (byte {line[position]:#04x} at column {position + 1}); "
+        f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def _blocks(path: str):
@@ -58,8 +60,9 @@ class TextLines:
 
     def __init__(self, files: list[str]):
         self.files = list(files)
-        self.num_documents = sum(self._count(path, lineno, block) for path in self.files
-                                 for lineno, block in _blocks(path))
+        self.num_documents = sum(
+            self._count(path, lineno, block) for path in self.files for lineno, block in _blocks(path)
+        )
 
     @staticmethod
     def _count(path: str, lineno: int, block: bytes) -> int:

@@ -15,14 +15,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from loguru import logger
 
-from llm.errors import ConfigError, DataError
-
 from llm.data.cache import discard, file_lock, read_entry_json
-from llm.data.hub import hub_call
 from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
+from llm.data.hub import hub_call
+from llm.errors import ConfigError, DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT = [SYSTEM, USER, ASSISTANT, END]  # reserved from the start, so SFT after pretraining needs no new rows
@@ -32,8 +30,13 @@ def _cache_root(cache_dir: str) -> Path:
     return Path(os.path.expanduser(str(cache_dir)))
 
 
-def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", min_frequency: int = 2,
-              max_train_bytes: int | None = 50_000_000):
+def train_bpe(
+    corpus,
+    vocab_size: int = 4096,
+    cache_dir: str = "~/.cache/llm",
+    min_frequency: int = 2,
+    max_train_bytes: int | None = 50_000_000,
+):
     """Train (or load from cache) a byte-level BPE on `corpus` (a source from llm.data.sources).
 
     The cache key is the corpus fingerprint plus the training settings, so a second run loads in milliseconds.
@@ -42,7 +45,9 @@ def train_bpe(corpus, vocab_size: int = 4096, cache_dir: str = "~/.cache/llm", m
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 264:
-        raise ConfigError(f"tokenizer.vocab_size={vocab_size!r} must be an integer >= 264 (256 bytes + 7 special tokens)")
+        raise ConfigError(
+            f"tokenizer.vocab_size={vocab_size!r} must be an integer >= 264 (256 bytes + 7 special tokens)"
+        )
     key = hashlib.sha256(
         f"bpe-v2|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
     ).hexdigest()[:16]
@@ -101,14 +106,18 @@ def _train(corpus, vocab_size: int, min_frequency: int, max_train_bytes: int | N
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS, PAD, *CHAT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[BOS, EOS, PAD, *CHAT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts(), trainer=trainer)
     if tok.get_vocab_size() <= 263:
         raise DataError(f"tokenizer: the corpus ({corpus.describe()}) is too small or empty to train a BPE")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=CHAT)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, additional_special_tokens=CHAT
+    )
     fast.chat_template = BUILTIN_TEMPLATE
     return fast
 
@@ -123,9 +132,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     local = os.path.expanduser(str(name_or_path))
     if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(local):
         raise DataError(f"tokenizer.name_or_path={name_or_path!r}: no such directory")
+
     def load():
-        return AutoTokenizer.from_pretrained(local if os.path.isdir(local) else name_or_path,
-                                             trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            local if os.path.isdir(local) else name_or_path, trust_remote_code=trust_remote_code
+        )
 
     try:
         tok = load() if os.path.isdir(local) else hub_call("tokenizer.name_or_path", name_or_path, load)

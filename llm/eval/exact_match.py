@@ -15,8 +15,9 @@ from llm.model import unwrap_model
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32,
-                     batch_size: int = 64) -> list[str]:
+def generate_replies(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 64
+) -> list[str]:
     """Greedy assistant replies to each prompt (a message list), in order."""
     model = unwrap_model(model)
     device = next(model.parameters()).device

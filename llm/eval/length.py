@@ -24,8 +24,16 @@ from llm.errors import ConfigError
 from llm.eval import bpb
 from llm.model import unwrap_model
 
-FILLER = ["x = x + 1", "y = compute(x)", "if y > limit:", "    total += y", "items.append(total)",
-          "result = process(items)", "value = result[0]", "count = len(items)"]
+FILLER = [
+    "x = x + 1",
+    "y = compute(x)",
+    "if y > limit:",
+    "    total += y",
+    "items.append(total)",
+    "result = process(items)",
+    "value = result[0]",
+    "count = len(items)",
+]
 
 
 class LengthEval(Objective):
@@ -34,8 +42,16 @@ class LengthEval(Objective):
 
     trains = False
 
-    def __init__(self, context: int, multiples=(1, 2, 4, 8), windows: int = 16, passkey_trials: int = 10,
-                 passkey_depths=(0.1, 0.5, 0.9), seed: int = 0, batch_size: int = 4):
+    def __init__(
+        self,
+        context: int,
+        multiples=(1, 2, 4, 8),
+        windows: int = 16,
+        passkey_trials: int = 10,
+        passkey_depths=(0.1, 0.5, 0.9),
+        seed: int = 0,
+        batch_size: int = 4,
+    ):
         if not isinstance(context, int) or context < 8:
             raise ConfigError(f"task.objective.context={context!r} must be the training context (an integer >= 8)")
         self.context, self.multiples, self.windows = context, [int(m) for m in multiples], windows
@@ -69,8 +85,9 @@ class LengthEval(Objective):
         plain = unwrap_model(model)
         device = next(plain.parameters()).device
         if not isinstance(data.val, PackedTokens):  # a mixture's windows come from several token streams
-            raise ConfigError("task=eval_length reads one held-out token stream: use data=stdlib, files or hub, not a "
-                              "mixture")
+            raise ConfigError(
+                "task=eval_length reads one held-out token stream: use data=stdlib, files or hub, not a mixture"
+            )
         tokens = data.val.tokens
         n = min(self.windows, (len(tokens) - 1) // length)
         if n < 1:
@@ -78,8 +95,10 @@ class LengthEval(Objective):
         table = self.token_bytes if self.token_bytes is not None else bpb.byte_table(data, device)
         total, num_bytes, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for start in range(0, n, self.batch_size):
-            rows = [torch.from_numpy(tokens[i * length : (i + 1) * length + 1].astype("int64"))
-                    for i in range(start, min(n, start + self.batch_size))]
+            rows = [
+                torch.from_numpy(tokens[i * length : (i + 1) * length + 1].astype("int64"))
+                for i in range(start, min(n, start + self.batch_size))
+            ]
             window = torch.stack(rows).to(device)
             x, labels = window[:, :-1], window[:, 1:].clone()
             labels[:, : -self.context] = IGNORE_INDEX  # only the last `context` positions count
@@ -110,9 +129,13 @@ class LengthEval(Objective):
                     lines.append(nxt)
                     used += len(nxt)
                 cut = int(depth * len(lines))
-                ids = [t for line in lines[:cut] for t in line] + needle + \
-                      [t for line in lines[cut:] for t in line] + question
-                out = plain.generate(torch.tensor([ids], device=device), 8, temperature=0)[0, len(ids):].tolist()
+                ids = (
+                    [t for line in lines[:cut] for t in line]
+                    + needle
+                    + [t for line in lines[cut:] for t in line]
+                    + question
+                )
+                out = plain.generate(torch.tensor([ids], device=device), 8, temperature=0)[0, len(ids) :].tolist()
                 hits += tokenizer.decode(out).strip().startswith(key)
                 trials += 1
         return hits / trials
@@ -122,9 +145,13 @@ class LengthEval(Objective):
             warnings.simplefilter("ignore")
             curves = {str(L): self.perplexity(model, data, L) for L in self.lengths}
             passkey = {str(L): self.passkey(model, data.tokenizer, L) for L in self.lengths}
-        return {"method": method_label(unwrap_model(model).config.rope_scaling), "context": self.context,
-                "ppl_by_length": {L: ppl for L, (ppl, _) in curves.items()},
-                "bpb_by_length": {L: bits for L, (_, bits) in curves.items()}, "passkey_by_length": passkey}
+        return {
+            "method": method_label(unwrap_model(model).config.rope_scaling),
+            "context": self.context,
+            "ppl_by_length": {L: ppl for L, (ppl, _) in curves.items()},
+            "bpb_by_length": {L: bits for L, (_, bits) in curves.items()},
+            "passkey_by_length": passkey,
+        }
 
     def finish(self, results: dict, run_dir: Path) -> None:
         """Write the table as markdown and the perplexity/passkey plot as PNG into the run dir."""
@@ -152,8 +179,10 @@ def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -
     lengths = sorted({int(L) for r in by_method.values() for L in r["ppl_by_length"]})
     columns = [("ppl", "ppl_by_length"), ("bpb", "bpb_by_length"), ("passkey", "passkey_by_length")]
     columns = [(name, key) for name, key in columns if any(key in r for r in by_method.values())]
-    rows = ["| method | " + " | ".join(f"{name}@{L}" for name, _ in columns for L in lengths) + " |",
-            "|---" * (1 + len(columns) * len(lengths)) + "|"]
+    rows = [
+        "| method | " + " | ".join(f"{name}@{L}" for name, _ in columns for L in lengths) + " |",
+        "|---" * (1 + len(columns) * len(lengths)) + "|",
+    ]
     for label, r in by_method.items():
         cells = [f"{r.get(key, {}).get(str(L), float('nan')):.2f}" for _, key in columns for L in lengths]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -162,12 +191,19 @@ def write_table_and_plot(by_method: dict[str, dict], out_dir: Path, stem: str) -
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in by_method.items():
         axes[0].plot(lengths, [r["ppl_by_length"].get(str(L), float("nan")) for L in lengths], marker="o", label=label)
-        axes[1].plot(lengths, [r["passkey_by_length"].get(str(L), float("nan")) for L in lengths], marker="o",
-                     label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
-                title="perplexity vs length")
-    axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05),
-                title="passkey retrieval")
+        axes[1].plot(
+            lengths, [r["passkey_by_length"].get(str(L), float("nan")) for L in lengths], marker="o", label=label
+        )
+    axes[0].set(
+        xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs length"
+    )
+    axes[1].set(
+        xscale="log",
+        xlabel="context length (tokens)",
+        ylabel="passkey accuracy",
+        ylim=(-0.05, 1.05),
+        title="passkey retrieval",
+    )
     for ax in axes:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured lengths on the log axis
         ax.set_xticks(lengths, [str(L) for L in lengths])

@@ -33,8 +33,9 @@ class SampleSettings:
 
 
 @torch.no_grad()
-def generate_sample(model, tokenizer, settings: SampleSettings | None, seed: int,
-                    autocast=contextlib.nullcontext) -> str | None:
+def generate_sample(
+    model, tokenizer, settings: SampleSettings | None, seed: int, autocast=contextlib.nullcontext
+) -> str | None:
     """The sample text (prompt + completion, or 'prompt -> reply' with chat); None when no sample is asked for."""
     if settings is None or tokenizer is None or not settings.max_new_tokens:
         return None
@@ -50,8 +51,14 @@ def generate_sample(model, tokenizer, settings: SampleSettings | None, seed: int
         stop = tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast():
-        out = model.generate(torch.tensor([ids], device=device), settings.max_new_tokens,
-                             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                             eos_token_id=stop, generator=generator)
-    text = tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        out = model.generate(
+            torch.tensor([ids], device=device),
+            settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            eos_token_id=stop,
+            generator=generator,
+        )
+    text = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
     return f"{prompt} -> {text}" if settings.chat else prompt + text

@@ -83,29 +83,52 @@ def read_jobs(sweep_dir: Path, metric: str = "val_loss", direction: str = "minim
     return jobs
 
 
-def summarize(sweep_dir: Path, metric: str = "val_loss", direction: str | None = None,
-              log_params: tuple[str, ...] = ()) -> dict:
+def summarize(
+    sweep_dir: Path, metric: str = "val_loss", direction: str | None = None, log_params: tuple[str, ...] = ()
+) -> dict:
     """Write the summary files of `sweep_dir` and return what they hold. `log_params`: parameters searched on a
     log scale (a log axis in sweep.png; otherwise chosen when a positive parameter spans a factor of 10)."""
     sweep_dir = Path(sweep_dir)
     direction = direction_of(metric, direction)
     jobs = read_jobs(sweep_dir, metric, direction)
     counts = {s: sum(j.status == s for j in jobs) for s in ("done", "pruned", "failed", "interrupted")}
-    summary = {"metric": metric, "direction": direction, "counts": counts,
-               "best": next((asdict(j) for j in jobs if j.best), None), "jobs": [asdict(j) for j in jobs]}
+    summary = {
+        "metric": metric,
+        "direction": direction,
+        "counts": counts,
+        "best": next((asdict(j) for j in jobs if j.best), None),
+        "jobs": [asdict(j) for j in jobs],
+    }
     if not jobs:
         return summary
     swept = sorted({k for j in jobs for k in j.params if len({i.params.get(k) for i in jobs}) > 1} - {"+trial"})
     metrics = [m for m in METRICS if m != metric and any(m in j.results for j in jobs)]
     header = ["", "job", "status", metric, *swept, *metrics, "steps", "wall_s", "tokens_per_s", "dir", "error"]
-    rows = [["best" if j.best else "", j.name.split("_")[0], j.status, j.objective, *[j.params.get(k) for k in swept],
-             *[j.results.get(m) for m in metrics], j.results.get("steps"), j.results.get("wall_seconds"),
-             j.results.get("tokens_per_s"), j.dir, j.error] for j in jobs]
+    rows = [
+        [
+            "best" if j.best else "",
+            j.name.split("_")[0],
+            j.status,
+            j.objective,
+            *[j.params.get(k) for k in swept],
+            *[j.results.get(m) for m in metrics],
+            j.results.get("steps"),
+            j.results.get("wall_seconds"),
+            j.results.get("tokens_per_s"),
+            j.dir,
+            j.error,
+        ]
+        for j in jobs
+    ]
     with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    lines = [f"Sweep of {len(jobs)} jobs, sorted by {metric} ({direction}): " +
-             ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
-             "| " + " | ".join(header[:-2]) + " | error |", "|---" * (len(header) - 1) + "|"]
+    lines = [
+        f"Sweep of {len(jobs)} jobs, sorted by {metric} ({direction}): "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+        "",
+        "| " + " | ".join(header[:-2]) + " | error |",
+        "|---" * (len(header) - 1) + "|",
+    ]
     for row in rows:
         cells = [_fmt(c) for c in row[:-2]] + [_fmt(row[-1])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -164,8 +187,13 @@ def plot_sweep(jobs: list[Job], swept: list[str], metric: str, path: Path, log_p
         steps, losses = _val_curve(job)
         if steps:
             label = " ".join(f"{k}={job.params.get(k)}" for k in swept) or job.name
-            curves.plot(steps, losses, marker=".", label=("* " if job.best else "") + label[:40],
-                        linewidth=2.5 if job.best else 1.0)
+            curves.plot(
+                steps,
+                losses,
+                marker=".",
+                label=("* " if job.best else "") + label[:40],
+                linewidth=2.5 if job.best else 1.0,
+            )
     curves.set(xlabel="step", ylabel="val_loss", title="validation curves")
     curves.grid(alpha=0.3)
     if curves.lines and len(curves.lines) <= 12:
@@ -208,8 +236,10 @@ class SweepSummary:
     def on_multirun_end(self, config, **kwargs) -> None:
         sweeper = config.hydra.get("sweeper") or {}
         metric = config.get("optimized_metric") or "val_loss"
-        spaces = {**(sweeper.get("params") or {}),
-                  **dict(str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o))}
+        spaces = {
+            **(sweeper.get("params") or {}),
+            **dict(str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)),
+        }
         log_params = tuple(k for k, v in spaces.items() if "tag(log" in str(v).replace(" ", ""))
         summary = summarize(Path(config.hydra.sweep.dir), metric, sweeper.get("direction"), log_params)
         SweepSummary.failed = summary["counts"].get("failed", 0)

@@ -1,8 +1,24 @@
 """Hugging Face model directories: export our model (`save_hf`), import Llama / GPT-2 ones (`load_hf`, or a hub
 name through `fetch_hub_model`). Imports model and data only."""
 
-from llm.hf.files import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights,
-                          looks_like_hub_name, read_hf_config, save_hf)
+from llm.hf.files import (
+    fetch_hub_model,
+    is_hf_model_dir,
+    load_hf,
+    load_hf_tokenizer,
+    load_hf_weights,
+    looks_like_hub_name,
+    read_hf_config,
+    save_hf,
+)
 
-__all__ = ["fetch_hub_model", "is_hf_model_dir", "load_hf", "load_hf_tokenizer", "load_hf_weights",
-           "looks_like_hub_name", "read_hf_config", "save_hf"]
+__all__ = [
+    "fetch_hub_model",
+    "is_hf_model_dir",
+    "load_hf",
+    "load_hf_tokenizer",
+    "load_hf_weights",
+    "looks_like_hub_name",
+    "read_hf_config",
+    "save_hf",
+]

@@ -31,15 +31,21 @@ def family(cfg: GPTConfig) -> str:
         return "llama"
     if arch == GPT2:
         if cfg.n_kv_head != cfg.n_head:
-            raise ConfigError(f"model.n_kv_head={cfg.n_kv_head}: GPT2LMHeadModel has no grouped-query attention "
-                              f"(needs model.n_kv_head = model.n_head = {cfg.n_head})")
+            raise ConfigError(
+                f"model.n_kv_head={cfg.n_kv_head}: GPT2LMHeadModel has no grouped-query attention "
+                f"(needs model.n_kv_head = model.n_head = {cfg.n_head})"
+            )
         if not cfg.bias:
-            raise ConfigError("model.bias=false: GPT2LMHeadModel always has biases (learned positions, LayerNorm, "
-                              "GELU export as GPT-2 only with model.bias=true)")
+            raise ConfigError(
+                "model.bias=false: GPT2LMHeadModel always has biases (learned positions, LayerNorm, "
+                "GELU export as GPT-2 only with model.bias=true)"
+            )
         return "gpt2"
     shown = ", ".join(f"model.{k}={v}" for k, v in arch.items())
-    raise ConfigError(f"{shown}: no Hugging Face architecture represents this combination "
-                      f"(LlamaForCausalLM: rope/rmsnorm/swiglu, GPT2LMHeadModel: learned/layernorm/gelu)")
+    raise ConfigError(
+        f"{shown}: no Hugging Face architecture represents this combination "
+        f"(LlamaForCausalLM: rope/rmsnorm/swiglu, GPT2LMHeadModel: learned/layernorm/gelu)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- RoPE scaling
@@ -62,11 +68,19 @@ def rope_to_hf(cfg: GPTConfig) -> tuple[dict, int]:
     if kind == "ntk":
         return {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}, original
     if factor * original != limit:
-        raise ConfigError(f"extrapolation.factor={factor} x extrapolation.original_max_position_embeddings={original}"
-                          f" is not a whole number of positions; transformers 4.x derives YaRN's factor from it")
-    params = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-              "beta_fast": float(s["beta_fast"]), "beta_slow": float(s["beta_slow"]), "truncate": s["truncate"],
-              "rope_theta": theta}
+        raise ConfigError(
+            f"extrapolation.factor={factor} x extrapolation.original_max_position_embeddings={original}"
+            f" is not a whole number of positions; transformers 4.x derives YaRN's factor from it"
+        )
+    params = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": float(s["beta_fast"]),
+        "beta_slow": float(s["beta_slow"]),
+        "truncate": s["truncate"],
+        "rope_theta": theta,
+    }
     if s["attention_factor"] is not None:
         params["attention_factor"] = s["attention_factor"]
     return params, limit
@@ -79,12 +93,23 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None, int]:
     kind = params.pop("rope_type", params.pop("type", "default"))
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     max_pos = int(hf.get("max_position_embeddings", 2048))
-    known = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"},
-             "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
-                      "truncate"}}
+    known = {
+        "default": set(),
+        "linear": {"factor"},
+        "dynamic": {"factor"},
+        "yarn": {
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "attention_factor",
+            "truncate",
+        },
+    }
     if kind not in known:
-        raise ConfigError(f"config.json: rope_parameters.rope_type={kind!r} is not supported; "
-                          f"supported: {sorted(known)}")
+        raise ConfigError(
+            f"config.json: rope_parameters.rope_type={kind!r} is not supported; supported: {sorted(known)}"
+        )
     unknown = sorted(k for k, v in params.items() if k not in known[kind] and v is not None)
     if params.get("partial_rotary_factor", 1.0) == 1.0 and "partial_rotary_factor" in unknown:
         unknown.remove("partial_rotary_factor")  # 1.0: the whole head rotates, as ours does
@@ -97,14 +122,23 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None, int]:
         original = max(1, round(max_pos / factor))
         return theta, {"type": "linear", "factor": factor, "original_max_position_embeddings": original}, original
     if kind == "dynamic":
-        return theta, {"type": "ntk", "dynamic": True, "factor": factor,
-                       "original_max_position_embeddings": max_pos}, max_pos
+        return (
+            theta,
+            {"type": "ntk", "dynamic": True, "factor": factor, "original_max_position_embeddings": max_pos},
+            max_pos,
+        )
     original = int(params.get("original_max_position_embeddings") or max_pos)
     if params.get("factor") is None:
         factor = max_pos / original
-    scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-               "beta_fast": params.get("beta_fast") or 32, "beta_slow": params.get("beta_slow") or 1,
-               "attention_factor": params.get("attention_factor"), "truncate": params.get("truncate", True)}
+    scaling = {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original,
+        "beta_fast": params.get("beta_fast") or 32,
+        "beta_slow": params.get("beta_slow") or 1,
+        "attention_factor": params.get("attention_factor"),
+        "truncate": params.get("truncate", True),
+    }
     return theta, scaling, original
 
 
@@ -112,23 +146,57 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None, int]:
 def config_to_hf(cfg: GPTConfig, dtype: str, special: dict) -> dict:
     """config.json for our model: `special` holds bos/eos/pad token ids."""
     kind = family(cfg)
-    common = {"architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
-              "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
-              "dtype": dtype, "torch_dtype": dtype, **special}  # torch_dtype: the 4.x name
+    common = {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        **special,
+    }  # torch_dtype: the 4.x name
     if kind == "gpt2":
-        return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_inner": cfg.ffn_hidden,
-                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "scale_attn_weights": True}
+        return {
+            **common,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_positions": cfg.max_seq_len,
+            "n_ctx": cfg.max_seq_len,
+            "n_inner": cfg.ffn_hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True,
+        }
     rope, max_pos = rope_to_hf(cfg)
-    legacy = None if rope["rope_type"] == "default" else {
-        "type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
-    return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": max_pos, "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias,
-            "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout, "rope_parameters": rope,
-            "rope_theta": rope["rope_theta"], "rope_scaling": legacy}
+    legacy = (
+        None
+        if rope["rope_type"] == "default"
+        else {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    )
+    return {
+        **common,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "rope_parameters": rope,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": legacy,
+    }
 
 
 def _require(hf: dict, field: str, ok: bool, what: str) -> None:
@@ -142,30 +210,66 @@ def config_from_hf(hf: dict) -> dict:
     if kind not in ARCHITECTURES:
         raise ConfigError(f"config.json: model_type={kind!r} is not supported; supported: {sorted(ARCHITECTURES)}")
     vocab = hf.get("vocab_size")
-    common = {"vocab_size": vocab, "pad_vocab_to": 1, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
-              "init_std": hf.get("initializer_range", 0.02), "dropout": 0.0}  # pad_vocab_to 1: HF's rows exactly
+    common = {
+        "vocab_size": vocab,
+        "pad_vocab_to": 1,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "init_std": hf.get("initializer_range", 0.02),
+        "dropout": 0.0,
+    }  # pad_vocab_to 1: HF's rows exactly
     if kind == "gpt2":
-        _require(hf, "activation_function", hf.get("activation_function", "gelu_new") in GELU_TANH,
-                 f"GELU with the tanh approximation only: {list(GELU_TANH)}")
+        _require(
+            hf,
+            "activation_function",
+            hf.get("activation_function", "gelu_new") in GELU_TANH,
+            f"GELU with the tanh approximation only: {list(GELU_TANH)}",
+        )
         _require(hf, "scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx"), "false only")
         _require(hf, "scale_attn_weights", hf.get("scale_attn_weights", True), "true only")
         _require(hf, "add_cross_attention", not hf.get("add_cross_attention"), "false only")
         d = hf.get("n_embd", 768)
-        return {**common, **GPT2, "bias": True, "n_layer": hf.get("n_layer", 12), "n_head": hf.get("n_head", 12),
-                "n_kv_head": hf.get("n_head", 12), "d_model": d, "ffn_hidden": hf.get("n_inner") or 4 * d,
-                "max_seq_len": hf.get("n_positions", 1024), "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
+        return {
+            **common,
+            **GPT2,
+            "bias": True,
+            "n_layer": hf.get("n_layer", 12),
+            "n_head": hf.get("n_head", 12),
+            "n_kv_head": hf.get("n_head", 12),
+            "d_model": d,
+            "ffn_hidden": hf.get("n_inner") or 4 * d,
+            "max_seq_len": hf.get("n_positions", 1024),
+            "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        }
     _require(hf, "hidden_act", hf.get("hidden_act", "silu") == "silu", "SwiGLU's silu only")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    _require(hf, "head_dim", hf.get("head_dim") in (None, d // heads), f"hidden_size / num_attention_heads = "
-             f"{d // heads} only")
+    _require(
+        hf,
+        "head_dim",
+        hf.get("head_dim") in (None, d // heads),
+        f"hidden_size / num_attention_heads = {d // heads} only",
+    )
     bias = bool(hf.get("attention_bias", False))
-    _require(hf, "mlp_bias", bool(hf.get("mlp_bias", False)) == bias, f"the same as attention_bias={bias}: our "
-             f"model has biases on every linear layer or on none")
+    _require(
+        hf,
+        "mlp_bias",
+        bool(hf.get("mlp_bias", False)) == bias,
+        f"the same as attention_bias={bias}: our model has biases on every linear layer or on none",
+    )
     theta, scaling, max_seq_len = rope_from_hf(hf)
-    return {**common, **LLAMA, "bias": bias, "n_layer": hf["num_hidden_layers"], "n_head": heads,
-            "n_kv_head": hf.get("num_key_value_heads") or heads, "d_model": d, "ffn_hidden": hf["intermediate_size"],
-            "max_seq_len": max_seq_len, "norm_eps": hf.get("rms_norm_eps", 1e-6), "rope_theta": theta,
-            "rope_scaling": scaling}
+    return {
+        **common,
+        **LLAMA,
+        "bias": bias,
+        "n_layer": hf["num_hidden_layers"],
+        "n_head": heads,
+        "n_kv_head": hf.get("num_key_value_heads") or heads,
+        "d_model": d,
+        "ffn_hidden": hf["intermediate_size"],
+        "max_seq_len": max_seq_len,
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -173,18 +277,33 @@ def _layer_names(kind: str, i: int) -> dict[str, str]:
     """Our per-layer parameter names -> HF's (the fused qkv is handled apart)."""
     if kind == "gpt2":
         h = f"transformer.h.{i}."
-        return {"norm1": h + "ln_1", "norm2": h + "ln_2", "attn.qkv": h + "attn.c_attn", "attn.proj": h + "attn.c_proj",
-                "mlp.up": h + "mlp.c_fc", "mlp.down": h + "mlp.c_proj"}
+        return {
+            "norm1": h + "ln_1",
+            "norm2": h + "ln_2",
+            "attn.qkv": h + "attn.c_attn",
+            "attn.proj": h + "attn.c_proj",
+            "mlp.up": h + "mlp.c_fc",
+            "mlp.down": h + "mlp.c_proj",
+        }
     h = f"model.layers.{i}."
-    return {"norm1": h + "input_layernorm", "norm2": h + "post_attention_layernorm",
-            "attn.proj": h + "self_attn.o_proj",
-            "mlp.gate": h + "mlp.gate_proj", "mlp.up": h + "mlp.up_proj", "mlp.down": h + "mlp.down_proj"}
+    return {
+        "norm1": h + "input_layernorm",
+        "norm2": h + "post_attention_layernorm",
+        "attn.proj": h + "self_attn.o_proj",
+        "mlp.gate": h + "mlp.gate_proj",
+        "mlp.up": h + "mlp.up_proj",
+        "mlp.down": h + "mlp.down_proj",
+    }
 
 
 def _top_names(kind: str) -> dict[str, str]:
     if kind == "gpt2":
-        return {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "norm_f": "transformer.ln_f",
-                "lm_head": "lm_head"}
+        return {
+            "tok_emb": "transformer.wte",
+            "pos_emb": "transformer.wpe",
+            "norm_f": "transformer.ln_f",
+            "lm_head": "lm_head",
+        }
     return {"tok_emb": "model.embed_tokens", "norm_f": "model.norm", "lm_head": "lm_head"}
 
 
@@ -237,8 +356,11 @@ def from_hf(model: GPT, tensors: dict[str, torch.Tensor], where: str) -> None:
     tensor is a ConfigError naming it and `where`."""
     cfg, kind = model.config, family(model.config)
     base = "transformer." if kind == "gpt2" else "model."
-    tensors = {(k if k.startswith((base, "lm_head.")) else base + k): v for k, v in tensors.items()
-               if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}  # old buffers
+    tensors = {
+        (k if k.startswith((base, "lm_head.")) else base + k): v
+        for k, v in tensors.items()
+        if not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+    }  # old buffers
     if kind == "llama":  # fuse q/k/v into our qkv
         for i in range(cfg.n_layer):
             h = f"model.layers.{i}.self_attn."
@@ -262,10 +384,13 @@ def from_hf(model: GPT, tensors: dict[str, torch.Tensor], where: str) -> None:
                 tensor = tensor.t()
             rows = tensor.size(0) if ours.startswith(("tok_emb.", "lm_head.")) else target.size(0)
             if tuple(tensor.shape) != (rows, *target.shape[1:]) or rows > target.size(0):
-                raise ConfigError(f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, the config says "
-                                  f"{tuple(target.shape)}")
+                raise ConfigError(
+                    f"{where}: tensor {theirs!r} has shape {tuple(tensor.shape)}, the config says {tuple(target.shape)}"
+                )
             target[:rows].copy_(tensor)
     tensors.pop("lm_head.weight", None)  # a tied head saved anyway
     if tensors:
-        raise ConfigError(f"{where}: tensor(s) {sorted(tensors)[:3]} have no place in {ARCHITECTURES[kind]} "
-                          f"as we read it (biases where the config has none?)")
+        raise ConfigError(
+            f"{where}: tensor(s) {sorted(tensors)[:3]} have no place in {ARCHITECTURES[kind]} "
+            f"as we read it (biases where the config has none?)"
+        )

@@ -41,22 +41,31 @@ def fetch_hub_model(name: str, key: str = "init_from") -> Path:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"{key}={name!r}: no such local dir, and not loadable from the hub "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConfigError(
+            f"{key}={name!r}: no such local dir, and not loadable from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def looks_like_hub_name(value: str) -> bool:
     """`owner/name` that is not a local path: what init_from fetches from the Hugging Face hub."""
     text = str(value)
-    return (text.count("/") == 1 and not text.startswith((".", "/", "~", "latest:"))
-            and not Path(text).exists() and all(part.strip() for part in text.split("/")))
+    return (
+        text.count("/") == 1
+        and not text.startswith((".", "/", "~", "latest:"))
+        and not Path(text).exists()
+        and all(part.strip() for part in text.split("/"))
+    )
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
     """A directory with an HF config.json that is not one of our checkpoints or run dirs."""
     path = Path(path)
-    return (path / "config.json").is_file() and not (path / "manifest.json").exists() \
+    return (
+        (path / "config.json").is_file()
+        and not (path / "manifest.json").exists()
         and not (path / "checkpoints").is_dir()
+    )
 
 
 def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None, key: str = "task.out_dir") -> dict:
@@ -70,8 +79,11 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     if len(tokenizer) > model.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size} rows")
     reserved_chat_template(tokenizer)  # a pretraining run's BPE reserves the built-in chat tokens
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     eos = [tokenizer.eos_token_id]
     if uses_builtin_template(tokenizer) and stop_token_id(tokenizer) not in eos:
         eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|>
@@ -92,8 +104,13 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out_dir": str(out), "architecture": ARCHITECTURES[kind], "dtype": dtype,
-            "params": sum(t.numel() for t in tensors.values()), "files": sorted(p.name for p in out.iterdir())}
+    return {
+        "out_dir": str(out),
+        "architecture": ARCHITECTURES[kind],
+        "dtype": dtype,
+        "params": sum(t.numel() for t in tensors.values()),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
 
 
 def read_hf_config(path: str | Path, key: str = "init_from") -> dict:
@@ -118,8 +135,10 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
         files = [WEIGHTS]
     else:
         found = sorted(p.name for p in path.glob("*.bin"))
-        raise ConfigError(f"{key}={str(path)!r}: no {WEIGHTS} in it" + (
-            f" (only {found}: pickled weights are not loaded; convert them to safetensors)" if found else ""))
+        raise ConfigError(
+            f"{key}={str(path)!r}: no {WEIGHTS} in it"
+            + (f" (only {found}: pickled weights are not loaded; convert them to safetensors)" if found else "")
+        )
     tensors = {}
     for name in files:
         with safe_open(str(path / name), framework="pt") as f:
@@ -138,8 +157,10 @@ def load_hf_tokenizer(path: str | Path, vocab_size: int, key: str = "init_from")
     except DataError as e:
         raise DataError(f"{key}={str(path)!r}: its tokenizer does not load ({str(e).split(': ', 1)[-1]})") from None
     if len(tokenizer) > vocab_size:
-        raise DataError(f"{key}={str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                        f"(config.json vocab_size) only {vocab_size}")
+        raise DataError(
+            f"{key}={str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+            f"(config.json vocab_size) only {vocab_size}"
+        )
     return tokenizer
 
 

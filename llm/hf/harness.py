@@ -66,8 +66,10 @@ def check_settings(names: list[str], limit, num_fewshot, batch_size, max_new_tok
     if batch_size != "auto":
         check_int("task.batch_size", batch_size, 1)
     if num_fewshot and any(n in OUR_TASKS for n in names):
-        raise ConfigError(f"task.num_fewshot={num_fewshot}: {', '.join(OUR_TASKS)} are zero-shot chat prompts; "
-                          f"set it to null or 0 (or evaluate lm-eval's tasks in a run of their own)")
+        raise ConfigError(
+            f"task.num_fewshot={num_fewshot}: {', '.join(OUR_TASKS)} are zero-shot chat prompts; "
+            f"set it to null or 0 (or evaluate lm-eval's tasks in a run of their own)"
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not isinstance(device, str) or not device.startswith(("cpu", "cuda")):
@@ -85,14 +87,18 @@ def task_manager(names: list[str]):
     manager = TaskManager(include_defaults=bool(theirs))
     unknown = [n for n in theirs if n not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"task.tasks: {unknown[0]!r} is not an lm-eval task; ours are {', '.join(OUR_TASKS)}, and "
-                          f"`lm_eval --tasks list` lists lm-eval's own")
+        raise ConfigError(
+            f"task.tasks: {unknown[0]!r} is not an lm-eval task; ours are {', '.join(OUR_TASKS)}, and "
+            f"`lm_eval --tasks list` lists lm-eval's own"
+        )
     if theirs:
         try:  # their data now (from the hub or its cache), so a task that cannot load fails before any work
             manager.load(theirs)
         except OSError as e:  # datasets' offline and not-found errors, connection errors
-            raise ConfigError(f"task.tasks: the data of lm-eval's {', '.join(theirs)} does not load (most come from "
-                              f"the Hugging Face hub): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"task.tasks: the data of lm-eval's {', '.join(theirs)} does not load (most come from "
+                f"the Hugging Face hub): {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
     return manager
 
 
@@ -116,8 +122,16 @@ def held_out_examples(rows, tokenizer, model: str) -> list[dict]:
         if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:  # lm-eval must see what exact_match sees
             raise DataError(f"{where}: the chat template's text does not tokenize to the prompt's token ids")
         rejected = row.get("rejected") if isinstance(row.get("rejected"), str) else None
-        examples.append({"where": where, "messages": prompt, "prompt": text, "answer": answer,
-                         "rejected": rejected, "task": row.get("task")})
+        examples.append(
+            {
+                "where": where,
+                "messages": prompt,
+                "prompt": text,
+                "answer": answer,
+                "rejected": rejected,
+                "task": row.get("task"),
+            }
+        )
     return examples
 
 
@@ -126,7 +140,7 @@ def _reply_text(tokenizer, prompt: list[dict], prompt_text: str, reply: str) -> 
     full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
     if not full.startswith(prompt_text):
         raise DataError("the chat template does not render a reply as a continuation of its prompt")
-    return full[len(prompt_text):]
+    return full[len(prompt_text) :]
 
 
 def write_tasks(task_dir: Path, examples: list[dict], tokenizer, names: list[str], max_new_tokens: int) -> dict:
@@ -136,12 +150,21 @@ def write_tasks(task_dir: Path, examples: list[dict], tokenizer, names: list[str
     written = {}
     if GEN in names:
         docs = [{"prompt": e["prompt"], "answer": e["answer"], "task": e["task"]} for e in examples]
-        config = {"output_type": "generate_until", "doc_to_target": "answer",
-                  # greedy, at most max_new_tokens; the model's generation config stops at the template's end token
-                  "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
-                  # whitespace trimmed on both sides, as llm.eval.exact_match compares
-                  "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                                   "regexes_to_ignore": [r"^\s+", r"\s+$"]}]}
+        config = {
+            "output_type": "generate_until",
+            "doc_to_target": "answer",
+            # greedy, at most max_new_tokens; the model's generation config stops at the template's end token
+            "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
+            # whitespace trimmed on both sides, as llm.eval.exact_match compares
+            "metric_list": [
+                {
+                    "metric": "exact_match",
+                    "aggregation": "mean",
+                    "higher_is_better": True,
+                    "regexes_to_ignore": [r"^\s+", r"\s+$"],
+                }
+            ],
+        }
         written[GEN] = _write_task(task_dir, GEN, docs, config)
     if MC in names:
         missing = next((e["where"] for e in examples if not e["rejected"]), None)
@@ -151,12 +174,23 @@ def write_tasks(task_dir: Path, examples: list[dict], tokenizer, names: list[str
         for e in examples:
             right, wrong = (_reply_text(tokenizer, e["messages"], e["prompt"], r) for r in (e["answer"], e["rejected"]))
             gold = zlib.crc32(e["prompt"].encode()) % 2  # the right answer first or second, fixed per prompt
-            docs.append({"prompt": e["prompt"], "choices": [wrong, right] if gold else [right, wrong], "gold": gold,
-                         "task": e["task"]})
-        config = {"output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
-                  "target_delimiter": "",  # the reply follows the rendered prompt directly
-                  "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                                  for m in ("acc", "acc_norm")]}
+            docs.append(
+                {
+                    "prompt": e["prompt"],
+                    "choices": [wrong, right] if gold else [right, wrong],
+                    "gold": gold,
+                    "task": e["task"],
+                }
+            )
+        config = {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "choices",
+            "doc_to_target": "gold",
+            "target_delimiter": "",  # the reply follows the rendered prompt directly
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+            ],
+        }
         written[MC] = _write_task(task_dir, MC, docs, config)
     return written
 
@@ -166,14 +200,30 @@ def _write_task(task_dir: Path, name: str, docs: list[dict], config: dict) -> in
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     # datasets' Arrow copy of the rows goes to the run dir (not ~/.cache/huggingface); job.lm_eval removes it
     files = {"data_files": {"test": str(data)}, "cache_dir": str(task_dir / DATASETS_CACHE)}
-    task = {"task": name, "dataset_path": "json", "dataset_kwargs": files,
-            "test_split": "test", "doc_to_text": "prompt", "num_fewshot": 0, **config, "metadata": {"version": 1}}
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": files,
+        "test_split": "test",
+        "doc_to_text": "prompt",
+        "num_fewshot": 0,
+        **config,
+        "metadata": {"version": 1},
+    }
     (task_dir / f"{name}.yaml").write_text(json.dumps(task, indent=2) + "\n")  # JSON is YAML
     return len(docs)
 
 
-def run_lm_eval(model_dir: Path, specs: list[str], manager, limit: int | None = None, batch_size: int = 8,
-                device: str = "cpu", num_fewshot: int | None = None, seed: int = 1234) -> tuple[dict, dict]:
+def run_lm_eval(
+    model_dir: Path,
+    specs: list[str],
+    manager,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    num_fewshot: int | None = None,
+    seed: int = 1234,
+) -> tuple[dict, dict]:
     """lm-eval's `simple_evaluate` of the HF model dir on `specs` (see `task_specs`): (flat scores
     `lm_eval/<task>/<metric>` (and `<metric>_stderr`), per-task samples: the doc, the model's reply or
     log-likelihoods, the per-example scores)."""
@@ -181,10 +231,20 @@ def run_lm_eval(model_dir: Path, specs: list[str], manager, limit: int | None = 
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "auto", "add_bos_token": False},
-        tasks=specs, task_manager=manager, limit=limit, batch_size=batch_size, device=device,
-        num_fewshot=num_fewshot, log_samples=True, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "auto", "add_bos_token": False},
+        tasks=specs,
+        task_manager=manager,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        num_fewshot=num_fewshot,
+        log_samples=True,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     scores = {}
     for task, metrics in out["results"].items():
         for key, value in metrics.items():

@@ -2,7 +2,16 @@
 
 from llm.model.gpt import GPT, GPTConfig, KVCache, build_gpt, flops_per_token, gpt_config, sample_next_token
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "build_gpt", "flops_per_token", "gpt_config", "sample_next_token", "unwrap_model"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "build_gpt",
+    "flops_per_token",
+    "gpt_config",
+    "sample_next_token",
+    "unwrap_model",
+]
 
 
 def unwrap_model(model):

@@ -109,8 +109,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out).to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "sum",
-                         chunk_size: int = 0) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "sum", chunk_size: int = 0
+) -> torch.Tensor:
     """NLL of labels under softmax(hidden @ weight.T). hidden [..., D], weight [V, D], labels [...] (-100 ignored).
 
     reduction "sum" -> scalar fp32 sum over labelled tokens; "none" -> fp32 NLL shaped like labels (0 where

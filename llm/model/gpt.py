@@ -130,7 +130,9 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None and past > 0 and T > 1:  # causal mask aligned to the end of the keys
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and past == 0,
@@ -218,8 +220,9 @@ class GPT(nn.Module):
             nn.init.normal_(emb.weight, 0.0, self.config.init_std)
             emb.weight[: old.size(0)] = old
             self.tok_emb = emb
-            self.lm_head = nn.Linear(self.config.d_model, self.config.padded_vocab_size, bias=False,
-                                     device=old.device, dtype=old.dtype)
+            self.lm_head = nn.Linear(
+                self.config.d_model, self.config.padded_vocab_size, bias=False, device=old.device, dtype=old.dtype
+            )
             if self.config.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
             else:
@@ -230,8 +233,16 @@ class GPT(nn.Module):
         """Number of unique parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None,
-                labels=None, reduction: str = "sum", loss_chunk_size: int = 0):
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attn_mask=None,
+        kv_cache: KVCache | None = None,
+        labels=None,
+        reduction: str = "sum",
+        loss_chunk_size: int = 0,
+    ):
         """input_ids [B, T] -> logits [B, T, V_padded].
 
         With labels [B, T] (-100 = no loss) it returns the fp32 negative log-likelihood instead of logits, through
@@ -269,9 +280,17 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
 
         Stops early once every row has produced eos_token_id. With use_cache the prompt is processed once and
@@ -281,26 +300,41 @@ class GPT(nn.Module):
         return torch.cat([input_ids, *new], dim=1)
 
     @torch.no_grad()
-    def stream(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, eos_token_id: int | None = None, use_cache: bool = True,
-               generator: torch.Generator | None = None):
+    def stream(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         """`generate` one step at a time: yields each step's new tokens [B, 1] (for printing as they come).
 
         Learned positions see at most the last max_seq_len tokens: past that the context is cropped (and the KV
         cache, whose positions would run past the table, is given up)."""
         total = input_ids.size(1) + max_new_tokens  # RoPE runs past its context (learned positions crop instead)
         if self.rope is not None and total > (limit := self.rope.context_limit(self.config.max_seq_len)):
-            what = ("model.max_seq_len" if self.rope.scaling["type"] == "none"
-                    else "extrapolation.factor x extrapolation.original_max_position_embeddings")
-            warnings.warn(f"generating up to {total} positions, past the {limit} this model's positions are meant "
-                          f"for ({what}); quality may degrade", stacklevel=3)
+            what = (
+                "model.max_seq_len"
+                if self.rope.scaling["type"] == "none"
+                else "extrapolation.factor x extrapolation.original_max_position_embeddings"
+            )
+            warnings.warn(
+                f"generating up to {total} positions, past the {limit} this model's positions are meant "
+                f"for ({what}); quality may degrade",
+                stacklevel=3,
+            )
         window = self.config.max_seq_len if self.pos_emb is not None else total  # most positions one forward sees
         was_training = self.training
         self.eval()
         cache = None
         if use_cache:
-            cache = KVCache(self.config, input_ids.size(0), min(total, window), input_ids.device,
-                            self.tok_emb.weight.dtype)
+            cache = KVCache(
+                self.config, input_ids.size(0), min(total, window), input_ids.device, self.tok_emb.weight.dtype
+            )
         out, step_input = input_ids, input_ids
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
         try:

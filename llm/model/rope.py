@@ -18,8 +18,12 @@ from llm.errors import ConfigError, check_number
 
 SCALING_TYPES = ("none", "linear", "ntk", "yarn")
 _COMMON = {"type", "factor", "original_max_position_embeddings"}
-SCALING_KEYS = {"none": {"type"}, "linear": _COMMON, "ntk": _COMMON | {"dynamic"},
-                "yarn": _COMMON | {"beta_fast", "beta_slow", "attention_factor", "truncate"}}
+SCALING_KEYS = {
+    "none": {"type"},
+    "linear": _COMMON,
+    "ntk": _COMMON | {"dynamic"},
+    "yarn": _COMMON | {"beta_fast", "beta_slow", "attention_factor", "truncate"},
+}
 
 
 def _number(key: str, value, minimum: float = 0.0):
@@ -37,8 +41,10 @@ def parse_scaling(scaling: dict | None) -> dict:
         raise ConfigError(f"extrapolation.type={kind!r} is not allowed; choose one of {list(SCALING_TYPES)}")
     unknown = sorted(set(s) - SCALING_KEYS[kind])
     if unknown:
-        raise ConfigError(f"extrapolation key(s) {unknown} not used by extrapolation.type={kind!r} "
-                          f"(its keys: {sorted(SCALING_KEYS[kind])})")
+        raise ConfigError(
+            f"extrapolation key(s) {unknown} not used by extrapolation.type={kind!r} "
+            f"(its keys: {sorted(SCALING_KEYS[kind])})"
+        )
     if kind == "none":
         return s
     if s.get("factor") is None:
@@ -50,8 +56,10 @@ def parse_scaling(scaling: dict | None) -> dict:
             raise ConfigError(f"extrapolation.dynamic={s['dynamic']!r} must be true or false")
     original = s.get("original_max_position_embeddings")
     if original is None and (kind == "yarn" or s.get("dynamic")):
-        raise ConfigError(f"extrapolation.original_max_position_embeddings (the training context) is required for "
-                          f"extrapolation.type={kind!r}" + (" with dynamic=true" if kind == "ntk" else ""))
+        raise ConfigError(
+            f"extrapolation.original_max_position_embeddings (the training context) is required for "
+            f"extrapolation.type={kind!r}" + (" with dynamic=true" if kind == "ntk" else "")
+        )
     if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original < 1):
         raise ConfigError(f"extrapolation.original_max_position_embeddings={original!r} must be a positive integer")
     if kind == "yarn":
@@ -89,9 +97,16 @@ def dynamic_ntk_theta(head_dim: int, theta: float, factor: float, original: int,
     return theta * stretch ** (head_dim / (head_dim - 2))
 
 
-def yarn_parameters(head_dim: int, theta: float, factor: float, original: int, beta_fast: float = 32,
-                    beta_slow: float = 1, attention_factor: float | None = None,
-                    truncate: bool = True) -> tuple[torch.Tensor, float]:
+def yarn_parameters(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    original: int,
+    beta_fast: float = 32,
+    beta_slow: float = 1,
+    attention_factor: float | None = None,
+    truncate: bool = True,
+) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models", 2309.00071).
 
     "NTK-by-parts": dimensions that turn more than beta_fast times over the original context keep their frequency,
@@ -126,8 +141,16 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None) -> tuple[
     if kind == "linear":  # position interpolation (Chen et al. 2023, arXiv 2306.15595): position m -> m / factor
         return default_inv_freq(head_dim, theta) / s["factor"], 1.0
     if kind == "yarn":
-        return yarn_parameters(head_dim, theta, s["factor"], s["original_max_position_embeddings"], s["beta_fast"],
-                               s["beta_slow"], s["attention_factor"], s["truncate"])
+        return yarn_parameters(
+            head_dim,
+            theta,
+            s["factor"],
+            s["original_max_position_embeddings"],
+            s["beta_fast"],
+            s["beta_slow"],
+            s["attention_factor"],
+            s["truncate"],
+        )
     if head_dim <= 2:
         raise ConfigError(f"extrapolation.type=ntk needs a head dimension above 2, got {head_dim}")
     if not s["dynamic"]:
@@ -157,8 +180,9 @@ class RotaryEmbedding(nn.Module):
             return max_seq_len
         return int(self.scaling["factor"] * (self.scaling.get("original_max_position_embeddings") or max_seq_len))
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
-                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [T] or [B, T] -> cos, sin of shape [T, hd] or [B, T, hd] (each frequency used twice).
 
         seq_len (optional): max(position_ids) + 1 when the caller knows it on the host; only dynamic NTK uses it,

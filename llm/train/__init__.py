@@ -6,5 +6,13 @@ from llm.train.optim import OptimizerConfig
 from llm.train.settings import TrainerSettings, trainer_settings
 from llm.train.trainer import RunInfo, Trainer
 
-__all__ = ["DPO", "SFT", "LanguageModeling", "OptimizerConfig", "RunInfo", "Trainer", "TrainerSettings",
-           "trainer_settings"]
+__all__ = [
+    "DPO",
+    "SFT",
+    "LanguageModeling",
+    "OptimizerConfig",
+    "RunInfo",
+    "Trainer",
+    "TrainerSettings",
+    "trainer_settings",
+]

@@ -72,8 +72,14 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict | None,
-                    trainer_state: dict, model_config: dict, tokenizer=None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | dict | None,
+    trainer_state: dict,
+    model_config: dict,
+    tokenizer=None,
+) -> Path:
     """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
 
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
@@ -170,8 +176,10 @@ def latest_run(selector: str, roots=("outputs", "multirun_outputs")) -> Path:
     if not runs:
         raise ConfigError(f"{selector}: no finished {task} run under {list(roots)} (run that task first)")
     run, record = runs[-1]
-    logger.warning(f"{selector} is {run}: {record.get('steps')} steps, val_loss {record.get('val_loss')} "
-                   f"({len(runs)} finished {task} run(s); best:{task} picks the lowest val_loss)")
+    logger.warning(
+        f"{selector} is {run}: {record.get('steps')} steps, val_loss {record.get('val_loss')} "
+        f"({len(runs)} finished {task} run(s); best:{task} picks the lowest val_loss)"
+    )
     return run
 
 
@@ -197,8 +205,10 @@ def resolve_checkpoint(path: str | Path, key: str) -> Path:
 def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
     missing, unexpected = load_model(model, str(Path(directory) / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise ConfigError(f"checkpoint {directory}: weights do not match the model "
-                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ConfigError(
+            f"checkpoint {directory}: weights do not match the model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
 
 
 def load_checkpoint_model(directory: str | Path, rope_scaling: dict | None = None) -> tuple[GPT, object]:
@@ -246,8 +256,20 @@ def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
 
 
 # Model-config keys that must match for weights to be loadable (init_from); resume compares every key.
-ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "pos_emb", "norm", "mlp",
-             "bias", "pad_vocab_to", "tie_embeddings")
+ARCH_KEYS = (
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "ffn_hidden",
+    "pos_emb",
+    "norm",
+    "mlp",
+    "bias",
+    "pad_vocab_to",
+    "tie_embeddings",
+)
 DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were written
 
 

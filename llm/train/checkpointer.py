@@ -46,13 +46,14 @@ class Checkpointer:
             raise TrainingError(f"step {step}: the weights are not finite; no checkpoint written")
         path = self.run_dir / "checkpoints" / ckpt.step_dir_name(step)
         try:
-            ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(),
-                                 self.tokenizer)
+            ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer)
             ckpt.write_last_pointer(self.run_dir, path)
         except OSError as e:  # a full disk, a quota: the older checkpoints and `last` stay as they were
             previous = ckpt.latest_checkpoint(self.run_dir)
-            raise TrainingError(f"checkpoint {path} could not be written ({e.strerror or e}); the newest complete "
-                                f"checkpoint is {previous or 'none'}") from e
+            raise TrainingError(
+                f"checkpoint {path} could not be written ({e.strerror or e}); the newest complete "
+                f"checkpoint is {previous or 'none'}"
+            ) from e
         ckpt.prune_checkpoints(self.run_dir, self.keep_last)
         logger.info(f"checkpoint: {path}")
         self.last = path
@@ -67,8 +68,9 @@ class Checkpointer:
         if path is None:
             logger.info(f"resume=auto: no checkpoint in {self.run_dir}; starting from scratch")
             return None
-        ckpt.check_compatible(ckpt.read_json(path, "model_config.json"), model.config.to_dict(), "resume", path,
-                              strict=True)
+        ckpt.check_compatible(
+            ckpt.read_json(path, "model_config.json"), model.config.to_dict(), "resume", path, strict=True
+        )
         state = ckpt.read_json(path, "trainer_state.json")
         check_same_run(state.get("fingerprint"), fingerprint, resume, path)
         load_state(path, model, optimizer)  # every rank: the same full checkpoint
@@ -92,12 +94,17 @@ def check_same_run(saved: dict | None, now: dict | None, resume: str, path) -> N
     if not saved or not now:
         return
     saved, now = _flat(saved), _flat(now)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diff:
-        raise ConfigError(f"resume={resume}: {path} was trained with other settings ({'; '.join(diff[:3])}"
-                          f"{'; ...' if len(diff) > 3 else ''}); resuming would not continue it exactly. Use its "
-                          f"settings, or start a new run from its weights with init_from={path}")
+        raise ConfigError(
+            f"resume={resume}: {path} was trained with other settings ({'; '.join(diff[:3])}"
+            f"{'; ...' if len(diff) > 3 else ''}); resuming would not continue it exactly. Use its "
+            f"settings, or start a new run from its weights with init_from={path}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- full state (FSDP)
@@ -170,14 +177,19 @@ def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             msd.setdefault(name, msd[present[0]])
     expected = set(model.state_dict())
     if set(msd) != expected:
-        raise ConfigError(f"checkpoint {directory}: weights do not match the model (missing "
-                          f"{sorted(expected - set(msd))[:5]}, unexpected {sorted(set(msd) - expected)[:5]})")
+        raise ConfigError(
+            f"checkpoint {directory}: weights do not match the model (missing "
+            f"{sorted(expected - set(msd))[:5]}, unexpected {sorted(set(msd) - expected)[:5]})"
+        )
     set_model_state_dict(model, msd, options=options)
     if optimizer is None:
         return
-    flat = ckpt.optimizer_from_flat(load_file(str(directory / "optimizer.safetensors")),
-                                    json.loads((directory / "optimizer.json").read_text()))
+    flat = ckpt.optimizer_from_flat(
+        load_file(str(directory / "optimizer.safetensors")), json.loads((directory / "optimizer.json").read_text())
+    )
     names = _param_names(model, optimizer)
-    osd = {"state": {names[int(i)]: v for i, v in flat["state"].items()},
-           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in flat["param_groups"]]}
+    osd = {
+        "state": {names[int(i)]: v for i, v in flat["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in flat["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, osd, options=options)

@@ -63,7 +63,8 @@ def log_line(step: int, max_steps: int, record: dict) -> None:
     if not math.isfinite(record.get("loss", 0.0)):
         logger.warning(f"step {step}: non-finite training loss {record.get('loss')}")
     parts = [f"step {step}/{max_steps}"] + [
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tokens"]
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tokens"
+    ]
     logger.info(" | ".join(parts))
 
 
@@ -99,8 +100,11 @@ class JsonlLogger:
         if self.file is not None:
             return
         if self.path.exists():  # resumed: keep the records up to its checkpoint; started over: none of them
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if self.start_step and _step_of(line) is not None and _step_of(line) <= self.start_step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if self.start_step and _step_of(line) is not None and _step_of(line) <= self.start_step
+            ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             tmp.replace(self.path)
@@ -123,7 +127,8 @@ def open_loggers(run_dir: Path, factories, config: dict, start_step: int, replac
     if replace:
         rundir.clear(run_dir)
     return [JsonlLogger(str(run_dir), start_step=start_step)] + [
-        make(run_dir=str(run_dir), config=config, start_step=start_step) for make in factories]
+        make(run_dir=str(run_dir), config=config, start_step=start_step) for make in factories
+    ]
 
 
 class TensorBoardLogger:
@@ -153,19 +158,35 @@ class WandbLogger:
     set `logger.wandb.mode=online` and `logger.wandb.project=...` to stream. The run id is kept in the run dir so a
     resumed run continues the same W&B run."""
 
-    def __init__(self, run_dir: str, config: dict | None = None, start_step: int = 0, project: str = "llm",
-                 name: str | None = None,
-                 entity: str | None = None, mode: str | None = "offline", tags: list | None = None,
-                 group: str | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        config: dict | None = None,
+        start_step: int = 0,
+        project: str = "llm",
+        name: str | None = None,
+        entity: str | None = None,
+        mode: str | None = "offline",
+        tags: list | None = None,
+        group: str | None = None,
+    ):
         import wandb
 
         id_file = Path(run_dir) / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
-            project=project, name=name or Path(run_dir).name, entity=entity, mode=mode or os.environ.get("WANDB_MODE"),
-            tags=list(tags) if tags else None, group=group, dir=str(run_dir), config=config, id=run_id,
-            resume="allow", reinit="finish_previous",
+            project=project,
+            name=name or Path(run_dir).name,
+            entity=entity,
+            mode=mode or os.environ.get("WANDB_MODE"),
+            tags=list(tags) if tags else None,
+            group=group,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+            reinit="finish_previous",
         )
 
         self.start_step = start_step

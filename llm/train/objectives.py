@@ -11,8 +11,17 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from llm.contract import (CHOSEN, IGNORE_INDEX, INPUT_IDS, LABELS, MODEL_INPUTS, REJECTED, Objective, ref_logp_key,
-                          side_key)
+from llm.contract import (
+    CHOSEN,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    LABELS,
+    MODEL_INPUTS,
+    REJECTED,
+    Objective,
+    ref_logp_key,
+    side_key,
+)
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval import bpb
 from llm.eval.exact_match import exact_match
@@ -84,8 +93,9 @@ def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return sequence_logps(model, ids, labels).chunk(2)
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+def preference_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, dict]:
     """DPO-family losses on summed response log-probs, each [B]. h = (log pi/ref)(chosen) - (log pi/ref)(rejected).
 
     sigmoid (DPO, Rafailov et al. 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
@@ -130,9 +140,16 @@ class DPO(Objective):
 
     LOSSES = ("sigmoid", "ipo", "hinge")
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: str = "precomputed", sft_weight: float = 0.0, max_new_tokens: int = 32,
-                 ref_batch_size: int = 32):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference: str = "precomputed",
+        sft_weight: float = 0.0,
+        max_new_tokens: int = 32,
+        ref_batch_size: int = 32,
+    ):
         check_choice("task.objective.loss_type", loss_type, set(self.LOSSES))
         check_choice("task.objective.reference", reference, {"precomputed", "live"})
         check_number("task.objective.beta", beta, 0, low_open=True)
@@ -148,8 +165,10 @@ class DPO(Objective):
         plain = unwrap_model(model)
         if self.reference == "live":
             if is_fsdp(plain):  # a sharded module cannot be deep-copied (and a full copy per rank defeats sharding)
-                raise ConfigError("task.objective.reference=live does not work with trainer.strategy=fsdp; use "
-                                  "reference=precomputed (the default) or trainer.strategy=ddp")
+                raise ConfigError(
+                    "task.objective.reference=live does not work with trainer.strategy=fsdp; use "
+                    "reference=precomputed (the default) or trainer.strategy=ddp"
+                )
             self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)
             return
         device = next(plain.parameters()).device
@@ -174,8 +193,9 @@ class DPO(Objective):
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
         else:
             ref_chosen, ref_rejected = batch[ref_logp_key(CHOSEN)], batch[ref_logp_key(REJECTED)]
-        loss, metrics = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta,
-                                        self.loss_type, self.label_smoothing)
+        loss, metrics = preference_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
         if self.sft_weight:
             nll = -policy_chosen.sum() / (batch[side_key(CHOSEN, LABELS)] != IGNORE_INDEX).sum().clamp(min=1)
             loss = loss + self.sft_weight * nll
@@ -189,9 +209,17 @@ class DPO(Objective):
         device = next(unwrap_model(model).parameters()).device
         margins = []
         for start in range(0, len(data.val), self.ref_batch_size):
-            batch = data.val.collate([data.val[i] for i in range(start, min(len(data.val), start + self.ref_batch_size))])
+            batch = data.val.collate(
+                [data.val[i] for i in range(start, min(len(data.val), start + self.ref_batch_size))]
+            )
             _, metrics_margin = self.loss(model, {k: v.to(device) for k, v in batch.items()})
-            margins.append((metrics_margin["rewards/accuracy"], metrics_margin["rewards/margin"], batch[side_key(CHOSEN, INPUT_IDS)].size(0)))
+            margins.append(
+                (
+                    metrics_margin["rewards/accuracy"],
+                    metrics_margin["rewards/margin"],
+                    batch[side_key(CHOSEN, INPUT_IDS)].size(0),
+                )
+            )
         n = sum(m[2] for m in margins)
         return {
             "preference_accuracy": float(sum(a * k for a, _, k in margins) / n),

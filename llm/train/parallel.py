@@ -41,16 +41,24 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     if strategy == "auto":
         return "ddp" if world_size > 1 else "single"
     if strategy == "single" and world_size > 1:
-        raise ConfigError(f"trainer.strategy=single runs one process, but WORLD_SIZE={world_size}; use "
-                          f"trainer.strategy=ddp or fsdp (or auto)")
+        raise ConfigError(
+            f"trainer.strategy=single runs one process, but WORLD_SIZE={world_size}; use "
+            f"trainer.strategy=ddp or fsdp (or auto)"
+        )
     if strategy in ("ddp", "fsdp") and world_size == 1:
         logger.info(f"trainer.strategy={strategy} with one process: training as single")
         return "single"
     return strategy
 
 
-def parallelize(model: torch.nn.Module, env: DistEnv, strategy: str = "auto", compile: bool = False,
-                activation_checkpointing: bool = False, precision: str = "auto") -> torch.nn.Module:
+def parallelize(
+    model: torch.nn.Module,
+    env: DistEnv,
+    strategy: str = "auto",
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    precision: str = "auto",
+) -> torch.nn.Module:
     """Move the model to its device and apply the chosen wrappers. Returns the module to train.
 
     fsdp shards in place (the returned module is `model` itself, its parameters DTensors), with bf16 parameters
@@ -65,8 +73,11 @@ def parallelize(model: torch.nn.Module, env: DistEnv, strategy: str = "auto", co
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # see is_fsdp
 
         bf16 = precision == "bf16" or (precision == "auto" and env.device.type == "cuda")
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-              else MixedPrecisionPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         for block in model.blocks:
             if compile:
                 block.compile()  # in place: the block stays the module fully_shard wraps
@@ -78,8 +89,11 @@ def parallelize(model: torch.nn.Module, env: DistEnv, strategy: str = "auto", co
     if strategy == "ddp":
         # buffers (RoPE tables) are computed identically on every rank: no broadcast, so evaluation on a share of
         # the batches needs no collective in forward
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                          else {"broadcast_buffers": False})
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False}
+        )
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **no_buffer_sync)
     if compile:
         model = torch.compile(model)
@@ -139,8 +153,10 @@ def reduce_sums(sums: dict, count):
         return sums, count
     keys = sorted(sums)
     device = sums[keys[0]].device if keys else torch.device("cpu")
-    flat = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device).reshape(()) for k in keys]
-                       + [torch.tensor(float(count), device=device)])
+    flat = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float32, device=device).reshape(()) for k in keys]
+        + [torch.tensor(float(count), device=device)]
+    )
     dist.all_reduce(flat)
     return dict(zip(keys, flat[:-1].unbind())), flat[-1]
 

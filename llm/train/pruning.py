@@ -12,7 +12,6 @@ from pathlib import Path
 
 from llm.errors import ConfigError
 
-
 PRUNERS = ("median", "percentile", "hyperband", "none")
 
 
@@ -51,14 +50,25 @@ class TrialPruner:
     """`early_stop` for the Trainer: reports `metric` at each evaluation, returns a reason once the study's pruner
     says the trial is hopeless."""
 
-    def __init__(self, storage: str, study_name: str, number: int, metric: str, pruner: str = "median",
-                 n_startup_trials: int = 2, n_warmup_steps: int = 0):
+    def __init__(
+        self,
+        storage: str,
+        study_name: str,
+        number: int,
+        metric: str,
+        pruner: str = "median",
+        n_startup_trials: int = 2,
+        n_warmup_steps: int = 0,
+    ):
         try:
             import optuna  # the `sweep` extra
         except ImportError as e:
             raise ConfigError("trial: pruning needs Optuna: pip install -e '.[sweep]'") from e
-        study = optuna.load_study(study_name=study_name, storage=open_storage(optuna, storage),
-                                  pruner=make_pruner(optuna, pruner, n_startup_trials, n_warmup_steps))
+        study = optuna.load_study(
+            study_name=study_name,
+            storage=open_storage(optuna, storage),
+            pruner=make_pruner(optuna, pruner, n_startup_trials, n_warmup_steps),
+        )
         trial_id = next((t._trial_id for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if trial_id is None:
             raise ConfigError(f"trial={number}: no such trial in study {study_name!r} ({storage})")

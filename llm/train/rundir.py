@@ -41,13 +41,17 @@ def artefacts(run_dir: str | Path) -> list[str]:
 def check_fresh(run_dir: str | Path, resume, overwrite: bool) -> None:
     """ConfigError when a run that neither resumes nor overwrites would write into another run's dir."""
     if resume and overwrite:
-        raise ConfigError(f"resume={resume!r} and overwrite=true contradict each other: a resumed run continues "
-                          f"its dir, overwrite=true replaces it; set one")
+        raise ConfigError(
+            f"resume={resume!r} and overwrite=true contradict each other: a resumed run continues "
+            f"its dir, overwrite=true replaces it; set one"
+        )
     found = artefacts(run_dir)
     if found and not resume and not overwrite:
-        raise ConfigError(f"run dir {run_dir} already holds another run's {', '.join(found)}; continue that run with "
-                          f"resume=auto, write somewhere else (hydra.run.dir=<new dir>), or replace it with "
-                          f"overwrite=true")
+        raise ConfigError(
+            f"run dir {run_dir} already holds another run's {', '.join(found)}; continue that run with "
+            f"resume=auto, write somewhere else (hydra.run.dir=<new dir>), or replace it with "
+            f"overwrite=true"
+        )
 
 
 class RunDirLock:
@@ -57,7 +61,7 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.file = None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -66,8 +70,10 @@ class RunDirLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise ConfigError(f"run dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
-                              f"or write somewhere else (hydra.run.dir=<new dir>)") from None
+            raise ConfigError(
+                f"run dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                f"or write somewhere else (hydra.run.dir=<new dir>)"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")  # for the message a second writer gets
@@ -81,7 +87,7 @@ class RunDirLock:
             self.file.close()
             self.file = None
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ class TrainerState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainerState":
+    def from_dict(cls, d: dict) -> TrainerState:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -39,11 +39,21 @@ class TrainerState:
         """What results.json reports: the run's totals and final losses (and bits per byte when measured), what
         identifies the run (`run`: its overrides, code version, final checkpoint), then the objective's own metrics
         of the last evaluation, each with its value before the first step as `<name>_before`."""
-        results = {"task": task, "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.seconds, 2),
-                   "wall_seconds": round(self.wall_seconds, 2),
-                   "tokens_per_s": self.tokens_seen / max(self.seconds, 1e-9), "train_loss": self.train_loss,
-                   "val_loss": self.last_val_loss, "initial_val_loss": self.initial_val_loss, "params": params,
-                   "skipped_steps": self.skipped_steps, "device": device, **run}
+        results = {
+            "task": task,
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "seconds": round(self.seconds, 2),
+            "wall_seconds": round(self.wall_seconds, 2),
+            "tokens_per_s": self.tokens_seen / max(self.seconds, 1e-9),
+            "train_loss": self.train_loss,
+            "val_loss": self.last_val_loss,
+            "initial_val_loss": self.initial_val_loss,
+            "params": params,
+            "skipped_steps": self.skipped_steps,
+            "device": device,
+            **run,
+        }
         if "val_bpb" in self.last_eval:  # bits per byte: comparable across tokenizers (llm/eval/bpb.py)
             results["val_bpb"], results["initial_val_bpb"] = self.last_eval["val_bpb"], self.initial_eval.get("val_bpb")
         for k, v in self.last_eval.items():
@@ -72,7 +82,7 @@ def capture_rng() -> dict:
         "torch": _b64(torch.get_rng_state()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device only: a resume may see
-        out["cuda"] = _b64(torch.cuda.get_rng_state())              # fewer GPUs, and each rank has its own
+        out["cuda"] = _b64(torch.cuda.get_rng_state())  # fewer GPUs, and each rank has its own
     return out
 
 

@@ -19,6 +19,7 @@ def seed_everything(seed: int) -> None:
 def git_commit(path: str | Path) -> str | None:
     """The commit of the git checkout holding `path` (with `-dirty` when it has uncommitted changes to tracked
     files), or None outside a checkout or without git."""
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
 

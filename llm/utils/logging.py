@@ -27,4 +27,3 @@ def setup_logging(run_dir: str | Path | None, rank: int = 0, level: str = "INFO"
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         name = "train.log" if rank == 0 else f"train_rank{rank}.log"
         logger.add(str(Path(run_dir) / name), level="DEBUG", format=FILE_FORMAT, enqueue=False)
-

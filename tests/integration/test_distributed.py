@@ -23,8 +23,14 @@ SHARES_RUNS = pytest.mark.xdist_group("distributed")  # the tests of the module 
 
 TOL = 1e-5
 # 6 steps, a metrics line and a checkpoint every 3; the final evaluation on the same 4 x 8 validation sequences
-BASE = [*SMALL, "trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=3",
-        "task.sample.max_new_tokens=4"]
+BASE = [
+    *SMALL,
+    "trainer.max_steps=6",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.save_every=3",
+    "task.sample.max_new_tokens=4",
+]
 
 # torchrun runs this in place of run.py: it runs run.py as __main__ unchanged, except that rank 1 waits 1.5 s
 # after joining the process group, so the two ranks compose their Hydra configs in different seconds.
@@ -83,9 +89,22 @@ def torchrun_ddp(runs, cache_dir) -> Path:
     (cwd / "slow_rank.py").write_text(SLOW_RANK)
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("LLM_RUN_STAMP", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "slow_rank.py",
-                           str(ROOT / "run.py"), *BASE], cwd=cwd, env=env, text=True, capture_output=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "slow_rank.py",
+            str(ROOT / "run.py"),
+            *BASE,
+        ],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd
 
@@ -101,9 +120,18 @@ def accumulation_sweep(runs, cache_dir) -> dict[str, Path]:
     """A 2-job -m sweep, each job 2 ranks (trainer.nproc_per_node=2): DDP and FSDP (+ activation checkpointing),
     both with 2 micro-batches of 2 per rank (gradient accumulation)."""
     sweep = runs / "sweep"
-    run_cli(["-m", *BASE, "trainer.nproc_per_node=2", "trainer.micro_batch_size=2",
-             "trainer.activation_checkpointing=true", "trainer.strategy=ddp,fsdp", f"hydra.sweep.dir={sweep}"],
-            cache_dir)
+    run_cli(
+        [
+            "-m",
+            *BASE,
+            "trainer.nproc_per_node=2",
+            "trainer.micro_batch_size=2",
+            "trainer.activation_checkpointing=true",
+            "trainer.strategy=ddp,fsdp",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cache_dir,
+    )
     jobs = {}
     for job in sweep.iterdir():
         if job.is_dir() and not job.name.startswith("."):
@@ -119,8 +147,17 @@ def test_torchrun_ranks_share_one_run_dir_written_by_rank_0(torchrun_ddp):
     assert len(run_dirs) == 1, run_dirs  # although rank 1 composed its config 1.5 s after rank 0
     run_dir = run_dirs[0]
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {".hydra", ".lock", "checkpoints", "metrics.jsonl", "results.json", "sample.txt", "tb", "train.log",
-                     "train_rank1.log"}, names
+    assert names == {
+        ".hydra",
+        ".lock",
+        "checkpoints",
+        "metrics.jsonl",
+        "results.json",
+        "sample.txt",
+        "tb",
+        "train.log",
+        "train_rank1.log",
+    }, names
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event file: rank 0's
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last", "step_0000003", "step_0000006"]
@@ -181,8 +218,10 @@ def test_ddp_checkpoint_resumes_in_one_process(torchrun_ddp, cache_dir, tmp_path
 @SHARES_RUNS
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(single, cache_dir, tmp_path):
     run_dir = truncate_to_step_3(single, tmp_path / "single_to_fsdp")
-    run_cli([*BASE, "resume=auto", "trainer.nproc_per_node=2", "trainer.strategy=fsdp", f"hydra.run.dir={run_dir}"],
-            cache_dir)
+    run_cli(
+        [*BASE, "resume=auto", "trainer.nproc_per_node=2", "trainer.strategy=fsdp", f"hydra.run.dir={run_dir}"],
+        cache_dir,
+    )
     assert "resumed from" in (run_dir / "train_rank1.log").read_text()
     assert_same_losses(single, run_dir, steps=(4, 5, 6))
 
@@ -192,8 +231,18 @@ def test_submitit_tasks_are_ranks(cache_dir, tmp_path):
     """hydra/launcher=submitit_local with 2 tasks: what the slurm preset does on a cluster, on this machine."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "submitit"
-    run_cli(["-m", *BASE, "trainer.max_steps=2", "trainer.save_every=0", "hydra/launcher=submitit_local",
-             "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}"], cache_dir)
+    run_cli(
+        [
+            "-m",
+            *BASE,
+            "trainer.max_steps=2",
+            "trainer.save_every=0",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cache_dir,
+    )
     (job,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert "(2 rank(s))" in (job / "train.log").read_text() and (job / "train_rank1.log").is_file()
     assert json.loads((job / "results.json").read_text())["steps"] == 2
@@ -201,8 +250,20 @@ def test_submitit_tasks_are_ranks(cache_dir, tmp_path):
 
 def test_slurm_launcher_preset_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc = subprocess.run([sys.executable, "run.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                           "--cfg", "hydra", "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "--cfg",
+            "hydra",
+            "--resolve",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "SlurmLauncher" in proc.stdout and "tasks_per_node: 8" in proc.stdout and "partition: gpu" in proc.stdout
-

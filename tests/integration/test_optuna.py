@@ -20,20 +20,37 @@ pytestmark = pytest.mark.integration
 
 # trials 0-2 enqueued: a good lr, a hopeless one (pruned at its first evaluation), one that fails validation;
 # trial 3 drawn from the same choice
-SEARCH = ["-m", *SMALL, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
-          "hydra.sweeper.seed=0", "hydra.sweeper.n_startup_trials=1",
-          "hydra.sweeper.enqueue=[{optim.lr:0.01},{optim.lr:30.0},{optim.lr:-1}]",
-          "optim.lr=choice(0.01,30.0,-1)",
-          "trainer.max_steps=6", "trainer.eval_every=2", "trainer.log_every=2", "trainer.save_every=2",
-          "trainer.eval_batches=2", "logger=none", "task.sample.max_new_tokens=4"]
+SEARCH = [
+    "-m",
+    *SMALL,
+    "hydra/sweeper=optuna",
+    "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.sampler=random",
+    "hydra.sweeper.seed=0",
+    "hydra.sweeper.n_startup_trials=1",
+    "hydra.sweeper.enqueue=[{optim.lr:0.01},{optim.lr:30.0},{optim.lr:-1}]",
+    "optim.lr=choice(0.01,30.0,-1)",
+    "trainer.max_steps=6",
+    "trainer.eval_every=2",
+    "trainer.log_every=2",
+    "trainer.save_every=2",
+    "trainer.eval_batches=2",
+    "logger=none",
+    "task.sample.max_new_tokens=4",
+]
 
 
 def test_search_survives_a_kill_prunes_and_marks_failures(cache_dir, tmp_path):
     sweep = tmp_path / "search"
     args = [*SEARCH, f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while len(list(sweep.glob("*/results.json"))) < 2:  # trials 0 and 1 finished: kill in the middle of the rest
         assert proc.poll() is None and time.time() < deadline, "the search ended before two trials finished"

@@ -24,8 +24,12 @@ SHARES_REFERENCES = pytest.mark.xdist_group("reliability")  # the tests of the m
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss", "skipped_steps", "rewards/margin", "tokens")
 STEPS = ["trainer.max_steps=18", "trainer.save_every=3", "trainer.log_every=1", "trainer.eval_every=6"]
-POST = ["trainer.seq_len=64", "task.data.eval_samples=8", "post_data.train.num_examples=300",
-        "post_data.val.num_examples=8"]
+POST = [
+    "trainer.seq_len=64",
+    "task.data.eval_samples=8",
+    "post_data.train.num_examples=300",
+    "post_data.val.num_examples=8",
+]
 
 
 def _task_args(task: str, small_run) -> list[str]:
@@ -36,8 +40,14 @@ def _task_args(task: str, small_run) -> list[str]:
 
 def _start(args, cache_dir):
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(proc, run_dir, step: int, timeout: float = 300) -> int:
@@ -162,9 +172,19 @@ def test_non_finite_steps_are_skipped_and_counted(cache_dir, tmp_path):
 
 def test_too_many_consecutive_non_finite_steps_stop_the_run(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli([*SMALL, "trainer.max_steps=20", "trainer.log_every=1", "trainer.save_every=2",
-                    "trainer.max_consecutive_skips=3", "trainer.nan_steps=[5,6,7,8,9,10]",
-                    f"hydra.run.dir={run_dir}"], cache_dir, check=False)
+    proc = run_cli(
+        [
+            *SMALL,
+            "trainer.max_steps=20",
+            "trainer.log_every=1",
+            "trainer.save_every=2",
+            "trainer.max_consecutive_skips=3",
+            "trainer.nan_steps=[5,6,7,8,9,10]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cache_dir,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "3 consecutive steps had a non-finite loss" in proc.stderr.strip().splitlines()[-1]
     assert (run_dir / "checkpoints" / "step_0000004").is_dir()  # the finite checkpoints stay

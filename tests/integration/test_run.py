@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_run_dir_contract(small_run):
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "results.json",
-                 "sample.txt"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "results.json",
+        "sample.txt",
+    ):
         assert (small_run / name).is_file(), name
     assert list((small_run / "tb").glob("events.out.tfevents.*"))
     metrics = read_metrics(small_run)
@@ -35,13 +42,32 @@ def test_run_dir_contract(small_run):
     assert 0 < metrics[4]["val_bpb"] < metrics[4]["val_loss"] / math.log(2)  # a token holds more than one byte
     for step in (10, 20):
         ckpt = small_run / "checkpoints" / f"step_{step:07d}"
-        for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json", "model_config.json",
-                     "manifest.json", "tokenizer/tokenizer.json"):
+        for name in (
+            "model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+            "model_config.json",
+            "manifest.json",
+            "tokenizer/tokenizer.json",
+        ):
             assert (ckpt / name).is_file(), (step, name)
     assert (small_run / "checkpoints" / "last").read_text().strip() == "step_0000020"
     results = json.loads((small_run / "results.json").read_text())
-    for key in ("task", "steps", "tokens", "seconds", "wall_seconds", "train_loss", "val_loss", "initial_val_loss",
-                "params", "overrides", "git_commit", "val_bpb", "initial_val_bpb"):
+    for key in (
+        "task",
+        "steps",
+        "tokens",
+        "seconds",
+        "wall_seconds",
+        "train_loss",
+        "val_loss",
+        "initial_val_loss",
+        "params",
+        "overrides",
+        "git_commit",
+        "val_bpb",
+        "initial_val_bpb",
+    ):
         assert key in results, key
     assert results["wall_seconds"] >= results["seconds"] > 0 and "trainer.save_every=10" in results["overrides"]
     assert results["checkpoint"] == str(small_run / "checkpoints" / "step_0000020")
@@ -66,24 +92,37 @@ def test_checkpoint_loads_into_fresh_model(small_run, cache_dir):
     data = PretrainData(tokenizer, StdlibCorpus(max_bytes=2_000_000), seq_len=64, cache_dir=str(cache_dir)).prepare()
     assert data.from_cache
     with torch.no_grad():
-        losses = [cross_entropy(model(b["input_ids"]), b["labels"]).item() for b in
-                  (data.val.collate([data.val[i] for i in range(s, s + 8)]) for s in range(0, 32, 8))]
+        losses = [
+            cross_entropy(model(b["input_ids"]), b["labels"]).item()
+            for b in (data.val.collate([data.val[i] for i in range(s, s + 8)]) for s in range(0, 32, 8))
+        ]
     results = json.loads((small_run / "results.json").read_text())
     assert sum(losses) / len(losses) == pytest.approx(results["val_loss"], abs=1e-5)
 
 
 def test_init_from_starts_where_the_run_ended(small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "init"
-    run_cli([*SMALL, "trainer.max_steps=2", f"init_from={small_run}", "tokenizer.vocab_size=999",  # ignored: taken from the run
-             f"hydra.run.dir={run_dir}"], cache_dir)
+    run_cli(
+        [
+            *SMALL,
+            "trainer.max_steps=2",
+            f"init_from={small_run}",
+            "tokenizer.vocab_size=999",  # ignored: taken from the run
+            f"hydra.run.dir={run_dir}",
+        ],
+        cache_dir,
+    )
     before = json.loads((small_run / "results.json").read_text())
     after = json.loads((run_dir / "results.json").read_text())
     assert after["initial_val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)
 
 
 def test_init_from_incompatible_model_is_one_line_error(small_run, cache_dir, tmp_path):
-    proc = run_cli([*SMALL, "model.d_model=96", f"init_from={small_run}", f"hydra.run.dir={tmp_path / 'x'}"],
-                   cache_dir, check=False)
+    proc = run_cli(
+        [*SMALL, "model.d_model=96", f"init_from={small_run}", f"hydra.run.dir={tmp_path / 'x'}"],
+        cache_dir,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "d_model: checkpoint 64 vs model 96" in proc.stderr.strip().splitlines()[-1]
 
@@ -113,13 +152,22 @@ def test_compiled_model_trains_like_eager(small_run, cache_dir, tmp_path):
     for a, b in zip(eager[1:], compiled[1:]):  # [0] is the evaluation before training
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), (a, b)
     assert json.loads((run_dir / "results.json").read_text())["val_loss"] == pytest.approx(
-        json.loads((small_run / "results.json").read_text())["val_loss"], rel=2e-3)
+        json.loads((small_run / "results.json").read_text())["val_loss"], rel=2e-3
+    )
 
 
 def test_several_loggers_at_once(cache_dir, tmp_path):
     run_dir = tmp_path / "loggers"
-    run_cli([*SMALL, "trainer.max_steps=2", "trainer.eval_every=0", "logger=[tensorboard,wandb]",
-             f"hydra.run.dir={run_dir}"], cache_dir)
+    run_cli(
+        [
+            *SMALL,
+            "trainer.max_steps=2",
+            "trainer.eval_every=0",
+            "logger=[tensorboard,wandb]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cache_dir,
+    )
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "wandb_run_id.txt").read_text().strip()
@@ -128,15 +176,21 @@ def test_several_loggers_at_once(cache_dir, tmp_path):
 def test_help_is_the_projects():
     proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for line in ("Usage: python run.py", "hparams_search: dpo, pretrain", "task: dpo, eval_length, export, lm_eval, pretrain, sft",
-                 "python run.py -m hparams_search=pretrain", "Main keys: seed, init_from"):
+    for line in (
+        "Usage: python run.py",
+        "hparams_search: dpo, pretrain",
+        "task: dpo, eval_length, export, lm_eval, pretrain, sft",
+        "python run.py -m hparams_search=pretrain",
+        "Main keys: seed, init_from",
+    ):
         assert line in proc.stdout, line
     assert "Powered by Hydra" not in proc.stdout
 
 
 def test_print_composed_config():
-    proc = subprocess.run([sys.executable, "run.py", "model=1b", "--cfg", "job"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "run.py", "model=1b", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "d_model: 1600" in proc.stdout and "max_seq_len: 2048" in proc.stdout
 
@@ -150,8 +204,11 @@ ERRORS = [
     (["data=files", "data.paths={tmp}/missing.txt"], {}, "file not found: {tmp}/missing.txt"),
     (["data=files", "data.paths={tmp}/empty.txt"], {"empty.txt": ""}, "file is empty: {tmp}/empty.txt"),
     (["data=files", "data.paths={tmp}/bad.jsonl"], {"bad.jsonl": BAD_ROWS}, "{tmp}/bad.jsonl:2: not valid JSON"),
-    (["data=files", "data.paths={tmp}/nofield.jsonl"], {"nofield.jsonl": NO_FIELD},
-     "{tmp}/nofield.jsonl:2: missing field 'text'"),
+    (
+        ["data=files", "data.paths={tmp}/nofield.jsonl"],
+        {"nofield.jsonl": NO_FIELD},
+        "{tmp}/nofield.jsonl:2: missing field 'text'",
+    ),
     (["data=files", "data.paths={tmp}/blank.txt"], {"blank.txt": "\n \n\n"}, "is too small or empty to train a BPE"),
     (["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"], {}, "no such directory"),
     (["tokenizer.vocab_size=100"], {}, "tokenizer.vocab_size=100 must be an integer >= 264"),
@@ -219,18 +276,24 @@ def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
     """A bad resume (incompatible model) deletes or rewrites nothing of the run it points at."""
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
-    watched = [p for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
-               and p.name not in ("train.log", ".lock")]
+    watched = [
+        p
+        for p in run_dir.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name not in ("train.log", ".lock")
+    ]
     before = {p: p.read_bytes() for p in watched}
     proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
     assert proc.returncode == 2 and "d_model: checkpoint 64 vs model 96" in proc.stderr
     assert {p: p.read_bytes() for p in watched} == before
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
-    (["model=no_such_model"], "Could not find 'model/no_such_model'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
+        (["model=no_such_model"], "Could not find 'model/no_such_model'"),
+    ],
+)
 def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
     run_dir = tmp_path / "never"
     proc = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cache_dir, check=False)
@@ -241,18 +304,36 @@ def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
 def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     """SFT from the pretraining run, then DPO from the SFT run, through run.py; the results carry the
     post-training metrics."""
-    post = ["task.data.eval_samples=16", "post_data.train.num_examples=200", "post_data.val.num_examples=16",
-            "trainer.seq_len=64", "trainer.eval_every=5", "trainer.log_every=5"]
+    post = [
+        "task.data.eval_samples=16",
+        "post_data.train.num_examples=200",
+        "post_data.val.num_examples=16",
+        "trainer.seq_len=64",
+        "trainer.eval_every=5",
+        "trainer.log_every=5",
+    ]
     base = [o for o in SMALL if not o.startswith(("trainer.seq_len", "trainer.eval_every", "trainer.log_every"))]
     sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
-    run_cli([*base, *post, "task=sft", "trainer.max_steps=10", f"init_from={small_run}", "task.data.packing=true",
-             f"hydra.run.dir={sft_dir}"], cache_dir)
+    run_cli(
+        [
+            *base,
+            *post,
+            "task=sft",
+            "trainer.max_steps=10",
+            f"init_from={small_run}",
+            "task.data.packing=true",
+            f"hydra.run.dir={sft_dir}",
+        ],
+        cache_dir,
+    )
     sft = json.loads((sft_dir / "results.json").read_text())
     assert sft["task"] == "sft" and 0 <= sft["exact_match"] <= 1 and "exact_match_before" in sft
     assert sft["val_loss"] < sft["initial_val_loss"]
     assert "packed" in (sft_dir / "train.log").read_text()
-    run_cli([*base, *post, "task=dpo", "trainer.max_steps=10", f"init_from={sft_dir}", f"hydra.run.dir={dpo_dir}"],
-            cache_dir)
+    run_cli(
+        [*base, *post, "task=dpo", "trainer.max_steps=10", f"init_from={sft_dir}", f"hydra.run.dir={dpo_dir}"],
+        cache_dir,
+    )
     dpo = json.loads((dpo_dir / "results.json").read_text())
     assert dpo["task"] == "dpo"
     for key in ("preference_accuracy", "reward_margin", "exact_match", "preference_accuracy_before"):
@@ -260,27 +341,55 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     assert dpo["initial_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
     assert dpo["reward_margin"] > 0 and dpo["val_loss"] < dpo["initial_val_loss"]
     metrics = read_metrics(dpo_dir)
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"} <= set(metrics[1])
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"} <= set(
+        metrics[1]
+    )
 
 
 def test_sft_bad_rows_name_file_and_line(cache_dir, tmp_path, small_run):
     rows = tmp_path / "chats.jsonl"
     rows.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": ""}\n')
-    proc = run_cli([*SMALL, "task=sft", f"init_from={small_run}", "post_data=files", f"post_data.train.paths={rows}",
-                    f"hydra.run.dir={tmp_path / 'r'}"], cache_dir, check=False)
+    proc = run_cli(
+        [
+            *SMALL,
+            "task=sft",
+            f"init_from={small_run}",
+            "post_data=files",
+            f"post_data.train.paths={rows}",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        cache_dir,
+        check=False,
+    )
     assert proc.returncode != 0
     assert f"{rows}:2: field 'response' is empty" in proc.stderr.strip().splitlines()[-1]
 
 
-EVAL = ["task=eval_length", "task.objective.multiples=[1,2]", "task.objective.windows=4",
-        "task.objective.passkey_trials=2", "task.objective.passkey_depths=[0.5]"]
+EVAL = [
+    "task=eval_length",
+    "task.objective.multiples=[1,2]",
+    "task.objective.windows=4",
+    "task.objective.passkey_trials=2",
+    "task.objective.passkey_depths=[0.5]",
+]
 
 
 def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "eval"
-    base = [o for o in SMALL if not o.startswith(("model.", "task.sample"))]  # the architecture comes from the checkpoint
-    run_cli([*base, *EVAL, "extrapolation=yarn", "extrapolation.factor=2", f"init_from={small_run}",
-             f"hydra.run.dir={run_dir}"], cache_dir)
+    base = [
+        o for o in SMALL if not o.startswith(("model.", "task.sample"))
+    ]  # the architecture comes from the checkpoint
+    run_cli(
+        [
+            *base,
+            *EVAL,
+            "extrapolation=yarn",
+            "extrapolation.factor=2",
+            f"init_from={small_run}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cache_dir,
+    )
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
     assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
@@ -298,8 +407,9 @@ def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
 def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     base = [o for o in SMALL if not o.startswith(("model.", "task.sample"))]
-    run_cli(["-m", *base, *EVAL, "extrapolation=none,ntk", f"init_from={small_run}", f"hydra.sweep.dir={sweep}"],
-            cache_dir)
+    run_cli(
+        ["-m", *base, *EVAL, "extrapolation=none,ntk", f"init_from={small_run}", f"hydra.sweep.dir={sweep}"], cache_dir
+    )
     table = (sweep / "length_eval.md").read_text()
     assert "| none |" in table and "| ntk x4 |" in table
     assert (sweep / "length_eval.png").stat().st_size > 1000
@@ -312,14 +422,27 @@ def test_a_mixture_realises_its_weights(cache_dir, tmp_path):
     for name, words in (("a", "red green blue cyan magenta"), ("b", "one two three four five six")):
         (tmp_path / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words.split(), 30)) for _ in range(300)))
     model = [o for o in SMALL if o.startswith("model.")]
-    trainer = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.seq_len=32", "trainer.eval_every=10",
-               "trainer.eval_batches=2", "trainer.log_every=10", "trainer.progress=false", "tokenizer.vocab_size=300",
-               "task.sample.max_new_tokens=4", "logger=none"]
+    trainer = [
+        "trainer.max_steps=20",
+        "trainer.batch_size=8",
+        "trainer.seq_len=32",
+        "trainer.eval_every=10",
+        "trainer.eval_batches=2",
+        "trainer.log_every=10",
+        "trainer.progress=false",
+        "tokenizer.vocab_size=300",
+        "task.sample.max_new_tokens=4",
+        "logger=none",
+    ]
     # a: its first 64 windows (max_tokens), b a quarter of that: 80 windows, so 20 steps of 8 are two epochs
-    sources = ["data=mix", "~data.sources.code", "~data.sources.text",
-               f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/a.txt]}},weight:0.8,"
-               f"max_tokens:{64 * 32}}}",
-               f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/b.txt]}},weight:0.2}}"]
+    sources = [
+        "data=mix",
+        "~data.sources.code",
+        "~data.sources.text",
+        f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/a.txt]}},weight:0.8,"
+        f"max_tokens:{64 * 32}}}",
+        f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/b.txt]}},weight:0.2}}",
+    ]
     run_cli([*model, *trainer, *sources, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["mix/a"] == pytest.approx(0.8, abs=0.02) and results["mix/b"] == pytest.approx(0.2, abs=0.02)

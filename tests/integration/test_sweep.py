@@ -15,8 +15,17 @@ from tests.conftest import SMALL, read_metrics, run_cli
 pytestmark = pytest.mark.integration
 
 # 3 jobs of 4 steps (a checkpoint every 2): two learning rates and one that fails its validation
-SWEEP = ["-m", *SMALL, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2", "trainer.save_every=2",
-         "logger=none", "task.sample.max_new_tokens=4", "optim.lr=1e-3,1e-2,-1"]
+SWEEP = [
+    "-m",
+    *SMALL,
+    "trainer.max_steps=4",
+    "trainer.eval_every=2",
+    "trainer.log_every=2",
+    "trainer.save_every=2",
+    "logger=none",
+    "task.sample.max_new_tokens=4",
+    "optim.lr=1e-3,1e-2,-1",
+]
 
 
 COMPARED = ("loss", "grad_norm", "lr", "val_loss", "tokens")

@@ -31,7 +31,8 @@ def test_export_a_run(small_run, cache_dir, tmp_path):
     assert results["task"] == "export" and results["architecture"] == "LlamaForCausalLM"
     assert results["out_dir"] == str(run_dir / "hf") and "model.safetensors" in results["files"]
     assert (run_dir / ".hydra" / "config.yaml").is_file() and "exported LlamaForCausalLM" in (
-        run_dir / "train.log").read_text()
+        run_dir / "train.log"
+    ).read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
     model, ours_tok = load_checkpoint_model(latest_checkpoint(small_run))
@@ -49,9 +50,17 @@ def hf_model_dir(small_run, path, kind: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(latest_checkpoint(small_run) / "tokenizer")
     torch.manual_seed(0)
     if kind == "llama":
-        config = transformers.LlamaConfig(vocab_size=len(tokenizer) + 7, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=128, tie_word_embeddings=False, rope_theta=5e4)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer) + 7,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            rope_theta=5e4,
+        )
     else:
         config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=64)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -63,13 +72,21 @@ def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
     """init_from=<HF dir>: SFT from an untied GQA Llama, continued pretraining of a GPT-2 whose 64 positions the
     end-of-run sample outgrows (its context is cropped); the architecture comes from config.json; exports load in
     transformers, and an export of the untouched import holds the very same tensors."""
-    llama, gpt2 = hf_model_dir(small_run, tmp_path / "llama", "llama"), hf_model_dir(small_run, tmp_path / "gpt2", "gpt2")
-    post = ["task.data.eval_samples=8", "post_data.train.num_examples=100", "post_data.val.num_examples=8",
-            "task.objective.max_new_tokens=8"]
+    llama, gpt2 = (
+        hf_model_dir(small_run, tmp_path / "llama", "llama"),
+        hf_model_dir(small_run, tmp_path / "gpt2", "gpt2"),
+    )
+    post = [
+        "task.data.eval_samples=8",
+        "post_data.train.num_examples=100",
+        "post_data.val.num_examples=8",
+        "task.objective.max_new_tokens=8",
+    ]
     steps = [o for o in SMALL if not o.startswith(("model.", "trainer.max_steps"))] + ["trainer.max_steps=5"]
     run_cli([*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp_path / 'sft'}"], cache_dir)
-    run_cli([*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"],
-            cache_dir)
+    run_cli(
+        [*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"], cache_dir
+    )
     sft, pre = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("sft", "pre"))
     assert sft["steps"] == pre["steps"] == 5 and sft["val_loss"] < sft["initial_val_loss"] and pre["sample"]
     saved = json.loads((latest_checkpoint(tmp_path / "sft") / "model_config.json").read_text())
@@ -79,7 +96,10 @@ def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft_hf")
     assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.num_key_value_heads == 2
     assert not exported.config.tie_word_embeddings
-    before, after = load_file(str(llama / "model.safetensors")), load_file(str(tmp_path / "sft_hf" / "model.safetensors"))
+    before, after = (
+        load_file(str(llama / "model.safetensors")),
+        load_file(str(tmp_path / "sft_hf" / "model.safetensors")),
+    )
     assert before.keys() == after.keys()
     rows = before["model.embed_tokens.weight"].size(0) - 7  # the 7 rows past the tokenizer: never an input
     assert torch.equal(before["model.embed_tokens.weight"][rows:], after["model.embed_tokens.weight"][rows:])
@@ -97,8 +117,11 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # owner/name: the hub (offline here)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline_reason.cache_clear()  # asked again, with the variable set
-    with pytest.raises(ConfigError, match="init_from=nobody/no-such-model: not in the local Hugging Face cache and "
-                                          r"the hub is offline \(HF_HUB_OFFLINE=1\)"):
+    with pytest.raises(
+        ConfigError,
+        match="init_from=nobody/no-such-model: not in the local Hugging Face cache and "
+        r"the hub is offline \(HF_HUB_OFFLINE=1\)",
+    ):
         resolve_init_from(cfg("nobody/no-such-model"), set())
     offline_reason.cache_clear()
     llama = hf_model_dir(small_run, tmp_path / "llama", "llama")
@@ -123,23 +146,36 @@ def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
     as flat keys; lm-eval's replies are the checkpoint's own greedy replies to the same prompts."""
     pytest.importorskip("lm_eval")
     run_dir = tmp_path / "lm_eval"
-    run_cli(["task=lm_eval", f"init_from={small_run}", "task.limit=4", "task.max_new_tokens=8",
-             f"hydra.run.dir={run_dir}"], cache_dir, env={"HF_DATASETS_OFFLINE": "1"})
+    run_cli(
+        ["task=lm_eval", f"init_from={small_run}", "task.limit=4", "task.max_new_tokens=8", f"hydra.run.dir={run_dir}"],
+        cache_dir,
+        env={"HF_DATASETS_OFFLINE": "1"},
+    )
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == "lm_eval" and results["exported"] and results["model_dir"] == str(run_dir / "hf")
     assert results["tasks"] == ["llm_builtin_gen", "llm_builtin_mc"] and results["limit"] == 4
     assert results["examples"] == {"llm_builtin_gen": 200, "llm_builtin_mc": 200} and results["lm_eval_version"]
-    assert {"lm_eval/llm_builtin_gen/exact_match", "lm_eval/llm_builtin_mc/acc", "lm_eval/llm_builtin_mc/acc_norm"} \
-        <= results.keys() and 0 <= results["lm_eval/llm_builtin_mc/acc"] <= 1
+    assert {
+        "lm_eval/llm_builtin_gen/exact_match",
+        "lm_eval/llm_builtin_mc/acc",
+        "lm_eval/llm_builtin_mc/acc_norm",
+    } <= results.keys() and 0 <= results["lm_eval/llm_builtin_mc/acc"] <= 1
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
     assert "lm_eval/llm_builtin_mc/acc = " in (run_dir / "train.log").read_text()
     assert sorted(p.name for p in (run_dir / "lm_eval").iterdir()) == [
-        "llm_builtin_gen.jsonl", "llm_builtin_gen.yaml", "llm_builtin_mc.jsonl", "llm_builtin_mc.yaml", "samples"]
+        "llm_builtin_gen.jsonl",
+        "llm_builtin_gen.yaml",
+        "llm_builtin_mc.jsonl",
+        "llm_builtin_mc.yaml",
+        "samples",
+    ]
     for name in ("llm_builtin_gen", "llm_builtin_mc"):
         assert (run_dir / "lm_eval" / f"{name}.yaml").is_file()
         assert len((run_dir / "lm_eval" / f"{name}.jsonl").read_text().splitlines()) == 200
-    samples = [json.loads(line) for line in (run_dir / "lm_eval" / "samples" / "llm_builtin_gen.jsonl").read_text()
-               .splitlines()]
+    samples = [
+        json.loads(line)
+        for line in (run_dir / "lm_eval" / "samples" / "llm_builtin_gen.jsonl").read_text().splitlines()
+    ]
     model, tokenizer = load_checkpoint_model(latest_checkpoint(small_run))
     rows = VerifiableTasks(split="heldout", num_examples=4).rows()
     replies = generate_replies(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for _, r in rows], 8)

@@ -36,9 +36,14 @@ def test_import_contracts_hold():
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_project_imports_are_at_module_level(path):
     """Inside functions only third-party imports (optional or heavy ones), never `llm.*`."""
-    hidden = [(node.lineno, name) for fn in ast.walk(_tree(path))
-              if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for node in ast.walk(fn) for name in _imported(node) if name == "llm" or name.startswith("llm.")]
+    hidden = [
+        (node.lineno, name)
+        for fn in ast.walk(_tree(path))
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+        for name in _imported(node)
+        if name == "llm" or name.startswith("llm.")
+    ]
     assert not hidden, f"{path.name}: project imports inside functions at lines {hidden}"
 
 
@@ -47,8 +52,9 @@ def test_nothing_reaches_back_into_run_py(path):
     tree = _tree(path)
     names = [name for node in ast.walk(tree) for name in _imported(node)]
     assert "run" not in names and "runpy" not in names, path
-    calls = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Attribute)}
+    calls = {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     assert not calls & {"spec_from_file_location", "run_path"}, f"{path.name} loads code by file path"
 
 

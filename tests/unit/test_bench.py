@@ -8,8 +8,7 @@ pytest.importorskip("transformers")
 
 from llm import bench  # noqa: E402
 
-TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
-        "--device", "cpu"]
+TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -11,8 +11,21 @@ import llm.bench_data as bench_data
 def test_data_benchmark_reports_throughput_and_peak_rss(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_data, "PREPARE_CONTEXT", "fork")  # no fresh interpreter: the suite stays fast
     tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    report = bench_data.main(["--sizes-mb", "0.4", "0.6", "--num-proc", "2", "--work-dir", str(tmp_path / "work"),
-                              "--tokenizer", str(tmp_path / "tokenizer"), "--json", str(tmp_path / "report.json")])
+    report = bench_data.main(
+        [
+            "--sizes-mb",
+            "0.4",
+            "0.6",
+            "--num-proc",
+            "2",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--tokenizer",
+            str(tmp_path / "tokenizer"),
+            "--json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [list(p) for p in printed] == [["0.4MB"], ["0.6MB"], ["peak_rss_ratio"]]
     assert json.loads((tmp_path / "report.json").read_text()) == report

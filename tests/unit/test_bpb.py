@@ -70,8 +70,16 @@ def test_val_bpb_is_summed_nats_over_utf8_bytes_in_bits(tokenizer, tmp_path):
     _, before = _hand_bpb(model, tokenizer, data.ids)
     # one step: the evaluation before it and the final one after it, which goes to every logger
     settings = trainer_settings(max_steps=1, batch_size=1, seq_len=len(data.ids) - 1, progress=False)
-    results = Trainer(model, data, LanguageModeling(), OptimizerConfig(lr=1e-2, warmup_steps=0), settings,
-                      RunInfo(str(tmp_path)), tokenizer=tokenizer, loggers=[TensorBoardLogger]).fit()
+    results = Trainer(
+        model,
+        data,
+        LanguageModeling(),
+        OptimizerConfig(lr=1e-2, warmup_steps=0),
+        settings,
+        RunInfo(str(tmp_path)),
+        tokenizer=tokenizer,
+        loggers=[TensorBoardLogger],
+    ).fit()
     nats, expected = _hand_bpb(model, tokenizer, data.ids)  # the trained weights
     assert results["initial_val_bpb"] == pytest.approx(before, rel=1e-5)
     assert results["val_bpb"] == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(before)

@@ -39,8 +39,9 @@ def _tokenizer_dir(cache: str) -> Path:
     return next(p for p in (Path(cache) / "tokenizers").iterdir() if p.is_dir())
 
 
-@pytest.mark.parametrize("damage", ["truncated tokenizer.json", "garbled tokenizer_config.json", "no tokenizer.json",
-                                    "not a tokenizer"])
+@pytest.mark.parametrize(
+    "damage", ["truncated tokenizer.json", "garbled tokenizer_config.json", "no tokenizer.json", "not a tokenizer"]
+)
 def test_a_damaged_tokenizer_cache_is_trained_again(damage, corpus, tmp_path, warnings):
     cache = str(tmp_path / "cache")
     vocab = train_bpe(corpus, vocab_size=280, cache_dir=cache).get_vocab()
@@ -61,8 +62,9 @@ def test_a_damaged_tokenizer_cache_is_trained_again(damage, corpus, tmp_path, wa
     assert sorted(p.name for p in entry.parent.iterdir() if not p.name.endswith(".lock")) == [entry.name]
 
 
-@pytest.mark.parametrize("damage", ["truncated meta.json", "meta.json without the index", "truncated shard",
-                                    "garbled progress.json"])
+@pytest.mark.parametrize(
+    "damage", ["truncated meta.json", "meta.json without the index", "truncated shard", "garbled progress.json"]
+)
 def test_a_damaged_token_cache_is_rebuilt_not_used_in_part(damage, corpus, tmp_path, warnings):
     tokenizer = train_bpe(corpus, vocab_size=280, cache_dir=str(tmp_path / "tok"))
     kwargs = dict(seq_len=16, cache_dir=str(tmp_path / "cache"), num_proc=1, shard_tokens=101)
@@ -109,6 +111,8 @@ def test_run_py_names_a_cache_dir_that_is_a_file(tmp_path, cache_dir):
     (tmp_path / "cache").write_text("not a dir")
     proc = run_cli([*SMALL, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: cache_dir={tmp_path / 'cache'}: {tmp_path / 'cache'} "
-                                                    f"is a file, not a directory; set cache_dir to a directory")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cache_dir={tmp_path / 'cache'}: {tmp_path / 'cache'} "
+        f"is a file, not a directory; set cache_dir to a directory"
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -27,8 +27,9 @@ def _trained(steps=3):
 
 
 def _save(run, step, model, opt):
-    return ckpt.save_checkpoint(run / "checkpoints" / ckpt.step_dir_name(step), model, opt, {"step": step},
-                                model.config.to_dict())
+    return ckpt.save_checkpoint(
+        run / "checkpoints" / ckpt.step_dir_name(step), model, opt, {"step": step}, model.config.to_dict()
+    )
 
 
 def test_round_trip_restores_model_and_optimizer(tmp_path):

@@ -27,8 +27,16 @@ def test_default_config():
     cfg = compose_config()
     assert cfg.model.n_layer == 4 and cfg.task.name == "pretrain"
     assert cfg.model._target_ == "llm.model.build_gpt"
-    for key in ("max_steps", "batch_size", "micro_batch_size", "seq_len", "eval_every", "save_every", "log_every",
-                "device"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "micro_batch_size",
+        "seq_len",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "device",
+    ):
         assert key in cfg.trainer, key
     for key in ("seed", "init_from", "resume"):
         assert key in cfg, key

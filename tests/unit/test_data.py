@@ -42,15 +42,18 @@ def test_bpe_tokenizer_roundtrip_and_specials(tokenizer, corpus, tmp_path):
 
 def test_packing_appends_eos_and_splits_documents_disjointly(tokenizer, corpus, tmp_path):
     source, docs = corpus
-    data = PretrainData(tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "c"), val_fraction=0.2,
-                        num_proc=1).prepare()
+    data = PretrainData(
+        tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "c"), val_fraction=0.2, num_proc=1
+    ).prepare()
     assert data.meta["dtype"] == "uint16"
     eos = tokenizer.eos_token_id
     train = np.asarray(data.train.tokens)
     val = np.asarray(data.val.tokens)
     assert (train == eos).sum() + (val == eos).sum() == len(docs)
     assert train[-1] == eos and val[-1] == eos
-    decode = lambda arr: {tokenizer.decode(seg.tolist()) for seg in np.split(arr, np.where(arr == eos)[0] + 1) if len(seg)}
+    decode = lambda arr: {
+        tokenizer.decode(seg.tolist()) for seg in np.split(arr, np.where(arr == eos)[0] + 1) if len(seg)
+    }
     train_docs = {d.replace(tokenizer.eos_token, "") for d in decode(train)}
     val_docs = {d.replace(tokenizer.eos_token, "") for d in decode(val)}
     assert train_docs | val_docs == set(docs)
@@ -93,14 +96,17 @@ def test_stdlib_corpus_is_deterministic_and_skips_tests():
 
 def test_stdlib_corpus_leaves_out_generated_tables():
     files = {str(f.relative_to(StdlibCorpus().root)) for f in StdlibCorpus(max_bytes=None).files()}
-    everything = {str(f.relative_to(StdlibCorpus().root))
-                  for f in StdlibCorpus(max_bytes=None, skip_generated=False).files()}
+    everything = {
+        str(f.relative_to(StdlibCorpus().root)) for f in StdlibCorpus(max_bytes=None, skip_generated=False).files()
+    }
     generated = everything - files
     assert {"encodings/cp437.py", "encodings/latin_1.py"} & everything == {"encodings/cp437.py", "encodings/latin_1.py"}
     assert "encodings/cp437.py" in generated and "stringprep.py" in generated  # codec maps, tool-written tables
     assert {"encodings/latin_1.py", "ast.py", "http/cookiejar.py", "optparse.py"} <= files  # hand-written code stays
-    assert all(name.startswith("encodings/") or name in {"keyword.py", "token.py", "stringprep.py", "re/_casefix.py"}
-               for name in generated)
+    assert all(
+        name.startswith("encodings/") or name in {"keyword.py", "token.py", "stringprep.py", "re/_casefix.py"}
+        for name in generated
+    )
 
 
 def test_sampler_is_resumable_and_rank_aware():

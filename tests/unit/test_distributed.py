@@ -14,34 +14,55 @@ from llm.train import cluster as C
 from llm.train import parallel as P
 
 SLURM_TASK = {  # task 5 of a 2-node x 4-task srun step
-    "SLURM_JOB_ID": "123456", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
-    "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2",
-    "SLURM_STEP_NODELIST": "gpu[017-018]", "SLURM_JOB_NODELIST": "gpu[017-018]",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "8",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "8",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_NODELIST": "gpu[017-018]",
+    "SLURM_JOB_NODELIST": "gpu[017-018]",
 }
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("gpu[017-018]", "gpu017"), ("gpu[3,5-7],cpu1", "gpu3"), ("node12", "node12"), ("a1,a2", "a1"),
-    ("dgx-a100-[001-004]", "dgx-a100-001"),
-])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("gpu[017-018]", "gpu017"),
+        ("gpu[3,5-7],cpu1", "gpu3"),
+        ("node12", "node12"),
+        ("a1,a2", "a1"),
+        ("dgx-a100-[001-004]", "dgx-a100-001"),
+    ],
+)
 def test_first_host(nodelist, first):
     assert C.first_host(nodelist) == first
 
 
 def test_slurm_task_maps_to_torch_variables():
     env = C.slurm_env(SLURM_TASK)
-    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu017",
-                   "MASTER_PORT": str(20000 + 123456 % 20000), "LOCAL_WORLD_SIZE": "4"}
+    assert env == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu017",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "LOCAL_WORLD_SIZE": "4",
+    }
     assert C.env_rank(SLURM_TASK) == 5 and C.env_world_size(SLURM_TASK) == 8
     # set by the user or the batch script: kept
     assert C.slurm_env({**SLURM_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
 
 
-@pytest.mark.parametrize("change", [
-    {"RANK": "0"},                      # torchrun (under srun) already set the variables
-    {"SLURM_STEP_ID": None},            # the batch script itself, not an srun step
-    {"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"},  # one task
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"RANK": "0"},  # torchrun (under srun) already set the variables
+        {"SLURM_STEP_ID": None},  # the batch script itself, not an srun step
+        {"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"},  # one task
+    ],
+)
 def test_slurm_mapping_only_for_multi_task_steps(change):
     env = {k: v for k, v in {**SLURM_TASK, **change}.items() if v is not None}
     assert C.slurm_env(env) == {}
@@ -49,10 +70,19 @@ def test_slurm_mapping_only_for_multi_task_steps(change):
 
 
 def test_submitit_local_tasks_map_too():
-    env = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
-           "SUBMITIT_LOCAL_JOB_ID": "777"}
-    assert C.cluster_env(env) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                                  "MASTER_PORT": "20777"}
+    env = {
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_JOB_ID": "777",
+    }
+    assert C.cluster_env(env) == {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "20777",
+    }
     assert C.cluster_env({"SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0"}) == {}
 
 
@@ -181,7 +211,9 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     for p in procs:
         p.join(timeout=30)
     go_on, finish, preempt = C.StopSignals.GO_ON, C.StopSignals.FINISH, C.StopSignals.PREEMPT
-    assert [r[:5] for r in results] == [(0, go_on, finish, preempt, "peer rank"),
-                                        (1, go_on, finish, preempt, "SIGTERM")]
+    assert [r[:5] for r in results] == [
+        (0, go_on, finish, preempt, "peer rank"),
+        (1, go_on, finish, preempt, "SIGTERM"),
+    ]
     assert [r[5] for r in results] == [(True, False), (True, False)]
     assert "could not be written" in results[0][6] and "rank 0 could not write the checkpoint" in results[1][6]

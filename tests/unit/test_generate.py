@@ -1,5 +1,6 @@
 """`python -m llm.generate`: the same greedy text from a run dir, a checkpoint dir and an HF model dir, prompts from a
-pipe (a stdin that is not a terminal), chat replies that keep the conversation, one-line errors; the interactive chat on a pseudo-terminal."""
+pipe (a stdin that is not a terminal), chat replies that keep the conversation, one-line errors; the interactive
+chat on a pseudo-terminal."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from tests.conftest import ROOT
 def dirs(tiny_tokenizer, tmp_path_factory):
     """The same tiny model as a run dir, a checkpoint dir and an HF model dir."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                          max_seq_len=32)).eval()
+    model = GPT(
+        GPTConfig(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
+    ).eval()
     tmp = tmp_path_factory.mktemp("generate")
-    ckpt = save_checkpoint(tmp / "run" / "checkpoints" / step_dir_name(1), model, None, {"step": 1},
-                           model.config.to_dict(), tiny_tokenizer)
+    ckpt = save_checkpoint(
+        tmp / "run" / "checkpoints" / step_dir_name(1), model, None, {"step": 1}, model.config.to_dict(), tiny_tokenizer
+    )
     save_hf(model, tiny_tokenizer, tmp / "hf")
     return model, {"run": tmp / "run", "checkpoint": ckpt, "hf": tmp / "hf"}
 
@@ -47,16 +50,21 @@ GREEDY = ("--temperature", "0", "--max-new-tokens", "12")
 def test_same_text_from_every_kind_of_dir(dirs, tiny_tokenizer):
     model, paths = dirs
     ids = tiny_tokenizer("reverse: open file", add_special_tokens=False)["input_ids"]
-    expected = tiny_tokenizer.decode(model.generate(torch.tensor([ids]), 12, temperature=0,
-                                                    eos_token_id=tiny_tokenizer.eos_token_id)[0, len(ids):].tolist(),
-                                     skip_special_tokens=True)
+    expected = tiny_tokenizer.decode(
+        model.generate(torch.tensor([ids]), 12, temperature=0, eos_token_id=tiny_tokenizer.eos_token_id)[
+            0, len(ids) :
+        ].tolist(),
+        skip_special_tokens=True,
+    )
     for kind, path in paths.items():
         assert generate(path, *GREEDY, stdin="reverse: open file\n") == (0, expected + "\n"), kind  # a pipe
         assert generate(path, *GREEDY, "--prompt", "reverse: open file") == (0, expected + "\n"), kind
     chat = {kind: generate(path, *GREEDY, "--chat", "--prompt", "sort: b a") for kind, path in paths.items()}
     assert len(set(chat.values())) == 1 and chat["hf"][0] == 0
-    sampled = [generate(paths["hf"], "--max-new-tokens", "12", "--seed", "3", "--top-p", "0.9", "--prompt", "a")
-               for _ in range(2)]
+    sampled = [
+        generate(paths["hf"], "--max-new-tokens", "12", "--seed", "3", "--top-p", "0.9", "--prompt", "a")
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]  # seeded
 
 
@@ -85,8 +93,14 @@ def test_interactive_chat_in_a_terminal(dirs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     path = str(dirs[1]["hf"])
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "llm.generate", path, "--max-new-tokens", "4"], stdin=follower,
-                            stdout=follower, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm.generate", path, "--max-new-tokens", "4"],
+        stdin=follower,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
     os.close(follower)
     seen = b""
 

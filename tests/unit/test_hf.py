@@ -25,8 +25,15 @@ SCALINGS = {
     "linear": {"type": "linear", "factor": 4.0, "original_max_position_embeddings": CTX},
     "ntk": {"type": "ntk", "factor": 4.0, "dynamic": False, "original_max_position_embeddings": CTX},
     "ntk_dynamic": {"type": "ntk", "factor": 4.0, "dynamic": True, "original_max_position_embeddings": CTX},
-    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": CTX, "beta_fast": 32,
-             "beta_slow": 1, "attention_factor": None, "truncate": True},
+    "yarn": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": CTX,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "attention_factor": None,
+        "truncate": True,
+    },
 }
 GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 
@@ -40,8 +47,9 @@ def ours(tokenizer, arch: str, scaling=None, **kw) -> GPT:
     """A tiny model with weights away from their init (so that every mapping error shows in the logits)."""
     torch.manual_seed(0)
     extra = {**GPT2_ARCH, "max_seq_len": 4 * CTX} if arch == "gpt2" else {"n_kv_head": 2, "max_seq_len": CTX}
-    model = GPT(GPTConfig(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, rope_scaling=scaling,
-                          **{**extra, **kw}))
+    model = GPT(
+        GPTConfig(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, rope_scaling=scaling, **{**extra, **kw})
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -66,8 +74,11 @@ def test_export_computes_what_we_compute(tokenizer, tmp_path, arch, method):
             torch.testing.assert_close(hf(x).logits, model(x)[..., :V], rtol=0, atol=1e-4)
     text = "reverse: open file read\nsort: b a c"
     assert hf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
-    chat = [{"role": "user", "content": "sort: b a"}, {"role": "assistant", "content": "a b"},
-            {"role": "user", "content": "reverse: x y"}]
+    chat = [
+        {"role": "user", "content": "sort: b a"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "reverse: x y"},
+    ]
     theirs = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert theirs == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
     prompt = torch.tensor([tokenizer(text)["input_ids"]])
@@ -85,7 +96,10 @@ def test_export_config_and_files(tokenizer, tmp_path):
     save_hf(ours(tokenizer, "llama", SCALINGS["yarn"]), tokenizer, tmp_path / "hf", dtype="bfloat16")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == config["rope_scaling"]["type"] == "yarn"
-    assert config["max_position_embeddings"] == 4 * CTX and config["rope_scaling"]["original_max_position_embeddings"] == CTX
+    assert (
+        config["max_position_embeddings"] == 4 * CTX
+        and config["rope_scaling"]["original_max_position_embeddings"] == CTX
+    )
     assert config["tie_word_embeddings"] and config["dtype"] == "bfloat16"
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"].shape[0] == len(tokenizer)
@@ -103,12 +117,21 @@ def hf_dir(tokenizer, tmp_path, kind: str, **kw):
     """An HF model built from a config (random weights), saved with save_pretrained beside our tokenizer."""
     torch.manual_seed(1)
     if kind == "llama":
-        config = transformers.LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64, tie_word_embeddings=False, **kw)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer) + 3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            **kw,
+        )
     else:
-        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                         **kw)
+        config = transformers.GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64, **kw
+        )
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(tmp_path / kind)
     tokenizer.save_pretrained(tmp_path / kind)
@@ -132,13 +155,27 @@ def test_import_computes_what_transformers_computes_and_exports_back(tokenizer, 
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, "rope_type='llama3'"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"attention_bias": True}, "mlp_bias=False"),
-    ({"head_dim": 16}, "head_dim=16"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+            "rope_type='llama3'",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "mlp_bias=False"),
+        ({"head_dim": 16}, "head_dim=16"),
+    ],
+)
 def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field):
     _, path = hf_dir(tokenizer, tmp_path, "llama", **kw)
     with pytest.raises(ConfigError, match=field.replace("(", r"\(")):

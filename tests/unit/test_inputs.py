@@ -10,11 +10,14 @@ from llm.data.sources import FileCorpus
 from llm.errors import DataError
 
 
-@pytest.mark.parametrize("name,content,column", [
-    ("corpus.txt", b"fine\n\xff\xfe latin-1 here\n", 1),
-    ("corpus.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', 14),
-    ("corpus.json", b'[{"text": "fine"},\n {"text": "caf\xe9"}]', 15),
-])
+@pytest.mark.parametrize(
+    "name,content,column",
+    [
+        ("corpus.txt", b"fine\n\xff\xfe latin-1 here\n", 1),
+        ("corpus.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', 14),
+        ("corpus.json", b'[{"text": "fine"},\n {"text": "caf\xe9"}]', 15),
+    ],
+)
 def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, name, content, column):
     path = tmp_path / name
     path.write_bytes(content)

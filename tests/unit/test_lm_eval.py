@@ -32,8 +32,9 @@ def exported(tiny_tokenizer, tmp_path_factory):
     one at init repeats its last input token), exported as an HF dir: (model, tokenizer, HF dir)."""
     tokenizer = reserved_chat_template(copy.deepcopy(tiny_tokenizer))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64,
-                          tie_embeddings=False))
+    model = GPT(
+        GPTConfig(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64, tie_embeddings=False)
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -50,8 +51,9 @@ def test_lm_eval_scores_what_we_score(exported, tmp_path):
     pytest.importorskip("lm_eval")
     model, tokenizer, hf_dir = exported
     rows = list(VerifiableTasks(split="heldout", num_examples=8).rows())
-    replies = generate_replies(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for _, r in rows],
-                               NEW_TOKENS)
+    replies = generate_replies(
+        model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for _, r in rows], NEW_TOKENS
+    )
     assert len(set(replies)) > 4 and all(r.strip() for r in replies)  # varied, none empty
     for (_, row), reply in list(zip(rows, replies))[::2]:
         row["response"] = f" {reply}\n"
@@ -90,8 +92,9 @@ def reply_logp(model, tokenizer, prompt: list[dict], answer: str) -> float:
 def run_job(tmp_path: Path, *overrides: str):
     """job.run as run.py calls it, into tmp_path/run."""
     cfg = compose_config(["task=lm_eval", *overrides])
-    hydra = OmegaConf.create({"runtime": {"output_dir": str(tmp_path / "run")}, "overrides": {"task": list(overrides)},
-                              "mode": RunMode.RUN})
+    hydra = OmegaConf.create(
+        {"runtime": {"output_dir": str(tmp_path / "run")}, "overrides": {"task": list(overrides)}, "mode": RunMode.RUN}
+    )
     return job.run(cfg, hydra)
 
 
@@ -102,23 +105,35 @@ def few_lm_eval_tasks(monkeypatch):
     from lm_eval.tasks._index import TaskIndex
 
     root, walk = Path(lm_eval.__file__).parent / "tasks", TaskIndex._iter_yaml_files
-    monkeypatch.setattr(TaskIndex, "_iter_yaml_files",
-                        staticmethod(lambda path: walk(root / "hellaswag") if Path(path) == root else walk(path)))
+    monkeypatch.setattr(
+        TaskIndex,
+        "_iter_yaml_files",
+        staticmethod(lambda path: walk(root / "hellaswag") if Path(path) == root else walk(path)),
+    )
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["task.tasks=[llm_builtin_gen,llm_builtin_qa]"], "task.tasks: 'llm_builtin_qa' is not one of ours "
-                                                      "(llm_builtin_gen, llm_builtin_mc)"),
-    (["task.tasks=[hellaswagg]"], "task.tasks: 'hellaswagg' is not an lm-eval task; ours are llm_builtin_gen, "
-                                  "llm_builtin_mc, and `lm_eval --tasks list` lists lm-eval's own"),
-    (["task.tasks=[hellaswag]"], "task.tasks: the data of lm-eval's hellaswag does not load"),  # offline here
-    (["task.num_fewshot=2"], "task.num_fewshot=2: llm_builtin_gen, llm_builtin_mc are zero-shot chat prompts"),
-    (["task.limit=0"], "task.limit=0 must be an integer >= 1 (or null)"),
-    (["init_from={tmp}"], "init_from='{tmp}': no complete checkpoint"),
-    (["post_data=files", "post_data.train.paths=[rows.jsonl]"], "task.rows is null (post_data.val)"),
-], ids=["ours", "theirs", "offline", "fewshot", "limit", "not-a-model", "no-rows"])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["task.tasks=[llm_builtin_gen,llm_builtin_qa]"],
+            "task.tasks: 'llm_builtin_qa' is not one of ours (llm_builtin_gen, llm_builtin_mc)",
+        ),
+        (
+            ["task.tasks=[hellaswagg]"],
+            "task.tasks: 'hellaswagg' is not an lm-eval task; ours are llm_builtin_gen, "
+            "llm_builtin_mc, and `lm_eval --tasks list` lists lm-eval's own",
+        ),
+        (["task.tasks=[hellaswag]"], "task.tasks: the data of lm-eval's hellaswag does not load"),  # offline here
+        (["task.num_fewshot=2"], "task.num_fewshot=2: llm_builtin_gen, llm_builtin_mc are zero-shot chat prompts"),
+        (["task.limit=0"], "task.limit=0 must be an integer >= 1 (or null)"),
+        (["init_from={tmp}"], "init_from='{tmp}': no complete checkpoint"),
+        (["post_data=files", "post_data.train.paths=[rows.jsonl]"], "task.rows is null (post_data.val)"),
+    ],
+    ids=["ours", "theirs", "offline", "fewshot", "limit", "not-a-model", "no-rows"],
+)
 def test_bad_input_writes_nothing(exported, few_lm_eval_tasks, tmp_path, overrides, message):
     init = [] if any(o.startswith("init_from") for o in overrides) else [f"init_from={exported[2]}"]
     with pytest.raises(ConfigError) as error:

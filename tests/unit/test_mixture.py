@@ -43,14 +43,17 @@ def test_windows_are_laid_out_by_share_within_budgets_and_epochs():
     assert len(consumed) == 500 and len(set(consumed.tolist())) == 500
 
 
-@pytest.mark.parametrize("sources,message", [
-    ({}, "data.sources is empty"),
-    ({"a": {"corpus": "x"}}, "data.sources.a.corpus must be a corpus"),
-    ({"a": {"weight": 0}, "b": {"weight": 0}}, r"data.sources: the weights \[0, 0\] must sum to a positive number"),
-    ({"a": {"weight": -1}}, r"data.sources.a.weight=-1 must be a number >= 0"),
-    ({"a": {"weight": 1, "epochs": 0}}, r"data.sources.a.epochs=0 must be a number > 0"),
-    ({"a": {"wieght": 1}}, "data.sources.a.wieght is not a mixture setting; known: corpus, weight"),
-])
+@pytest.mark.parametrize(
+    "sources,message",
+    [
+        ({}, "data.sources is empty"),
+        ({"a": {"corpus": "x"}}, "data.sources.a.corpus must be a corpus"),
+        ({"a": {"weight": 0}, "b": {"weight": 0}}, r"data.sources: the weights \[0, 0\] must sum to a positive number"),
+        ({"a": {"weight": -1}}, r"data.sources.a.weight=-1 must be a number >= 0"),
+        ({"a": {"weight": 1, "epochs": 0}}, r"data.sources.a.epochs=0 must be a number > 0"),
+        ({"a": {"wieght": 1}}, "data.sources.a.wieght is not a mixture setting; known: corpus, weight"),
+    ],
+)
 def test_bad_mixture_settings_are_one_line_errors(sources, message, tmp_path):
     (tmp_path / "a.txt").write_text("text\n")
     corpus = FileCorpus(str(tmp_path / "a.txt"))
@@ -64,6 +67,8 @@ def test_an_empty_source_is_an_error_naming_it(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     good = FileCorpus(str(tmp_path / "good.txt"))
     tokenizer = train_bpe(good, vocab_size=270, cache_dir=str(tmp_path / "c"))
-    mix = Mixture({"good": {"corpus": good, "weight": 0.5}, "empty": {"corpus": FileCorpus(str(tmp_path / "blank.txt"))}})
+    mix = Mixture(
+        {"good": {"corpus": good, "weight": 0.5}, "empty": {"corpus": FileCorpus(str(tmp_path / "blank.txt"))}}
+    )
     with pytest.raises(DataError, match=r"^data.sources.empty: .*has no documents"):
         PretrainData(tokenizer, mix, seq_len=8, cache_dir=str(tmp_path / "c"), num_proc=1).prepare()

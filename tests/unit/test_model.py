@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from llm.errors import ConfigError
 from llm.model import build_gpt, sample_next_token
-from llm.model.rope import RotaryEmbedding, apply_rotary
 from llm.model.fused_loss import linear_cross_entropy
+from llm.model.rope import RotaryEmbedding, apply_rotary
 from llm.train.objectives import cross_entropy
 
 SMALL = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
@@ -20,8 +20,9 @@ def small(**kw):
     return build_gpt(**{**SMALL, **kw}).eval()
 
 
-@pytest.mark.parametrize("pos_emb,norm,mlp,bias", [("rope", "rmsnorm", "swiglu", False),
-                                                   ("learned", "layernorm", "gelu", True)])
+@pytest.mark.parametrize(
+    "pos_emb,norm,mlp,bias", [("rope", "rmsnorm", "swiglu", False), ("learned", "layernorm", "gelu", True)]
+)
 def test_causal(pos_emb, norm, mlp, bias):
     model = small(pos_emb=pos_emb, norm=norm, mlp=mlp, bias=bias)
     x = torch.randint(0, 97, (2, 20))
@@ -113,7 +114,9 @@ def test_rope_is_a_rotation():
     # relative: <R_m q, R_n k> depends only on m - n
     q, k = torch.randn(16), torch.randn(16)
     c, s = rope(torch.arange(20), torch.float32)
-    dot = lambda m, n: (apply_rotary(q.view(1, 1, 1, 16), c[m], s[m]) * apply_rotary(k.view(1, 1, 1, 16), c[n], s[n])).sum()
+    dot = lambda m, n: (
+        apply_rotary(q.view(1, 1, 1, 16), c[m], s[m]) * apply_rotary(k.view(1, 1, 1, 16), c[n], s[n])
+    ).sum()
     torch.testing.assert_close(dot(5, 2), dot(15, 12))
 
 
@@ -167,8 +170,10 @@ def test_model_loss_path_equals_logits_path():
     labels = x.roll(-1, 1)
     labels[:, -1] = -100
     torch.testing.assert_close(model(x, labels=labels) / 45, cross_entropy(model(x), labels))
-    torch.testing.assert_close(model(x, labels=labels, reduction="none").sum(1),
-                               F.cross_entropy(model(x).transpose(1, 2), labels, reduction="none").sum(1))
+    torch.testing.assert_close(
+        model(x, labels=labels, reduction="none").sum(1),
+        F.cross_entropy(model(x).transpose(1, 2), labels, reduction="none").sum(1),
+    )
 
 
 def test_init_scales_residual_projections():

@@ -18,9 +18,13 @@ from llm.errors import ConfigError, DataError
 from llm.model import build_gpt
 from llm.train.objectives import DPO, LanguageModeling, preference_loss
 
-CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add: 2 + 3"},
-        {"role": "assistant", "content": "5"}, {"role": "user", "content": "reverse: a b"},
-        {"role": "assistant", "content": "b a"}]
+CONV = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "add: 2 + 3"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "reverse: a b"},
+    {"role": "assistant", "content": "b a"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +48,27 @@ def test_builtin_template_ids_and_assistant_mask(tokenizer):
 
 def test_foreign_template_mask(tokenizer):
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     ids, mask = encode_chat(tok, CONV)
     masked = tok.decode([t for t, m in zip(ids, mask) if m])
     assert "5" in masked and "b a" in masked and "add" not in masked and "be brief" not in masked
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"prompt": "x"}, "missing field 'response'"),
-    ({"prompt": "", "response": "y"}, "field 'prompt' is empty"),
-    ({"prompt": 3, "response": "y"}, "field 'prompt' must be a string"),
-    ({"messages": []}, "non-empty list"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "role 'bot'"),
-    ({"messages": [{"role": "user", "content": " "}]}, "empty content"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "x"}, "missing field 'response'"),
+        ({"prompt": "", "response": "y"}, "field 'prompt' is empty"),
+        ({"prompt": 3, "response": "y"}, "field 'prompt' must be a string"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "role 'bot'"),
+        ({"messages": [{"role": "user", "content": " "}]}, "empty content"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+    ],
+)
 def test_row_errors_name_the_row(row, message):
     with pytest.raises(DataError, match=f"data.jsonl:7: .*{message}"):
         to_messages(row, "data.jsonl:7")
@@ -109,9 +118,14 @@ def test_validation_split_keeps_each_prompt_on_one_side(tokenizer, tmp_path):
 def test_preference_replies_given_as_whole_conversations(tokenizer, tmp_path):
     """ultrafeedback_binarized style: chosen/rejected repeat the prompt's turns; the prompt is encoded once."""
     prompt = [{"role": "user", "content": "sort: b a"}]
-    rows = [{"prompt": "sort: b a", "chosen": [*prompt, {"role": "assistant", "content": "a b"}],
-             "rejected": [*prompt, {"role": "assistant", "content": "b a"}]},
-            {"prompt": prompt, "chosen": "a b", "rejected": "b a"}]
+    rows = [
+        {
+            "prompt": "sort: b a",
+            "chosen": [*prompt, {"role": "assistant", "content": "a b"}],
+            "rejected": [*prompt, {"role": "assistant", "content": "b a"}],
+        },
+        {"prompt": prompt, "chosen": "a b", "rejected": "b a"},
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()
@@ -191,8 +205,12 @@ def test_dpo_losses_match_hand_computed_values():
 
 
 def _pref(tokenizer):
-    return PreferenceData(tokenizer, VerifiableTasks("train", num_examples=20),
-                          val_source=VerifiableTasks("heldout", num_examples=6), seq_len=64).prepare()
+    return PreferenceData(
+        tokenizer,
+        VerifiableTasks("train", num_examples=20),
+        val_source=VerifiableTasks("heldout", num_examples=6),
+        seq_len=64,
+    ).prepare()
 
 
 def test_precomputed_reference_equals_live_and_dpo_starts_at_log2(tokenizer):

@@ -26,16 +26,26 @@ METHODS = {  # config files' defaults, original context 256
     "linear": {"type": "linear", "original_max_position_embeddings": 256},
     "ntk": {"type": "ntk", "dynamic": False, "original_max_position_embeddings": 256},
     "dynamic": {"type": "ntk", "dynamic": True, "original_max_position_embeddings": 256},
-    "yarn": {"type": "yarn", "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
-             "attention_factor": None, "truncate": True},
+    "yarn": {
+        "type": "yarn",
+        "original_max_position_embeddings": 256,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "attention_factor": None,
+        "truncate": True,
+    },
 }
 
 
 def hf(rope_type: str, head_dim: int, theta: float, max_positions: int, seq_len=None, **params):
     """transformers' (inv_freq, attention_factor) for a Llama config with these RoPE parameters."""
-    cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
-                      max_position_embeddings=max_positions,
-                      rope_parameters={"rope_type": rope_type, "rope_theta": theta, **params})
+    cfg = LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": rope_type, "rope_theta": theta, **params},
+    )
     return ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu", seq_len=seq_len)
 
 
@@ -66,8 +76,15 @@ def test_dynamic_ntk_matches_transformers(head_dim, theta, factor):
 def test_yarn_matches_transformers(head_dim, theta, factor, original):
     for extra in ({}, {"truncate": False}, {"beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3}):
         scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original, **extra}
-        theirs = hf("yarn", head_dim, theta, int(factor * original), factor=factor,
-                    original_max_position_embeddings=original, **extra)
+        theirs = hf(
+            "yarn",
+            head_dim,
+            theta,
+            int(factor * original),
+            factor=factor,
+            original_max_position_embeddings=original,
+            **extra,
+        )
         assert_same(rope_parameters(head_dim, theta, scaling), theirs)
 
 
@@ -119,8 +136,11 @@ def test_dynamic_ntk_length_from_hint_or_positions():
     long = torch.arange(3 * 256)
     inv_freq = hf("dynamic", 32, 10000.0, 256, seq_len=3 * 256, factor=4.0)[0].float()
     expected = torch.outer(long.float(), inv_freq).cos()
-    for cos in (rope(long, torch.float32)[0], rope(long, torch.float32, seq_len=3 * 256)[0],
-                rope(long[None].expand(2, -1), torch.float32)[0][1]):  # read on the device / host hint / [B, T]
+    for cos in (
+        rope(long, torch.float32)[0],
+        rope(long, torch.float32, seq_len=3 * 256)[0],
+        rope(long[None].expand(2, -1), torch.float32)[0][1],
+    ):  # read on the device / host hint / [B, T]
         torch.testing.assert_close(cos[:, :16], expected, rtol=0, atol=1e-4)
 
 
@@ -140,8 +160,9 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("preset", ["125m", "1b"])
-@pytest.mark.parametrize("option,extra", [("none", []), ("linear", []), ("ntk", []),
-                                          ("ntk", ["extrapolation.dynamic=true"]), ("yarn", [])])
+@pytest.mark.parametrize(
+    "option,extra", [("none", []), ("linear", []), ("ntk", []), ("ntk", ["extrapolation.dynamic=true"]), ("yarn", [])]
+)
 def test_extrapolation_composes_with_presets(preset, option, extra):
     cfg = compose_config([f"model={preset}", f"extrapolation={option}", *extra])
     scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True)
@@ -158,8 +179,7 @@ def test_extrapolation_composes_with_presets(preset, option, extra):
 
 def tiny(scaling: dict | None, ctx: int = 16) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=ctx,
-                    rope_scaling=scaling)
+    cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=ctx, rope_scaling=scaling)
     return GPT(cfg).double().eval()
 
 
@@ -174,8 +194,9 @@ def test_yarn_forward_at_four_times_the_context():
     assert model.rope.attention_factor == pytest.approx(0.1 * math.log(4) + 1)
 
 
-@pytest.mark.parametrize("scaling", [YARN, {**YARN, "type": "linear"}, {**YARN, "type": "ntk"}],
-                         ids=lambda s: s["type"])
+@pytest.mark.parametrize(
+    "scaling", [YARN, {**YARN, "type": "linear"}, {**YARN, "type": "ntk"}], ids=lambda s: s["type"]
+)
 def test_cached_generation_past_the_context(scaling):
     model = tiny(scaling)
     prompt = torch.randint(0, 97, (2, 8))

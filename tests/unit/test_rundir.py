@@ -19,8 +19,11 @@ def test_a_fresh_run_refuses_another_runs_dir(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     rundir.check_fresh(tmp_path, resume=None, overwrite=False)  # an empty checkpoints/ holds nothing
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ConfigError, match=r"already holds another run's metrics.jsonl; continue that run with "
-                                          r"resume=auto.*overwrite=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"already holds another run's metrics.jsonl; continue that run with "
+        r"resume=auto.*overwrite=true",
+    ):
         rundir.check_fresh(tmp_path, resume=None, overwrite=False)
     rundir.check_fresh(tmp_path, resume="auto", overwrite=False)
     rundir.check_fresh(tmp_path, resume=None, overwrite=True)
@@ -42,9 +45,16 @@ def test_the_lock_dies_with_its_process(tmp_path):
     """kill -9 of the owner leaves no stale lock: the kernel drops a flock with the process (the child takes it as
     RunDirLock does, without importing torch)."""
     lock = tmp_path / rundir.LOCK_FILE
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(lock)!r}, 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, time; f = open({str(lock)!r}, 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert rundir.in_use(tmp_path)
@@ -55,8 +65,15 @@ def test_the_lock_dies_with_its_process(tmp_path):
 
 
 def test_overwrite_clears_only_the_earlier_runs_artefacts(tmp_path):
-    for name in ("metrics.jsonl", "results.json", "sample.txt", "train.log", ".hydra/config.yaml",
-                 "checkpoints/step_0000002/model.safetensors", "tb/events"):
+    for name in (
+        "metrics.jsonl",
+        "results.json",
+        "sample.txt",
+        "train.log",
+        ".hydra/config.yaml",
+        "checkpoints/step_0000002/model.safetensors",
+        "tb/events",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert rundir.clear(tmp_path) == ["checkpoints", "metrics.jsonl", "results.json", "sample.txt", "tb"]
@@ -68,6 +85,9 @@ def test_resume_refuses_other_settings():
     check_same_run(saved, dict(saved), "auto", "ckpt")
     check_same_run({}, saved, "auto", "ckpt")  # a checkpoint from before fingerprints: nothing to compare
     other = {**saved, "seed": 7, "task.data": {"seq_len": 64, "source": {"max_bytes": 3}}}
-    with pytest.raises(ConfigError, match=r"resume=auto: ckpt was trained with other settings \(seed: checkpoint "
-                                          r"1337 vs now 7; task.data.source.max_bytes: checkpoint 2 vs now 3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"resume=auto: ckpt was trained with other settings \(seed: checkpoint "
+        r"1337 vs now 7; task.data.source.max_bytes: checkpoint 2 vs now 3\)",
+    ):
         check_same_run(saved, other, "auto", "ckpt")

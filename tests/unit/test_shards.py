@@ -44,24 +44,34 @@ def _meta(path):
 def test_killed_preparation_continues_to_the_same_shards(corpus, tmp_path, monkeypatch):
     tmp, source, tokenizer = corpus
     monkeypatch.setattr(pretrain_mod, "CHUNK_DOCS", 50)  # 8 chunks
-    whole = PretrainData(tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "a"), num_proc=2,
-                         shard_tokens=SHARD).prepare()
+    whole = PretrainData(
+        tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "a"), num_proc=2, shard_tokens=SHARD
+    ).prepare()
     path = tmp_path / "a" / "data" / whole.cache_key()
     assert len(whole.meta["shards"]["train"]) > 10 and not (path / "progress.json").exists()
     # the same preparation in a process killed (SIGKILL) after 3 chunks, between writing and recording them
-    script = (f"import llm.data.pretrain as m; from llm.data import FileCorpus, PretrainData, load_pretrained; "
-              f"m.CHUNK_DOCS = 50; PretrainData(load_pretrained({str(tmp / 'tokenizer')!r}), "
-              f"FileCorpus({str(tmp / 'docs.txt')!r}), seq_len=16, cache_dir={str(tmp_path / 'b')!r}, num_proc=2, "
-              f"shard_tokens={SHARD}).prepare()")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**__import__("os").environ,
-                          KILL_AFTER_ENV: "3"}, capture_output=True, text=True, timeout=120)
+    script = (
+        f"import llm.data.pretrain as m; from llm.data import FileCorpus, PretrainData, load_pretrained; "
+        f"m.CHUNK_DOCS = 50; PretrainData(load_pretrained({str(tmp / 'tokenizer')!r}), "
+        f"FileCorpus({str(tmp / 'docs.txt')!r}), seq_len=16, cache_dir={str(tmp_path / 'b')!r}, num_proc=2, "
+        f"shard_tokens={SHARD}).prepare()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**__import__("os").environ, KILL_AFTER_ENV: "3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     killed = tmp_path / "b" / "data" / whole.cache_key()
     progress = json.loads((killed / "progress.json").read_text())
     assert 0 < progress["next_document"] < 400 and not (killed / "meta.json").exists()
     monkeypatch.setattr(pretrain_mod, "CHUNK_DOCS", 70)  # other chunks, one process: the same shards
-    again = PretrainData(tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "b"), num_proc=1,
-                         shard_tokens=SHARD).prepare()
+    again = PretrainData(
+        tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "b"), num_proc=1, shard_tokens=SHARD
+    ).prepare()
     assert not again.from_cache
     assert _files(killed) == _files(path) and _meta(killed) == _meta(path)
     assert again.meta["num_documents"]["train"] + again.meta["num_documents"]["val"] == 398
@@ -70,8 +80,9 @@ def test_killed_preparation_continues_to_the_same_shards(corpus, tmp_path, monke
 def test_windows_and_resume_are_exact_across_shard_boundaries(corpus, tmp_path):
     tmp, source, tokenizer = corpus
     one = PretrainData(tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "one"), num_proc=1).prepare()
-    many = PretrainData(tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "many"), num_proc=1,
-                        shard_tokens=SHARD).prepare()
+    many = PretrainData(
+        tokenizer, source, seq_len=16, cache_dir=str(tmp_path / "many"), num_proc=1, shard_tokens=SHARD
+    ).prepare()
     assert len(one.meta["shards"]["train"]) == 1 and len(many.meta["shards"]["train"]) > 10
     assert np.array_equal(np.asarray(one.train.tokens), np.asarray(many.train.tokens))
     assert len(one.train) == len(many.train) and len(one.val) == len(many.val)
@@ -111,10 +122,15 @@ def test_a_streaming_dataset_is_tokenized_in_parallel_like_a_local_one(corpus, t
     rows = [{"content": " ".join(WORDS[i % 7 : i % 7 + 5 + i % 11])} for i in range(300)]
     (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     kwargs = dict(seq_len=8, num_proc=2, shard_tokens=SHARD)
-    local = PretrainData(tokenizer, HubCorpus(str(tmp_path / "ds"), text_field="content"),
-                         cache_dir=str(tmp_path / "l"), **kwargs).prepare()
-    streamed = PretrainData(tokenizer, HubCorpus(str(tmp_path / "ds"), text_field="content", streaming=True),
-                            cache_dir=str(tmp_path / "s"), **kwargs).prepare()
+    local = PretrainData(
+        tokenizer, HubCorpus(str(tmp_path / "ds"), text_field="content"), cache_dir=str(tmp_path / "l"), **kwargs
+    ).prepare()
+    streamed = PretrainData(
+        tokenizer,
+        HubCorpus(str(tmp_path / "ds"), text_field="content", streaming=True),
+        cache_dir=str(tmp_path / "s"),
+        **kwargs,
+    ).prepare()
     assert np.array_equal(np.asarray(local.train.tokens), np.asarray(streamed.train.tokens))
     assert streamed.meta["num_documents"] == local.meta["num_documents"]
     assert sum(streamed.meta["num_documents"].values()) == 300
@@ -126,8 +142,11 @@ def test_text_files_read_block_by_block_are_the_rows_of_datasets_text_loader(tmp
     import llm.data.textlines as textlines
 
     rng = np.random.default_rng(3)
-    pieces = [" ".join(rng.choice(WORDS + ["é", "漢字", "\x0b", "\u2028", "  "], size=int(rng.integers(0, 9))))
-              + str(rng.choice(["\n", "\n", "\r\n", "\r"])) for _ in range(300)]
+    pieces = [
+        " ".join(rng.choice(WORDS + ["é", "漢字", "\x0b", "\u2028", "  "], size=int(rng.integers(0, 9))))
+        + str(rng.choice(["\n", "\n", "\r\n", "\r"]))
+        for _ in range(300)
+    ]
     (tmp_path / "a.txt").write_bytes("".join(pieces).encode())
     (tmp_path / "b.txt").write_bytes(b"\n\nlast\r\r\nno break at the end")
     source = FileCorpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])

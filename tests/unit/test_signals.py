@@ -39,8 +39,10 @@ def test_ctrl_c_asks_to_save_and_a_second_one_aborts(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-@pytest.mark.parametrize("signum,exception,code", [(signal.SIGTERM, Preempted, 75), (signal.SIGUSR1, Preempted, 75),
-                                                   (signal.SIGINT, Interrupted, 130)])
+@pytest.mark.parametrize(
+    "signum,exception,code",
+    [(signal.SIGTERM, Preempted, 75), (signal.SIGUSR1, Preempted, 75), (signal.SIGINT, Interrupted, 130)],
+)
 def test_a_signal_before_the_first_step_stops_at_the_next_check(signum, exception, code):
     stop = StopSignals()
     with stop.installed():
@@ -67,12 +69,15 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_last(tmp_pat
             with pytest.raises(TrainingError) as info:
                 saver.save(4, model, opt, {"step": 4})
         path = tmp_path / "checkpoints" / "step_0000004"
-        assert str(info.value) == (f"checkpoint {path} could not be written (No space left on device); the newest "
-                                   f"complete checkpoint is {good if target == 'save_model' else path}")
+        assert str(info.value) == (
+            f"checkpoint {path} could not be written (No space left on device); the newest "
+            f"complete checkpoint is {good if target == 'save_model' else path}"
+        )
         assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step_0000002"
         assert ckpt.is_complete(good) and not list((tmp_path / "checkpoints").glob("*.tmp"))
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == (
-            ["last", "step_0000002"] if target == "save_model" else ["last", "step_0000002", "step_0000004"])
+            ["last", "step_0000002"] if target == "save_model" else ["last", "step_0000002", "step_0000004"]
+        )
 
 
 def test_sft_without_init_from_warns_loudly_unless_on_purpose():

@@ -20,22 +20,31 @@ def _job(sweep, name, overrides, results=None, error=None, checkpoint=False):
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if results is not None:
         (job / "results.json").write_text(json.dumps(results))
-        (job / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 3.0}) + "\n" +
-                                           json.dumps({"step": 10, "val_loss": results.get("val_loss", 2.0)}) + "\n")
+        (job / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "val_loss": 3.0})
+            + "\n"
+            + json.dumps({"step": 10, "val_loss": results.get("val_loss", 2.0)})
+            + "\n"
+        )
     if error:
         (job / "error.txt").write_text(error + "\n")
     if checkpoint:
         (job / "checkpoints" / "step_0000010").mkdir(parents=True)
 
 
-@pytest.mark.parametrize("metric,direction,order", [("val_loss", "minimize", ["1", "0", "3"]),
-                                                    ("exact_match", "maximize", ["0", "1", "3"])])
+@pytest.mark.parametrize(
+    "metric,direction,order", [("val_loss", "minimize", ["1", "0", "3"]), ("exact_match", "maximize", ["0", "1", "3"])]
+)
 def test_summary_sorts_marks_and_explains(tmp_path, metric, direction, order):
     _job(tmp_path, "0_optim.lr=0.001", ["optim.lr=0.001"], {"val_loss": 2.5, "exact_match": 0.9, "steps": 10})
     _job(tmp_path, "1_optim.lr=0.01", ["optim.lr=0.01"], {"val_loss": 2.0, "exact_match": 0.5, "steps": 10})
     _job(tmp_path, "2_optim.lr=-1", ["optim.lr=-1"], error="ConfigError: optim.lr=-1 must be a positive number")
-    _job(tmp_path, "3_optim.lr=0.1", ["optim.lr=0.1"], {"val_loss": 9.0, "exact_match": 0.0, "steps": 4,
-                                                        "stopped_early": "pruned at step 4"})
+    _job(
+        tmp_path,
+        "3_optim.lr=0.1",
+        ["optim.lr=0.1"],
+        {"val_loss": 9.0, "exact_match": 0.0, "steps": 4, "stopped_early": "pruned at step 4"},
+    )
     _job(tmp_path, "4_optim.lr=0.3", ["optim.lr=0.3"], checkpoint=True)
     summary = summarize(tmp_path, metric)
     assert summary["direction"] == direction == direction_of(metric)
@@ -112,8 +121,10 @@ def test_a_trial_killed_while_being_asked_gets_its_parameters(tmp_path):
     from hydra_plugins.llm_optuna_sweeper.optuna_sweeper import _all_params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
-             "trainer.batch_size": optuna.distributions.CategoricalDistribution([8, 16])}
+    space = {
+        "optim.lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
+        "trainer.batch_size": optuna.distributions.CategoricalDistribution([8, 16]),
+    }
     study = optuna.create_study(storage=default_storage(tmp_path))
     study.enqueue_trial({"optim.lr": 0.5, "trainer.batch_size": 16})
     enqueued, drawn = study.ask(), study.ask()  # RUNNING, no parameters yet: what the kill leaves

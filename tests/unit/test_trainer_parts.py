@@ -20,22 +20,31 @@ from llm.train.settings import CadenceSettings, HardwareSettings, LoopSettings
 
 
 def test_flat_keys_are_sorted_into_groups():
-    s = trainer_settings(max_steps=7, save_every=3, keep_last=2, strategy="ddp", nproc_per_node=2,
-                         sample={"prompt": "def ", "max_new_tokens": 4})
+    s = trainer_settings(
+        max_steps=7,
+        save_every=3,
+        keep_last=2,
+        strategy="ddp",
+        nproc_per_node=2,
+        sample={"prompt": "def ", "max_new_tokens": 4},
+    )
     assert s.loop == LoopSettings(max_steps=7)
     assert s.cadence == CadenceSettings(save_every=3, keep_last=2)
     assert s.hardware == HardwareSettings(strategy="ddp", nproc_per_node=2)
     assert s.sample == SampleSettings(prompt="def ", max_new_tokens=4)
 
 
-@pytest.mark.parametrize("flat,message", [
-    ({"max_step": 5}, "trainer.max_step is not a trainer setting; known: activation_checkpointing, batch_size"),
-    ({"sample": {"promt": "x"}}, "task.sample.promt is not a sample setting"),
-    ({"log_every": 0}, "trainer.log_every=0 must be an integer >= 1"),
-    ({"max_steps": -1}, "trainer.max_steps=-1 must be an integer >= 0"),
-    ({"precision": "fp8"}, "trainer.precision='fp8' is not allowed"),
-    ({"micro_batch_size": -2}, "trainer.micro_batch_size=-2 must be an integer >= 1 (or null)"),
-])
+@pytest.mark.parametrize(
+    "flat,message",
+    [
+        ({"max_step": 5}, "trainer.max_step is not a trainer setting; known: activation_checkpointing, batch_size"),
+        ({"sample": {"promt": "x"}}, "task.sample.promt is not a sample setting"),
+        ({"log_every": 0}, "trainer.log_every=0 must be an integer >= 1"),
+        ({"max_steps": -1}, "trainer.max_steps=-1 must be an integer >= 0"),
+        ({"precision": "fp8"}, "trainer.precision='fp8' is not allowed"),
+        ({"micro_batch_size": -2}, "trainer.micro_batch_size=-2 must be an integer >= 1 (or null)"),
+    ],
+)
 def test_bad_settings_name_the_key(flat, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trainer_settings(**flat)

@@ -51,8 +51,10 @@ BAD = [
     (["task.sample.temperature=-1"], "task.sample.temperature=-1 must be a finite number >= 0"),
     (["+task.sample.top_p=0"], "task.sample.top_p=0 must be a finite number in (0, 1] (or null)"),
     (["task=dpo", "task.objective.beta=nan"], "task.objective.beta=nan must be a finite number > 0"),
-    (["task=dpo", "task.objective.label_smoothing=0.5"], "task.objective.label_smoothing=0.5 must be a finite number "
-                                                           "in [0, 0.5)"),
+    (
+        ["task=dpo", "task.objective.label_smoothing=0.5"],
+        "task.objective.label_smoothing=0.5 must be a finite number in [0, 0.5)",
+    ),
     # seeds: the range NumPy accepts
     (["seed=abc"], "seed='abc' must be an integer in [0, 4294967295]"),
     (["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
@@ -84,10 +86,12 @@ def test_the_checks_return_what_passes():
 
 
 def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
-    settings = trainer_settings(max_steps=2, batch_size=4, seq_len=8, eval_batches=1, log_every=5, progress=False,
-                                nan_steps=[1, 2])
-    trainer = Trainer(_tiny_model(), _Data(), LanguageModeling(), OptimizerConfig(lr=1e-2), settings,
-                      RunInfo(str(tmp_path)))
+    settings = trainer_settings(
+        max_steps=2, batch_size=4, seq_len=8, eval_batches=1, log_every=5, progress=False, nan_steps=[1, 2]
+    )
+    trainer = Trainer(
+        _tiny_model(), _Data(), LanguageModeling(), OptimizerConfig(lr=1e-2), settings, RunInfo(str(tmp_path))
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(TrainingError, match="all 2 steps had a non-finite loss or gradient norm"):
         trainer.fit()
