@@ -163,7 +163,7 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.activation_checkpointing = False  # set by llm.train.parallel.parallelize
+        self.activation_checkpointing = False  # set by llm.dist.parallel.parallelize
 
     def _forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache))

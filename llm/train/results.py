@@ -1,0 +1,46 @@
+"""What a run says about itself: the plan it logs before the first step, and at the end `results.json`, the
+objective's own artefacts, the generated sample and the closing line. Only rank 0 writes files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loguru import logger
+
+from llm.dist.env import DistEnv
+from llm.train.settings import TrainerSettings
+from llm.train.state import TrainerState
+
+
+def log_plan(
+    run, env: DistEnv, n_params: int, max_steps: int, settings: TrainerSettings, accum_steps: int, micro_batch_size: int
+) -> None:
+    """The trainer's line before the first step: the task (`run.task`), device and ranks, the model, the batch."""
+    where = f"{run.task} on {env.device} ({env.world_size} rank(s)), model {n_params:,} parameters"
+    if not max_steps:
+        logger.info(f"trainer: {where}, evaluation only (no training step)")
+        return
+    loop, hw = settings.loop, settings.hardware
+    logger.info(
+        f"trainer: {where}, {max_steps} steps x {loop.batch_size} sequences x {loop.seq_len} "
+        f"tokens ({accum_steps} micro-batch(es) of {micro_batch_size} per rank), "
+        f"{'bf16 autocast' if hw.bf16(env.device.type) else 'fp32'}{', compiled' if hw.compile else ''}"
+    )
+
+
+def write_results(run_dir: Path, results: dict, objective, sample: str | None) -> None:
+    """results.json, the objective's task-specific artefacts (tables, plots) and sample.txt (rank 0)."""
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    objective.finish(results, run_dir)
+    if sample is not None:
+        (run_dir / "sample.txt").write_text(sample)
+        logger.info("sample:\n" + sample)
+
+
+def log_done(state: TrainerState, max_steps: int, run_dir: Path) -> None:
+    done = f"{state.step} steps in {state.seconds:.1f}s" if max_steps else f"evaluation in {state.seconds:.1f}s"
+    logger.info(
+        f"done: {done}, val_loss {state.initial_val_loss} -> {state.last_val_loss}; "
+        f"results in {run_dir / 'results.json'}"
+    )

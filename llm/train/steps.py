@@ -1,0 +1,101 @@
+"""The parts of a training step: the global batch split over ranks and micro-batches, the context check, the
+forward and backward over micro-batches, and the non-finite guard (a step whose gradient norm is not finite is
+skipped, counted on the device without a host sync; too many in a row stop the run, and a run whose every step
+was skipped trained nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from llm.contract import Objective, batch_tokens
+from llm.dist.parallel import set_gradient_sync
+from llm.errors import ConfigError, TrainingError
+
+
+def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """The global batch over ranks and micro-batches: (sequences per forward, accumulation steps). A micro-batch
+    of None is each rank's whole share."""
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or max(1, per_rank)
+    if batch_size % (micro * world_size):
+        raise ConfigError(
+            f"trainer.batch_size={batch_size} must be a multiple of trainer.micro_batch_size="
+            f"{micro} x {world_size} rank(s)"
+        )
+    return micro, per_rank // micro
+
+
+def check_fits(seq_len: int, max_seq_len: int) -> None:
+    if seq_len > max_seq_len:
+        raise ConfigError(
+            f"trainer.seq_len={seq_len} is longer than the model's context model.max_seq_len={max_seq_len}"
+        )
+
+
+def check_trained(steps: int, skipped: int) -> None:
+    """A run whose every step was skipped as non-finite trained nothing: an error, never 'done'."""
+    if steps and skipped >= steps:
+        raise TrainingError(
+            f"all {steps} steps had a non-finite loss or gradient norm and were skipped: nothing was "
+            f"trained (check optim.lr and the data); the checkpoints hold the starting weights"
+        )
+
+
+def accumulate(
+    model, objective: Objective, batches: Iterable[dict], n: int, autocast: Callable, nan: bool = False
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward over one step's `n` micro-batches: the gradients of their mean loss (reduced over the
+    ranks on the last micro-batch only). Returns the metrics' means (device tensors) and this rank's tokens.
+    `nan`: make the loss NaN (testing aid: trainer.nan_steps)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for m, batch in enumerate(batches):
+        tokens += batch_tokens(batch)
+        set_gradient_sync(model, m == n - 1)  # reduce on the last micro-batch only
+        with autocast():
+            loss, metrics = objective.loss(model, batch)
+        if nan:
+            loss = loss * float("nan")
+            metrics = {**metrics, "loss": loss.detach()}
+        (loss / n).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0) + v.float() / n
+    return sums, tokens
+
+
+class SkipCounter:
+    """Skipped steps, in all (carried over a resume: `skipped`) and in a row, as device tensors: read on the host
+    only when logging or saving."""
+
+    def __init__(self, skipped: int, device: torch.device):
+        self.skipped = torch.tensor(float(skipped), device=device)
+        self.consecutive = torch.zeros((), device=device)
+
+    def step(self, optimizer, grad_norm: torch.Tensor) -> None:
+        """The optimizer's update unless `grad_norm` is not finite, then the gradients cleared. Without a host sync:
+        a fused AdamW skips the whole update when found_inf is set. A non-finite loss gives non-finite gradients,
+        and the norm is over the reduced gradients: every rank agrees."""
+        bad = (~torch.isfinite(grad_norm)).float()
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad
+            optimizer.step()
+        elif not bad.item():
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += bad
+        self.consecutive = (self.consecutive + bad) * bad
+
+    def total(self) -> int:
+        return int(self.skipped.item())
+
+    def check(self, step: int, limit: int, skipped_in_all: int) -> None:
+        """TrainingError when the last `limit` steps were all skipped."""
+        consecutive = int(self.consecutive.item())
+        if consecutive >= limit:
+            raise TrainingError(
+                f"stopping at step {step}: {consecutive} consecutive steps had a non-finite loss or "
+                f"gradient norm (trainer.max_consecutive_skips={limit}); "
+                f"{skipped_in_all} skipped in all; the checkpoints hold finite weights"
+            )
