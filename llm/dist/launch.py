@@ -25,13 +25,13 @@ class LaunchError(LLMError):
     """A worker started by `launch` failed; the message is its error."""
 
 
-def _worker(fn, cfg: dict, run_dir: str, threads: int | None):
+def _worker(fn, cfg: dict, run_dir: str, threads: int | None, kwargs: dict):
     """One elastic worker: logging for its rank, the training function, the group torn down at the end."""
     if threads and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     setup_logging(run_dir, rank=int(os.environ.get("RANK", 0)))
     try:
-        return fn(cfg, run_dir)
+        return fn(cfg, run_dir, **kwargs)
     finally:
         shutdown()
 
@@ -43,10 +43,12 @@ def launch(
     run_dir: str,
     reraise: tuple[type[BaseException], ...] = (),
     on_signal: Callable[[str, str], BaseException] | None = None,
+    kwargs: dict | None = None,
 ):
-    """Run `fn(cfg, run_dir)` in `nproc` local worker processes forming one process group, through PyTorch's
-    elastic launcher (what torchrun uses). `fn` is a module-level function of an importable module (the workers
-    import it by name); `cfg` is the plain, resolved config (no Hydra in the workers).
+    """Run `fn(cfg, run_dir, **kwargs)` in `nproc` local worker processes forming one process group, through
+    PyTorch's elastic launcher (what torchrun uses). `fn` is a module-level function of an importable module (the
+    workers import it by name); `cfg` is the plain, resolved config (no Hydra in the workers); `kwargs` are
+    picklable objects the parent built for them.
     Returns rank 0's return value. A worker's failure raises LaunchError with its message, or — when its exception
     class is one of `reraise` (by name) — that exception class again, in this process. SIGTERM, SIGUSR1/SIGUSR2
     (warnings before a time limit), SIGINT, ... reaching this process are passed on to the workers (which may save
@@ -77,7 +79,7 @@ def launch(
     threads = max(1, (os.cpu_count() or 1) // nproc) if not torch.cuda.is_available() else None
     logger.info(f"launching {nproc} worker processes (elastic launcher, one process group)")
     try:
-        results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads)
+        results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads, kwargs or {})
     except SignalException as e:
         if on_signal is None:
             raise

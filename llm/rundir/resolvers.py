@@ -1,6 +1,6 @@
 """The run dir's Hydra side: the claim a Hydra job makes on its dir (`claim_run_dir`), and the OmegaConf resolvers
 conf/hydra/default.yaml uses (a sweep job's dir name, where `.hydra/` is written). Importing this module registers
-the resolvers (run.py imports it, and so do SLURM tasks that unpickle run.py's task function, through llm.job)."""
+the resolvers (run.py imports it, and so do SLURM tasks that unpickle run.py's task function)."""
 
 from __future__ import annotations
 

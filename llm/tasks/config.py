@@ -1,9 +1,11 @@
 """From a composed config to plain objects: `build` (one `_target_`, logged, with a user's mistakes as one-line
-errors) and `validate` (every key checked before any work); the overrides a run was started with."""
+errors) and `validate` (every key checked before any work); what a task's entry is told about its job
+(`JobInfo`); the overrides a run was started with."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -12,9 +14,30 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llm.dist.signals import StopSignals
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.model import gpt_config
 from llm.rundir.writable import check_writable_dir
+
+
+@dataclass
+class JobInfo:
+    """What a task's entry (`task.entry`, called as `entry(cfg, job)`) is told about its Hydra job."""
+
+    run_dir: Path
+    overrides: list[str]  # the command line's overrides of this job
+    hydra: DictConfig  # the job's Hydra config (a sweep's settings: an Optuna trial finds its study there)
+    stop: StopSignals  # caught for the whole job; `stop.check(where)` before long steps
+
+    @property
+    def explicit(self) -> set[str]:
+        """The keys set on the command line."""
+        return {o.split("=")[0].lstrip("+~") for o in self.overrides}
+
+    @property
+    def rescaled(self) -> bool:
+        """Whether the command line sets the RoPE scaling (extrapolation=... or one of its keys)."""
+        return any(k.split(".")[0] == "extrapolation" for k in self.explicit)
 
 
 def build(node: DictConfig, what: str, **kwargs):

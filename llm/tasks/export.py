@@ -8,17 +8,19 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from llm.checkpoint.files import load_checkpoint_model
-from llm.hf import is_hf_model_dir, load_hf, save_hf
+from llm.hf import save_hf
+from llm.tasks.config import JobInfo
+from llm.tasks.source import open_source
 
 
-def export(cfg: DictConfig, run_dir: Path) -> dict:
-    """task=export: the init_from model (its RoPE scaling, or extrapolation=... when set) as a Hugging Face model
-    dir, by default `hf/` in this run's dir; results.json says what was written."""
-    init = Path(cfg.init_from)
+def run(cfg: DictConfig, job: JobInfo) -> dict:
+    """task=export (its entry): the init_from model (its RoPE scaling, or extrapolation=... when set) as a Hugging
+    Face model dir, by default `hf/` in this run's dir; results.json says what was written."""
+    source = open_source(cfg, job.explicit)
+    job.stop.check("after resolving init_from")
+    run_dir, init = job.run_dir, source.path
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True)
-    load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
-    model, tokenizer = load(init, rope_scaling)
+    model, tokenizer = source.load(rope_scaling)
     out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
     written = save_hf(model, tokenizer, out_dir, cfg.task.get("dtype"))
     results = {"task": "export", "init_from": str(init), **written}

@@ -10,32 +10,34 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from llm.checkpoint.files import load_checkpoint_model
 from llm.data.chat import reserved_chat_template
-from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
-from llm.hf import harness, is_hf_model_dir, load_hf, save_hf
-from llm.tasks.config import build, read_overrides
+from llm.hf import harness, save_hf
+from llm.tasks.config import JobInfo, build, read_overrides
+from llm.tasks.source import open_source
 from llm.utils import git_commit
 
 
-def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False) -> dict:
-    """task=lm_eval: lm-eval's scores of the init_from model on task.tasks. An HF model dir is scored as it is
-    (unless extrapolation=... rescales it); a run or checkpoint is exported to `hf/` in this run's dir first, as
-    task=export does. Our tasks' files go to `lm_eval/`, lm-eval's per-example records to `lm_eval/samples/`.
-    Everything is checked (names, settings, rows, chat template) before anything is written."""
-    start, t = time.time(), cfg.task
+def run(cfg: DictConfig, job: JobInfo) -> dict:
+    """task=lm_eval (its entry): lm-eval's scores of the init_from model on task.tasks. An HF model dir is scored
+    as it is (unless extrapolation=... rescales it); a run or checkpoint is exported to `hf/` in this run's dir
+    first, as task=export does. Our tasks' files go to `lm_eval/`, lm-eval's per-example records to
+    `lm_eval/samples/`. Everything is checked (lm-eval itself, names, settings, rows, chat template) before
+    anything is written."""
+    version = harness.require_lm_eval()  # before any work
+    source = open_source(cfg, job.explicit)
+    job.stop.check("after resolving init_from")
+    start, t, run_dir = time.time(), cfg.task, job.run_dir
     names = harness.check_task_names(OmegaConf.to_container(t.tasks) if OmegaConf.is_list(t.tasks) else t.tasks)
     device = harness.check_settings(names, t.limit, t.num_fewshot, t.batch_size, t.max_new_tokens, t.device)
     manager = harness.task_manager(names)
-    init, ours = Path(cfg.init_from), [n for n in names if n in harness.OUR_TASKS]
-    reuse = is_hf_model_dir(init) and not rescaled
+    init, ours = source.path, [n for n in names if n in harness.OUR_TASKS]
+    reuse = source.hf and not job.rescaled
     model = None
     if reuse:
-        tokenizer = load_pretrained(str(init))
+        tokenizer = source.tokenizer()
     else:
-        load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
-        model, tokenizer = load(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
+        model, tokenizer = source.load(OmegaConf.to_container(cfg.extrapolation, resolve=True))
         reserved_chat_template(tokenizer)  # as save_hf does: the export's tokenizer
     examples = []
     if ours and t.get("rows") is None:

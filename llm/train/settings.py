@@ -68,7 +68,7 @@ class HardwareSettings:
     compile: bool = False
     activation_checkpointing: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
-    nproc_per_node: int = 1  # read by the launcher (llm.job): worker processes on this node
+    nproc_per_node: int = 1  # read by the training entry (llm.tasks.train): worker processes on this node
     peak_flops: float = 989e12  # for MFU (H100 bf16 dense)
 
     def __post_init__(self):

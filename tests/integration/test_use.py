@@ -15,7 +15,7 @@ from llm.data.hub import offline_reason
 from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
-from llm.job import resolve_init_from
+from llm.tasks.source import resolve_init_from
 from tests.conftest import SMALL, compose_config, run_cli
 
 pytestmark = pytest.mark.integration

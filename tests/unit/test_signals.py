@@ -17,8 +17,8 @@ import llm.dist.signals as cluster
 from llm.checkpoint.checkpointer import Checkpointer
 from llm.dist.signals import Interrupted, Preempted, StopSignals
 from llm.errors import TrainingError
-from llm.job import resolve_init_from
 from llm.model import build_gpt
+from llm.tasks.source import resolve_init_from
 from llm.train.optim import OptimizerConfig
 from tests.conftest import compose_config
 
