@@ -25,6 +25,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
 from llm.model import GPT, GPTConfig
+from llm.model.rope import parse_scaling
+from llm.utils.files import atomic_dir, fsync_dir, write_atomic
 
 MANIFEST = "manifest.json"
 
@@ -39,14 +41,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -85,18 +79,8 @@ def save_checkpoint(
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
     llm.checkpoint.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids)."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(directory, fsync=True) as tmp:  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
         _write(tmp, model, optimizer, trainer_state, model_config, tokenizer)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
-        raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    _fsync_dir(directory.parent)
     return directory
 
 
@@ -116,7 +100,7 @@ def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict,
             os.fsync(f.fileno())
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def is_complete(directory: str | Path, verify: bool = True) -> bool:
@@ -245,14 +229,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
 
 def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
     """`checkpoints/last` names the newest complete checkpoint (written atomically)."""
-    root = Path(run_dir) / "checkpoints"
-    tmp = root / "last.tmp"
-    try:
-        tmp.write_text(checkpoint.name + "\n")
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(root / "last")
+    write_atomic(Path(run_dir) / "checkpoints" / "last", checkpoint.name + "\n")
 
 
 # Model-config keys that must match for weights to be loadable (init_from); resume compares every key.
@@ -275,7 +252,10 @@ DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were w
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
-    saved = {**DEFAULTS, **saved}
+    saved, now = {**DEFAULTS, **saved}, dict(now)
+    for side in (saved, now):  # compared parsed: checkpoints written before GPTConfig kept the parsed form
+        if side.get("rope_scaling") is not None:
+            side["rope_scaling"] = parse_scaling(side["rope_scaling"])
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows

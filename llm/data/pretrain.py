@@ -34,6 +34,7 @@ from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.sources import FileCorpus
 from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
 from llm.errors import ConfigError, DataError
+from llm.utils.files import write_atomic
 
 FORMAT_VERSION = 2  # 2: token shards + index (1: one train.bin / val.bin)
 SHARD_TOKENS = 1 << 24  # tokens per shard: 32 MiB as uint16
@@ -275,8 +276,7 @@ class PretrainData(Data):
                 else f"data: every document of {self.source.describe()} is empty"
             )
         meta = {**settings, "source": self.source.describe(), "vocab_size": len(self.tokenizer), **done}
-        (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-        (path / "meta.json.tmp").replace(path / "meta.json")  # last: marks the corpus complete
+        write_atomic(path / "meta.json", json.dumps(meta, indent=1))  # last: marks the corpus complete
         (path / "progress.json").unlink()
         logger.info(
             f"data: tokenized {documents:,} documents, {tokens:,} tokens in {done['seconds']:.1f}s "

@@ -10,7 +10,6 @@ written into `<dir>.tmp` and renamed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
 from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
 from llm.model import GPT, GPTConfig
+from llm.utils.files import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -87,10 +87,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     eos = [tokenizer.eos_token_id]
     if uses_builtin_template(tokenizer) and stop_token_id(tokenizer) not in eos:
         eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|>
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
         tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(model).items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = config_to_hf(model.config, dtype, special)
@@ -98,12 +95,6 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
         generation = {**special, "eos_token_id": eos if len(eos) > 1 else eos[0]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out),
         "architecture": ARCHITECTURES[kind],

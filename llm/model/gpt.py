@@ -26,11 +26,11 @@ from llm.model.rope import RotaryEmbedding, apply_rotary, parse_scaling
 class GPTConfig:
     vocab_size: int = 4096  # real tokenizer size; the embedding is padded up to `pad_vocab_to`
     n_layer: int = 4
-    n_head: int = 4
+    n_head: int = 6
     n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
-    d_model: int = 256
+    d_model: int = 192
     ffn_hidden: int | None = None  # None: 4*D for GELU, 8/3*D rounded up to a multiple of 64 for SwiGLU
-    max_seq_len: int = 256  # the training context; learned positions cannot go past it
+    max_seq_len: int = 128  # the training context; learned positions cannot go past it
     pos_emb: str = "rope"  # rope | learned
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     mlp: str = "swiglu"  # swiglu | gelu
@@ -63,9 +63,8 @@ class GPTConfig:
             raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-            parse_scaling(self.rope_scaling)  # the extrapolation keys, checked with the rest of the config
+        if self.rope_scaling is not None:  # checked with the rest of the config; kept parsed (defaults filled in)
+            self.rope_scaling = parse_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:

@@ -33,8 +33,15 @@ def _number(key: str, value, minimum: float = 0.0):
     return check_number(f"extrapolation.{key}", value, 0, low_open=True)
 
 
-def parse_scaling(scaling: dict | None) -> dict:
+class RopeScaling(dict):
+    """An `extrapolation` dict as `parse_scaling` returns it: checked, with the defaults filled in. GPTConfig keeps
+    this form; parsing it again returns it unchanged (the scaling is parsed once)."""
+
+
+def parse_scaling(scaling: dict | None) -> RopeScaling:
     """Validate an `extrapolation` dict and fill in the defaults (those of HF); None or {} mean type none."""
+    if isinstance(scaling, RopeScaling):
+        return scaling
     s = dict(scaling or {})
     kind = s["type"] = str(s.get("type", "none"))
     if kind not in SCALING_TYPES:
@@ -46,7 +53,7 @@ def parse_scaling(scaling: dict | None) -> dict:
             f"(its keys: {sorted(SCALING_KEYS[kind])})"
         )
     if kind == "none":
-        return s
+        return RopeScaling(s)
     if s.get("factor") is None:
         raise ConfigError(f"extrapolation.factor is required for extrapolation.type={kind!r}")
     s["factor"] = float(_number("factor", s["factor"], 1.0))
@@ -73,7 +80,7 @@ def parse_scaling(scaling: dict | None) -> dict:
         s["truncate"] = s.get("truncate", True)
         if not isinstance(s["truncate"], bool):
             raise ConfigError(f"extrapolation.truncate={s['truncate']!r} must be true or false")
-    return s
+    return RopeScaling(s)
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from llm.eval.length import write_table_and_plot
+from llm.utils.files import write_atomic
 
 ERROR_FILE = "error.txt"  # a failed sweep job's one-line error, in its dir
 # higher is better for these; every other metric (losses, perplexities) is minimised
@@ -132,8 +133,8 @@ def summarize(
     for row in rows:
         cells = [_fmt(c) for c in row[:-2]] + [_fmt(row[-1])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    write_atomic(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
     plot_sweep(jobs, swept, metric, sweep_dir / "sweep.png", set(log_params))
     length_jobs = {j.results.get("method", j.name): j.results for j in jobs if "ppl_by_length" in j.results}
     if length_jobs:

@@ -114,7 +114,8 @@ def validate(cfg: DictConfig) -> dict:
     }
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
-    gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
+    model = gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
+    built["rope_scaling"] = model.rope_scaling  # parsed here, once: the model is built with this form
     for group in ("data", "tokenizer", "post_data"):
         _check_tree(group, plain.get(group) or {})
     _check_tree("task.data", plain["task"].get("data") or {})

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm.hf import save_hf
 from llm.tasks.config import JobInfo
 from llm.tasks.source import open_source
+from llm.utils.files import write_atomic
 
 
 def run(cfg: DictConfig, job: JobInfo) -> dict:
@@ -24,7 +25,7 @@ def run(cfg: DictConfig, job: JobInfo) -> dict:
     out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
     written = save_hf(model, tokenizer, out_dir, cfg.task.get("dtype"))
     results = {"task": "export", "init_from": str(init), **written}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     logger.info(
         f"exported {written['architecture']} ({written['params']:,} parameters, {written['dtype']}) to "
         f"{written['out_dir']}: load it with transformers.AutoModelForCausalLM.from_pretrained(dir)"

@@ -16,6 +16,7 @@ from llm.hf import harness, save_hf
 from llm.tasks.config import JobInfo, build, read_overrides
 from llm.tasks.source import open_source
 from llm.utils import git_commit
+from llm.utils.files import write_atomic
 
 
 def run(cfg: DictConfig, job: JobInfo) -> dict:
@@ -77,7 +78,7 @@ def run(cfg: DictConfig, job: JobInfo) -> dict:
         "overrides": read_overrides(run_dir),
         "git_commit": git_commit(Path(__file__).parent),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     for key, value in scores.items():
         logger.info(f"{key} = {value}")
     return results

@@ -81,7 +81,7 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals, source: ModelSourc
             tokenizer = build(cfg.tokenizer, "tokenizer")
     stop.check("after building the tokenizer")
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
-    model = build_model(cfg, source, len(tokenizer))
+    model = build_model(cfg, source, len(tokenizer), parts["rope_scaling"])
     logger.info(f"model: {model.num_params():,} parameters")
     stop.check("after building the model")
     early_stop = TrialPruner(**cfg.trial) if cfg.get("trial") and env_rank() == 0 else None  # a sweep trial
@@ -111,10 +111,10 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals, source: ModelSourc
     return trainer.fit()
 
 
-def build_model(cfg: DictConfig, source: ModelSource | None, n_tokens: int):
-    """The model of `cfg.model` with the extrapolation's RoPE scaling: from random weights for `n_tokens` tokens,
-    or with the source's weights (its vocabulary grown to `n_tokens` when the data added tokens)."""
-    rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
+def build_model(cfg: DictConfig, source: ModelSource | None, n_tokens: int, rope_scaling: dict | None):
+    """The model of `cfg.model` with the RoPE scaling `validate` parsed from the extrapolation group: from random
+    weights for `n_tokens` tokens, or with the source's weights (its vocabulary grown to `n_tokens` when the data
+    added tokens)."""
     if source is None:
         return build(cfg.model, "model", vocab_size=n_tokens, rope_scaling=rope_scaling)
     saved = source.config  # keys the model presets do not carry (an imported model's untied head, norm eps, ...)

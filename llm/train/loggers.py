@@ -19,6 +19,7 @@ from loguru import logger
 
 from llm.dist.parallel import all_reduce_mean
 from llm.rundir import owner as rundir
+from llm.utils.files import write_atomic
 
 
 class MetricsWindow:
@@ -105,9 +106,7 @@ class JsonlLogger:
                 for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
                 if self.start_step and _step_of(line) is not None and _step_of(line) <= self.start_step
             ]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(kept), encoding="utf-8")
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:

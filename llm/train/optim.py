@@ -17,11 +17,11 @@ from llm.errors import ConfigError, check_bool, check_choice, check_int, check_n
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
+    lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear)
     fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device

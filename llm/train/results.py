@@ -11,6 +11,7 @@ from loguru import logger
 from llm.dist.env import DistEnv
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState
+from llm.utils.files import write_atomic
 
 
 def log_plan(
@@ -31,7 +32,7 @@ def log_plan(
 
 def write_results(run_dir: Path, results: dict, objective, sample: str | None) -> None:
     """results.json, the objective's task-specific artefacts (tables, plots) and sample.txt (rank 0)."""
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     objective.finish(results, run_dir)
     if sample is not None:
         (run_dir / "sample.txt").write_text(sample)
