@@ -1,7 +1,8 @@
 """The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
 
 from llm.model.config import GPTConfig, gpt_config
-from llm.model.gpt import GPT, KVCache, build_gpt, flops_per_token, sample_next_token
+from llm.model.generation import KVCache, sample_next_token
+from llm.model.gpt import GPT, build_gpt, flops_per_token
 
 __all__ = [
     "GPT",
