@@ -9,10 +9,10 @@ are off by default, so a config without them builds the same model bit for bit:
                             attention to the last `sliding_window` positions only, in every layer (Mistral) or in
                             the listed ones (Qwen with use_sliding_window, Gemma 3's 5 local : 1 global), those
                             layers optionally with their own unscaled RoPE base (Gemma 3)
-  scale_embeddings, norm_unit_offset, mlp=geglu, post_norms, query_pre_attn_scalar, attn_softcap, logit_softcap
+  scale_embeddings, norm_unit_offset, mlp=geglu, post_norms, query_pre_attn_scalar, logit_softcap
                             Gemma: embedding x sqrt(D), RMSNorm weight applied as 1 + w, GELU-tanh gated MLP, a norm
                             after attention and after the MLP as well as before, attention scaled by
-                            query_pre_attn_scalar^-1/2, tanh soft-capping of attention scores and final logits
+                            query_pre_attn_scalar^-1/2, tanh soft-capping of the final logits
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ class GPTConfig:
     norm_unit_offset: bool = False  # RMSNorm weight stored as w, applied as 1 + w, initialised 0 (Gemma)
     post_norms: bool = False  # also a norm on the attention and MLP outputs, before the residual add (Gemma 2/3)
     query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar^-1/2; None: head_dim^-1/2
-    attn_softcap: float | None = None  # attention scores -> c * tanh(scores / c) (Gemma 2)
-    logit_softcap: float | None = None  # final logits -> c * tanh(logits / c) (Gemma 2)
+    logit_softcap: float | None = None  # final logits -> c * tanh(logits / c) (Gemma 2/3's final_logit_softcapping)
     family: str | None = None  # the HF model_type an imported model came from, written back on export
 
     def __post_init__(self):
@@ -67,7 +66,7 @@ class GPTConfig:
         check_int("model.ffn_hidden", self.ffn_hidden, 1, allow_none=True)
         for key in ("bias", "qkv_bias", "qk_norm", "scale_embeddings", "norm_unit_offset", "post_norms"):
             check_bool(f"model.{key}", getattr(self, key))
-        for key in ("local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "logit_softcap"):
+        for key in ("local_rope_theta", "query_pre_attn_scalar", "logit_softcap"):
             check_number(f"model.{key}", getattr(self, key), 0, low_open=True, allow_none=True)
         if self.family is not None and not isinstance(self.family, str):
             raise ConfigError(f"model.family={self.family!r} must be a Hugging Face model_type or null")

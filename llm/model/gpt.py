@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import ConfigError
-from llm.model.attention import attend, causal_mask, sliding_mask
+from llm.model.attention import causal_mask, sliding_mask
 from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy
 from llm.model.generation import KVCache, stream
@@ -61,7 +61,6 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5  # None: hd^-1/2
-        self.softcap = cfg.attn_softcap
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -81,8 +80,16 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)  # [B, K, past+T, hd]
         if attn_mask is None and past > 0 and T > 1:  # causal mask aligned to the end of the keys
             attn_mask = causal_mask(T, past, x.device)
-        dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, attn_mask, attn_mask is None and past == 0, self.scale, self.softcap, dropout)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past == 0,
+            scale=self.scale,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # [B, H, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # [B, H, T, hd] -> [B, T, D]
 
 
