@@ -3,7 +3,8 @@
 sliding layers), Qwen 3 (QK-norm, YaRN, sliding layers), Gemma 3 (every Gemma option, local and global RoPE,
 soft-capping) and GPT-2. Each: logits equal to transformers' at 1x and 4x its context with windows shorter than
 the text, greedy generation equal to transformers' past the window, an export of the import holding the very same
-tensors, loaded by AutoModelForCausalLM as the same class with the same logits."""
+tensors under the family's own class (tests/integration/test_families_use.py loads the exports after 3 SFT steps
+through run.py in transformers, and compares the logits)."""
 
 from __future__ import annotations
 
@@ -110,8 +111,8 @@ def test_family_in_and_out(tiny_tokenizer, tmp_path, kind):
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mine = model.generate(prompt, 3 * WINDOW, temperature=0)  # past the window: the cache's band mask
-        hf_out = theirs.generate(prompt, max_new_tokens=3 * WINDOW, do_sample=False, eos_token_id=None, pad_token_id=0)
+        mine = model.generate(prompt, WINDOW + 4, temperature=0)  # past the window: the band mask on the cache
+        hf_out = theirs.generate(prompt, max_new_tokens=WINDOW + 4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert mine.tolist() == hf_out.tolist()
 
     written = save_hf(model, tok, tmp_path / "back")  # a round trip with no training: the very same tensors
@@ -119,10 +120,8 @@ def test_family_in_and_out(tiny_tokenizer, tmp_path, kind):
     before, after = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
     before = {k: v for k, v in before.items() if not k.endswith(".attn.bias")}  # GPT-2's old mask buffers
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
-    assert type(back).__name__ == CLASSES[kind] == type(theirs).__name__
-    x = torch.randint(0, V, (2, 4 * CTX), generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(logits(back, x), logits(model, x), rtol=0, atol=1e-4)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())  # transformers loads it after SFT:
+    assert config["architectures"] == [CLASSES[kind]] and config["model_type"] == kind  # test_families_use.py
 
 
 def test_families_refuse_what_they_lack(tiny_tokenizer, tmp_path):
