@@ -12,7 +12,6 @@ import importlib
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from llm.errors import ConfigError, DataError
 
@@ -21,12 +20,16 @@ class RewardError(DataError):
     """A reward function returned something that is not one finite number per completion."""
 
 
-@dataclass(frozen=True)
 class Reward:
-    name: str  # in the metrics: rewards/<name>/mean
-    fn: Callable  # fn(prompts, completions, rows) -> list of floats
-    weight: float = 1.0
-    target: str = ""  # the dotted path it was loaded from (for errors)
+    """One loaded reward: `name` (in the metrics: rewards/<name>/mean), `fn(prompts, completions, rows)`, its
+    `weight` in the total, and `target`, the dotted path it came from (for errors). A plain class, not a
+    dataclass: Hydra's instantiate passes it through as it is."""
+
+    def __init__(self, name: str, fn: Callable, weight: float = 1.0, target: str = ""):
+        self.name, self.fn, self.weight, self.target = name, fn, weight, target or name
+
+    def __repr__(self) -> str:
+        return f"Reward({self.name!r}, {self.target}, weight={self.weight})"
 
 
 def _import(path: str, key: str) -> Callable:
