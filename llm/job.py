@@ -34,7 +34,6 @@ from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer
                     read_hf_config, save_hf)
 from llm.hf import harness
 from llm.model import gpt_config
-from llm.rewards import load_rewards
 from llm.train import rundir
 from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
                                   load_model_weights, read_json, resolve_checkpoint)
@@ -217,7 +216,7 @@ def validate(cfg: DictConfig) -> dict:
     # the groups whose keys the data groups interpolate (task.data.seq_len: ${trainer.seq_len}) come first, so an
     # error names the key the user typed
     built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
-             "objective": build(cfg.task.objective, "objective", **task_rewards(plain["task"]))}
+             "objective": build(cfg.task.objective, "objective")}
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
@@ -226,11 +225,6 @@ def validate(cfg: DictConfig) -> dict:
     _check_tree("task.data", plain["task"].get("data") or {})
     check_cache_dirs(plain)
     return built
-
-
-def task_rewards(task: dict) -> dict:
-    """A task with `rewards` (task=grpo): its objective gets them loaded (each `_target_` imported, not called)."""
-    return {"rewards": load_rewards(task["rewards"])} if task.get("rewards") is not None else {}
 
 
 def check_cache_dirs(plain: dict) -> None:
