@@ -1,4 +1,4 @@
-"""Generation for `gpt.GPT`: the preallocated KV cache, one sampling step, and the decoding loop.
+"""Generation for `gpt.GPT`: the preallocated KV cache and the decoding loop (batched, with left padding).
 
 The loop feeds the prompt once, then one token per step against the cache; learned positions at the end of their
 table fall back to a cropped context without a cache. Sliding-max_context layers keep every position in the cache and
@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from llm.model.config import GPTConfig
+from llm.model.sampling import left_padding_inputs, sample_next_token
 
 
 class KVCache:
@@ -33,24 +34,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits [B, V] -> token ids [B, 1]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
 @torch.no_grad()
 def stream(
     model,
@@ -62,8 +45,10 @@ def stream(
     eos_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ):
-    """`GPT.stream`: yields each step's new tokens [B, 1] (for printing as they come).
+    """`GPT.stream`: yields each step's new tokens [B, 1] (for printing as they come). attention_mask [B, T0]
+    (1 = token, 0 = padding on the left): see `GPT.generate`.
 
     Learned positions see at most the last max_seq_len tokens: past that the context is cropped (and the KV
     cache, whose positions would run past the table, is given up)."""
@@ -89,17 +74,24 @@ def stream(
         )
     out, step_input = input_ids, input_ids
     done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    keep = None if attention_mask is None else attention_mask.bool()  # [B, tokens so far]: False on padding
     try:
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + step_input.size(1) > max_context:
                 cache = None  # learned positions at the end of their table: the last `max_context` tokens, no cache
             context = step_input if cache is not None else out[:, -max_context:]
-            logits = model(context, kv_cache=cache)[:, -1, : model.config.vocab_size]
+            padded = {}
+            if keep is not None:  # the keys so far: the cache's and the context's
+                keys = keep[:, -max_context:] if cache is None else keep
+                padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
+            logits = model(context, kv_cache=cache, **padded)[:, -1, : model.config.vocab_size]
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
             if eos_token_id is not None:
                 next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
                 done |= next_token[:, 0] == eos_token_id
             out = torch.cat([out, next_token], dim=1)
+            if keep is not None:
+                keep = torch.cat([keep, torch.ones_like(next_token, dtype=torch.bool)], dim=1)
             step_input = next_token
             yield next_token
             if eos_token_id is not None and bool(done.all()):
