@@ -29,7 +29,7 @@ from llm.model import flops_per_token, unwrap_model
 from llm.train.checkpointer import Checkpointer
 from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig
+from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
 from llm.train.parallel import clip_grad_norm_, eval_shard, parallelize, reduce_sums, set_gradient_sync
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
@@ -83,6 +83,7 @@ class Trainer:
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
         check_fits(settings.loop.seq_len, model.config.max_seq_len)
+        optim.check_strategy(settings.hardware.strategy)  # before the data is prepared: optim=muon refuses fsdp
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -110,6 +111,7 @@ class Trainer:
         self.model = parallelize(self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing,
                                  hw.precision)
         self.optimizer = self.optim.build(self.raw_model, self.device.type) if self.max_steps else None
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []  # as configured
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.stop.check("after preparing the data and the objective")  # the two steps that may take long
@@ -145,9 +147,7 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
         """One optimizer step over `accum_steps` micro-batches: (metrics, device tensors; tokens of all ranks)."""
         indices = self.sampler.next_indices()
-        lr = self.optim.lr_at(self.state.step, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lrs(self.optimizer, self.peak_lrs, self.optim.lr_factor(self.state.step, self.max_steps))
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         micro = self.micro_batch_size
@@ -264,7 +264,7 @@ class Trainer:
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
         record = self.window.mean()
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
         record["tokens_per_s"] = self.window.tokens_per_s()
         record["tokens"] = st.tokens_seen
         record["wall_seconds"] = self._wall()  # to plot against time
