@@ -37,8 +37,8 @@ def load_average() -> str:
         return "n/a"
 
 
-def run_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int) -> dict:
-    """One training run through run.py; its evaluations (step, wall_seconds, val_loss, val_bpb) and results."""
+def start_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int, threads: int | None = None):
+    """Start one training run through run.py (threads: its torch threads, else torch's default)."""
     cmd = [
         sys.executable,
         str(RUN_PY),
@@ -47,11 +47,24 @@ def run_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int) 
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    print(f"[{name}] {shlex.join(cmd[1:])}  (load {load_average()})", flush=True)
+    log = open(run_dir.with_suffix(".log"), "w")  # the child's output; closed when it ends
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.log = log
+    return proc
+
+
+def run_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int, proc=None) -> dict:
+    """One training run through run.py (or the one `proc` runs): its evaluations (step, wall_seconds,
+    val_loss, val_bpb) and results."""
     load_before, started = load_average(), time.perf_counter()
-    print(f"[{name}] {shlex.join(cmd[1:])}  (load {load_before})", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = proc or start_recipe(name, overrides, run_dir, eval_every)
+    proc.wait()
+    proc.log.close()
     if proc.returncode != 0:
-        sys.exit(f"error: recipe {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        tail = run_dir.with_suffix(".log").read_text()[-3000:]
+        sys.exit(f"error: recipe {name} failed (exit {proc.returncode}), {run_dir.with_suffix('.log')}:\n{tail}")
     evals = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -184,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--common", default="", help="overrides of both (model, data, experiment=...)")
     parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (both recipes)")
     parser.add_argument("--rounds", type=int, default=1, help="A then B, then B then A, ...")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run A and B at the same time, one torch thread each: on a machine shared with other "
+        "work both then see the same load (the default runs them in turn with torch's threads)",
+    )
     parser.add_argument("--out", default="recipe_bench", help="dir for the runs, the table and the plot")
     args = parser.parse_args(argv)
     common, recipes = shlex.split(args.common), {"A": shlex.split(args.a), "B": shlex.split(args.b)}
@@ -194,9 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     runs, rows = [], []
     for rnd in range(1, args.rounds + 1):
         order = ["A", "B"] if rnd % 2 else ["B", "A"]
+        dirs = {name: out / f"round{rnd}_{name}" for name in order}
+        procs = (
+            {name: start_recipe(name, common + recipes[name], dirs[name], args.eval_every, threads=1) for name in order}
+            if args.concurrent
+            else {}
+        )
         done = {}
         for name in order:
-            done[name] = run_recipe(name, common + recipes[name], out / f"round{rnd}_{name}", args.eval_every)
+            done[name] = run_recipe(name, common + recipes[name], dirs[name], args.eval_every, procs.get(name))
             done[name]["round"] = rnd
             runs.append(done[name])
         rows.append(compare(done["A"], done["B"]))

@@ -3,8 +3,8 @@ group's peak lr. No state of its own, so a resumed run needs only the step.
 
     cosine | linear   warmup, then decay over all remaining steps to min_lr_ratio
     constant          warmup, then the peak lr
-    wsd               warmup, stable at the peak, then decay over the last decay_fraction of the steps
-                      (warmup-stable-decay, "trapezoidal"; the shape of the decay: linear or 1-sqrt)
+    wsd               warmup, stable at the peak, then decay over the last decay_fraction of the steps (those
+                      after the warmup at most): warmup-stable-decay, "trapezoidal"; the decay linear or 1-sqrt
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def lr_factor(
     if schedule == "constant":
         return 1.0
     if schedule == "wsd":
-        decay_steps = round(decay_fraction * max_steps)
-        start = max_steps - decay_steps  # the first step of the decay; before it, the stable phase
-        if step < start or decay_steps == 0:
+        start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))  # the decay's first step: never
+        decay_steps = max_steps - start  # inside the warmup (an anneal's decay_fraction=1 decays after it)
+        if step < start or decay_steps <= 0:
             return 1.0
         progress = min(1.0, (step - start + 1) / decay_steps)  # the last step reaches the floor
         shape = 1 - math.sqrt(progress) if decay_shape == "1-sqrt" else 1 - progress

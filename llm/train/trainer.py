@@ -26,6 +26,7 @@ from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.train.branch import branch_origin
 from llm.train.checkpointer import Checkpointer
 from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
@@ -62,7 +63,10 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
-def check_fits(seq_len: int, max_seq_len: int) -> None:
+def check_fits(settings: TrainerSettings, max_seq_len: int, optim: OptimizerConfig) -> None:
+    """Before the data is prepared: the sequence fits the model, the optimizer works under the strategy."""
+    optim.check_strategy(settings.hardware.strategy)  # optim=muon refuses fsdp
+    seq_len = settings.loop.seq_len
     if seq_len > max_seq_len:
         raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
                           f"model.max_seq_len={max_seq_len}")
@@ -82,8 +86,7 @@ class Trainer:
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
-        check_fits(settings.loop.seq_len, model.config.max_seq_len)
-        optim.check_strategy(settings.hardware.strategy)  # before the data is prepared: optim=muon refuses fsdp
+        check_fits(settings, model.config.max_seq_len, optim)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -310,6 +313,7 @@ class Trainer:
         results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,
                              checkpoint=self.checkpointer.last and str(self.checkpointer.last))
+        results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint
         if self.stop.finish_reason:
             results["stopped_early"] = self.stop.finish_reason
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
