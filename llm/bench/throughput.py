@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from llm.bench.memory import PeakRSS, free_memory
 from llm.bench.models import build_hf, model_kwargs
+from llm.bench.rss import PeakRSS, free_memory
 from llm.model import GPTConfig, build_gpt, flops_per_token
 from llm.train.objectives import DPO, LanguageModeling, cross_entropy
 

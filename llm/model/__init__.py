@@ -1,6 +1,9 @@
 """The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
 
-from llm.model.gpt import GPT, GPTConfig, KVCache, build_gpt, flops_per_token, gpt_config, sample_next_token
+from llm.model.config import GPTConfig, gpt_config
+from llm.model.generation import KVCache
+from llm.model.gpt import GPT, build_gpt, flops_per_token
+from llm.model.sampling import left_padding_inputs, sample_next_token
 
 __all__ = [
     "GPT",
@@ -9,6 +12,7 @@ __all__ = [
     "build_gpt",
     "flops_per_token",
     "gpt_config",
+    "left_padding_inputs",
     "sample_next_token",
     "unwrap_model",
 ]

@@ -30,7 +30,8 @@ from llm.hf import (
 from llm.model import GPT, GPTConfig
 
 CARRIED_KEYS = (*ARCH_KEYS, "max_seq_len", "rope_theta")  # model preset keys the source's values replace
-EXTRA_KEYS = ("norm_eps", "pad_vocab_to", "tie_embeddings", "init_std")  # keys presets do not carry (imported models)
+# keys a model preset may not carry (an imported model's family options, untied head, norm eps, ...): the source's
+EXTRA_KEYS = (*ARCH_KEYS, "norm_eps", "init_std", "family")
 
 
 @dataclass

@@ -118,7 +118,7 @@ def build_model(cfg: DictConfig, source: ModelSource | None, n_tokens: int, rope
     if source is None:
         return build(cfg.model, "model", vocab_size=n_tokens, rope_scaling=rope_scaling)
     saved = source.config  # keys the model presets do not carry (an imported model's untied head, norm eps, ...)
-    extra = {k: saved[k] for k in EXTRA_KEYS if k in saved and k not in cfg.model}
+    extra = {k: saved[k] for k in EXTRA_KEYS if k in saved and k not in cfg.model and k != "vocab_size"}
     model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling, **extra)
     check_compatible(saved, model.config.to_dict(), "init_from", source.path)
     source.load_weights(model)

@@ -2,6 +2,7 @@
 parts of a step, evaluation, results and loggers. The processes of a run are in llm/dist/, checkpoints in
 llm/checkpoint/."""
 
+from llm.train.muon import MuonConfig
 from llm.train.objectives import DPO, SFT, LanguageModeling
 from llm.train.optim import OptimizerConfig
 from llm.train.settings import TrainerSettings, trainer_settings
@@ -11,6 +12,7 @@ __all__ = [
     "DPO",
     "SFT",
     "LanguageModeling",
+    "MuonConfig",
     "OptimizerConfig",
     "RunInfo",
     "Trainer",

@@ -5,13 +5,15 @@ was skipped trained nothing)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
-from llm.contract import Objective, batch_tokens
-from llm.dist.parallel import set_gradient_sync
+from llm.contract import Objective
+from llm.dist.parallel import clip_grad_norm_, set_gradient_sync
 from llm.errors import ConfigError, TrainingError
+from llm.train.optim import OptimizerConfig
+from llm.train.settings import TrainerSettings
 
 
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
@@ -27,7 +29,10 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
-def check_fits(seq_len: int, max_seq_len: int) -> None:
+def check_fits(settings: TrainerSettings, max_seq_len: int, optim: OptimizerConfig) -> None:
+    """Before the data is prepared: the sequence fits the model, the optimizer works under the strategy."""
+    optim.check_strategy(settings.hardware.strategy)  # optim=muon refuses fsdp
+    seq_len = settings.loop.seq_len
     if seq_len > max_seq_len:
         raise ConfigError(
             f"trainer.seq_len={seq_len} is longer than the model's context model.max_seq_len={max_seq_len}"
@@ -43,26 +48,54 @@ def check_trained(steps: int, skipped: int) -> None:
         )
 
 
-def accumulate(
-    model, objective: Objective, batches: Iterable[dict], n: int, autocast: Callable, nan: bool = False
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Forward and backward over one step's `n` micro-batches: the gradients of their mean loss (reduced over the
-    ranks on the last micro-batch only). Returns the metrics' means (device tensors) and this rank's tokens.
-    `nan`: make the loss NaN (testing aid: trainer.nan_steps)."""
+def train_on(
+    model, raw_model, objective: Objective, optimizer, batches: list[dict], autocast: Callable, grad_clip, nan=False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The optimizer steps of one training step over its micro-batches (`objective.inner_steps` of them over the
+    same batches: 1 but for task=grpo's option), each on the gradients of their mean loss (reduced over the ranks
+    on the last micro-batch only). Returns the metrics' means (device tensors), the last gradient norm, and 1.0
+    when any update was skipped as non-finite. `nan`: make the loss NaN (testing aid: trainer.nan_steps)."""
     sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for m, batch in enumerate(batches):
-        tokens += batch_tokens(batch)
-        set_gradient_sync(model, m == n - 1)  # reduce on the last micro-batch only
-        with autocast():
-            loss, metrics = objective.loss(model, batch)
-        if nan:
-            loss = loss * float("nan")
-            metrics = {**metrics, "loss": loss.detach()}
-        (loss / n).backward()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0) + v.float() / n
-    return sums, tokens
+    n, inner = len(batches), objective.inner_steps
+    bad = torch.zeros((), device=next(raw_model.parameters()).device)
+    for _ in range(inner):
+        for m, batch in enumerate(batches):
+            set_gradient_sync(model, m == n - 1)  # reduce on the last micro-batch only
+            with autocast():
+                loss, metrics = objective.loss(model, batch)
+            if nan:
+                loss = loss * float("nan")
+                metrics = {**metrics, "loss": loss.detach()}
+            (loss / n).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() / (n * inner)
+        grad_norm = optimizer_step(optimizer, raw_model.parameters(), grad_clip)
+        bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())  # any skipped update marks the step
+    return sums, grad_norm, bad
+
+
+def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
+    """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped). Without
+    a host sync: a fused AdamW skips the whole update when found_inf is set. A non-finite loss gives non-finite
+    gradients, and the norm is over the reduced gradients: every rank agrees."""
+    grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def time_shares(started: float, prepared: float, ended: float, device) -> dict[str, torch.Tensor]:
+    """A step's time split into preparing its batch (sampling, for task=grpo) and training on it, as shares."""
+    share = (prepared - started) / max(ended - started, 1e-9)
+    return {
+        "time/generate_share": torch.tensor(share, device=device),
+        "time/train_share": torch.tensor(1 - share, device=device),
+    }
 
 
 class SkipCounter:
@@ -73,17 +106,8 @@ class SkipCounter:
         self.skipped = torch.tensor(float(skipped), device=device)
         self.consecutive = torch.zeros((), device=device)
 
-    def step(self, optimizer, grad_norm: torch.Tensor) -> None:
-        """The optimizer's update unless `grad_norm` is not finite, then the gradients cleared. Without a host sync:
-        a fused AdamW skips the whole update when found_inf is set. A non-finite loss gives non-finite gradients,
-        and the norm is over the reduced gradients: every rank agrees."""
-        bad = (~torch.isfinite(grad_norm)).float()
-        if optimizer.defaults.get("fused"):
-            optimizer.found_inf = bad
-            optimizer.step()
-        elif not bad.item():
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def add(self, bad: torch.Tensor) -> None:
+        """Count a step (`bad`: 1.0 when it was skipped, else 0.0)."""
         self.skipped += bad
         self.consecutive = (self.consecutive + bad) * bad
 

@@ -21,20 +21,21 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from llm.checkpoint.checkpointer import Checkpointer
-from llm.contract import Objective
+from llm.contract import Objective, batch_tokens
 from llm.data.sampler import ResumableSampler
 from llm.dist.env import dist_env
-from llm.dist.parallel import clip_grad_norm_, parallelize
+from llm.dist.parallel import parallelize
 from llm.dist.signals import StopSignals
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.train.branch import branch_origin
 from llm.train.evaluation import evaluate
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig
+from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
 from llm.train.results import log_done, log_plan, write_results
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
-from llm.train.steps import SkipCounter, accumulate, check_fits, check_trained, split_batch
+from llm.train.steps import SkipCounter, check_fits, check_trained, split_batch, time_shares, train_on
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Trainer:
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
-        check_fits(settings.loop.seq_len, model.config.max_seq_len)
+        check_fits(settings, model.config.max_seq_len, optim)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -107,6 +108,7 @@ class Trainer:
             self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing, hw.precision
         )
         self.optimizer = self.optim.build(self.raw_model, self.device.type) if self.max_steps else None
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []  # as configured
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.stop.check("after preparing the data and the objective")  # the two steps that may take long
@@ -137,16 +139,22 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
         """One optimizer step over `accum_steps` micro-batches: (metrics, device tensors; tokens of all ranks)."""
         indices = self.sampler.next_indices()
-        lr = self.optim.lr_at(self.state.step, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        micro, n = self.micro_batch_size, self.accum_steps
-        batches = (self._batch(indices[m * micro : (m + 1) * micro], self.data.train) for m in range(n))
+        set_lrs(self.optimizer, self.peak_lrs, self.optim.lr_factor(self.state.step, self.max_steps))
+        micro, started = self.micro_batch_size, time.perf_counter()
+        batches = []
+        with self.autocast():  # the objective's own batch (task=grpo samples completions here; others: as is)
+            for m in range(self.accum_steps):
+                batch = self._batch(indices[m * micro : (m + 1) * micro], self.data.train)
+                batches.append(self.objective.prepare(self.model, batch, self.state.step))
+        prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
         nan = self.state.step + 1 in self.loop.nan_steps  # testing aid: trainer.nan_steps
-        sums, tokens = accumulate(self.model, self.objective, batches, n, self.autocast, nan)
-        grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.loop.grad_clip or float("inf"))
-        self.skips.step(self.optimizer, grad_norm)  # the update, unless the gradient norm is not finite
+        sums, grad_norm, bad = train_on(
+            self.model, self.raw_model, self.objective, self.optimizer, batches, self.autocast, self.loop.grad_clip, nan
+        )
+        self.skips.add(bad)
         sums["grad_norm"] = grad_norm
+        if self.objective.generates:  # where the step's time goes: sampling the batch vs training on it
+            sums.update(time_shares(started, prepared, time.perf_counter(), self.device))
         self.state.step += 1
         self.state.tokens_seen += tokens * self.env.world_size
         return sums, tokens * self.env.world_size
@@ -233,7 +241,7 @@ class Trainer:
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
         record = self.window.mean()
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
         record["tokens_per_s"] = self.window.tokens_per_s()
         record["tokens"] = st.tokens_seen
         record["wall_seconds"] = self._wall()  # to plot against time
@@ -279,6 +287,7 @@ class Trainer:
             git_commit=self.run.git_commit,
             checkpoint=self.checkpointer.last and str(self.checkpointer.last),
         )
+        results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint
         if self.stop.finish_reason:
             results["stopped_early"] = self.stop.finish_reason
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
