@@ -187,15 +187,17 @@ def adapters_disabled(model: nn.Module):
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, add: bool = True) -> nn.Module:
     """Fold every adapter into its weight (W += scaling B A) and put plain nn.Linear layers back, in place: the
-    model computes the same function with the architecture it had before `apply_lora`."""
+    model computes the same function with the architecture it had before `apply_lora`. `add=False` drops the
+    adapters instead (the base alone)."""
     for name, module in lora_modules(model).items():
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias
-        plain.weight.add_(module.delta())
+        if add:
+            plain.weight.add_(module.delta())
         for key, value in vars(module).items():
             if key == "is_residual_projection":
                 plain.is_residual_projection = value

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from loguru import logger
 from safetensors.torch import load_file
 
 from llm.data.tokenizer import load_pretrained
@@ -81,10 +82,16 @@ def load_adapters(path: Path, model: torch.nn.Module) -> None:
         params[name].copy_(tensor)  # a tied head shares tok_emb.weight's storage
 
 
-def lora_base(model: torch.nn.Module, init_from: str | None, vocab_before: int | None) -> dict:
-    """What `model.peft_config['base']` records of the weights adapters are about to be trained on."""
+def attach_lora(model: torch.nn.Module, config: LoRAConfig, init_from, vocab_before: int | None) -> None:
+    """Apply LoRA to a run's model, recording its base: the init_from it came from (None: random weights), a
+    digest of its weights, and whether the run grew its vocabulary (vocab_before: the init_from's)."""
     grown = vocab_before is not None and model.config.vocab_size != vocab_before
-    return {"init_from": init_from, "sha256": base_sha256(model), "grown_vocab": grown}
+    base = {"init_from": str(init_from) if init_from else None, "sha256": base_sha256(model), "grown_vocab": grown}
+    apply_lora(model, config, base)
+    logger.info(
+        f"peft: LoRA rank {config.rank}, alpha {config.alpha:g} on {len(model.peft_config['modules'])} linear layers "
+        f"({config.target_modules}); base sha256 {base['sha256'][:12]}"
+    )
 
 
 def load_adapted(directory: str | Path, load_base, rope_scaling: dict | None = None):
@@ -103,8 +110,9 @@ def load_adapted(directory: str | Path, load_base, rope_scaling: dict | None = N
     saved_cfg = json.loads((directory / "model_config.json").read_text())
     if saved_cfg["vocab_size"] > model.config.vocab_size:
         model.resize_vocab(saved_cfg["vocab_size"])
-    config = LoRAConfig(rank=info["rank"], alpha=info["alpha"], dropout=info["dropout"],
-                        target_modules=info["target_modules"])
+    config = LoRAConfig(
+        rank=info["rank"], alpha=info["alpha"], dropout=info["dropout"], target_modules=info["target_modules"]
+    )
     apply_lora(model, config, dict(base))
     load_adapters(directory, model)  # the grown embedding first: the digest covers it
     digest = base_sha256(model)
