@@ -12,8 +12,8 @@ Two reductions:
 
 A weight that needs no gradient (a frozen head, as under LoRA) gets none: no [V, D] gradient buffer, no matmul
 for it, and no G kept. Labels of -100 are ignored (NLL 0, no gradient). The padded vocabulary rows take part in
-the softmax, as they do in the plain `cross_entropy(hidden @ weight.T, labels)` this equals. Under autocast the matmuls run in the
-autocast dtype and the softmax in fp32; gradients come back in the dtypes of hidden and weight.
+the softmax, as they do in the plain `cross_entropy(hidden @ weight.T, labels)` this equals. Under autocast the
+matmuls run in the autocast dtype and the softmax in fp32; gradients come back in the dtypes of hidden and weight.
 """
 
 from __future__ import annotations
