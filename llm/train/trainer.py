@@ -76,9 +76,32 @@ def check_trained(steps: int, skipped: int) -> None:
                             f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
 
 
+<<<<<<< HEAD
 def params_line(report: dict) -> str:
     return (f"{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
             f"{100 * report['trainable_share']:.2f}%)")
+=======
+def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
+    """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped)."""
+    grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
+    # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
+    # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def time_shares(started: float, prepared: float, ended: float, device) -> dict[str, torch.Tensor]:
+    """A step's time split into preparing its batch (sampling, for task=grpo) and training on it, as shares."""
+    share = (prepared - started) / max(ended - started, 1e-9)
+    return {"time/generate_share": torch.tensor(share, device=device),
+            "time/train_share": torch.tensor(1 - share, device=device)}
+>>>>>>> main
 
 
 class Trainer:
@@ -155,33 +178,32 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        micro = self.micro_batch_size
-        for m in range(self.accum_steps):
-            batch = self._batch(indices[m * micro : (m + 1) * micro], self.data.train)
-            tokens += batch_tokens(batch)
-            set_gradient_sync(self.model, m == self.accum_steps - 1)  # reduce on the last micro-batch only
-            with self.autocast():
-                loss, metrics = self.objective.loss(self.model, batch)
-            if self.state.step + 1 in self.loop.nan_steps:  # testing aid: trainer.nan_steps
-                loss = loss * float("nan")
-                metrics = {**metrics, "loss": loss.detach()}
-            (loss / self.accum_steps).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float() / self.accum_steps
-        grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.loop.grad_clip or float("inf"))
-        # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
-        # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
-        bad = (~torch.isfinite(grad_norm)).float()
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad
-            self.optimizer.step()
-        elif not bad.item():
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        micro, started = self.micro_batch_size, time.perf_counter()
+        with self.autocast():  # the objective's own batch (task=grpo samples completions here; others: as is)
+            batches = [self.objective.prepare(self.model, self._batch(indices[m * micro : (m + 1) * micro],
+                                                                      self.data.train), self.state.step)
+                       for m in range(self.accum_steps)]
+        prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
+        inner = self.objective.inner_steps  # optimizer steps over the same batch (1 but for task=grpo's option)
+        bad = torch.zeros((), device=self.device)
+        for _ in range(inner):
+            for m, batch in enumerate(batches):
+                set_gradient_sync(self.model, m == self.accum_steps - 1)  # reduce on the last micro-batch only
+                with self.autocast():
+                    loss, metrics = self.objective.loss(self.model, batch)
+                if self.state.step + 1 in self.loop.nan_steps:  # testing aid: trainer.nan_steps
+                    loss = loss * float("nan")
+                    metrics = {**metrics, "loss": loss.detach()}
+                (loss / self.accum_steps).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.float() / (self.accum_steps * inner)
+            grad_norm = optimizer_step(self.optimizer, self.raw_model.parameters(), self.loop.grad_clip)
+            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())  # any skipped update marks the step
         self._skipped += bad
         self._consecutive = (self._consecutive + bad) * bad
         sums["grad_norm"] = grad_norm
+        if self.objective.generates:  # where the step's time goes: sampling the batch vs training on it
+            sums.update(time_shares(started, prepared, time.perf_counter(), self.device))
         self.state.step += 1
         self.state.tokens_seen += tokens * self.env.world_size
         return sums, tokens * self.env.world_size
