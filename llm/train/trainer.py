@@ -76,11 +76,11 @@ def check_trained(steps: int, skipped: int) -> None:
                             f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
 
 
-<<<<<<< HEAD
 def params_line(report: dict) -> str:
     return (f"{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
             f"{100 * report['trainable_share']:.2f}%)")
-=======
+
+
 def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
     """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped)."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
@@ -101,7 +101,6 @@ def time_shares(started: float, prepared: float, ended: float, device) -> dict[s
     share = (prepared - started) / max(ended - started, 1e-9)
     return {"time/generate_share": torch.tensor(share, device=device),
             "time/train_share": torch.tensor(1 - share, device=device)}
->>>>>>> main
 
 
 class Trainer:
