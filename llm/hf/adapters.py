@@ -2,7 +2,7 @@
 names PEFT gives the adapters of the exported Hugging Face model, so that
 `peft.PeftModel.from_pretrained(<exported base>, <adapter dir>)` computes what our adapted model does.
 
-Our fused qkv becomes q_proj / k_proj / v_proj for Llama-family models: one A shared by the three (the rank is
+Our fused qkv becomes q_proj / k_proj / v_proj for the families that split it (Llama, Mistral, Qwen, Gemma): one A shared by the three (the rank is
 unchanged) and B split by rows, as the weight is; GPT-2's fused c_attn (a Conv1D) keeps qkv whole
 (`fan_in_fan_out`). PEFT orients A [r, in] and B [out, r] as we do, for Conv1D too.
 """
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from llm.errors import ConfigError, check_choice
-from llm.hf.convert import family, name_map
+from llm.hf.convert import family_of, name_map
 from llm.hf.files import DTYPES
 from llm.peft import lora_modules
 
@@ -27,14 +27,14 @@ PREFIX = "base_model.model."  # where PEFT's PeftModelForCausalLM keeps the wrap
 
 def to_peft(model) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the adapters under PEFT's names, the HF module names they target)."""
-    cfg, kind, names = model.config, family(model.config), name_map(model.config)
+    cfg, fam, names = model.config, family_of(model.config), name_map(model.config)
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     tensors, targets = {}, set()
     for ours, module in lora_modules(model).items():
         theirs = names[f"{ours}.weight"].removesuffix(".weight")
         a, b = module.lora_a.detach(), module.lora_b.detach()
         parts = [(theirs, a, b)]
-        if kind != "gpt2" and theirs.endswith(".qkv"):
+        if not fam.fused_qkv and theirs.endswith(".qkv"):
             parts = [
                 (theirs.replace("qkv", p), a, piece)
                 for p, piece in zip(("q_proj", "k_proj", "v_proj"), b.split([q, kv, kv], dim=0))
@@ -65,7 +65,7 @@ def save_peft_dir(model, out_dir: str | Path, base: str, dtype: str | None = Non
         "lora_dropout": spec["dropout"],
         "target_modules": targets,
         "bias": "none",
-        "fan_in_fan_out": family(model.config) == "gpt2",  # GPT-2's Conv1D stores weights as [in, out]
+        "fan_in_fan_out": family_of(model.config).conv1d,  # GPT-2's Conv1D stores weights as [in, out]
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
