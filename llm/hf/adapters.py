@@ -2,9 +2,9 @@
 names PEFT gives the adapters of the exported Hugging Face model, so that
 `peft.PeftModel.from_pretrained(<exported base>, <adapter dir>)` computes what our adapted model does.
 
-Our fused qkv becomes q_proj / k_proj / v_proj for the families that split it (Llama, Mistral, Qwen, Gemma): one A shared by the three (the rank is
-unchanged) and B split by rows, as the weight is; GPT-2's fused c_attn (a Conv1D) keeps qkv whole
-(`fan_in_fan_out`). PEFT orients A [r, in] and B [out, r] as we do, for Conv1D too.
+Our fused qkv becomes q_proj / k_proj / v_proj for the families that split it (Llama, Mistral, Qwen, Gemma): one
+A shared by the three (the rank is unchanged) and B split by rows, as the weight is; GPT-2's fused c_attn (a
+Conv1D) keeps qkv whole (`fan_in_fan_out`). PEFT orients A [r, in] and B [out, r] as we do, for Conv1D too.
 """
 
 from __future__ import annotations
