@@ -258,8 +258,8 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True) if cfg.get("extrapolation") else None
     if saved is not None:  # keys the model presets do not carry (an imported model's untied head, norm eps, ...)
-        extra = {k: saved[k] for k in ("norm_eps", "pad_vocab_to", "tie_embeddings", "init_std")
-                 if k in saved and k not in cfg.model}
+        extra = {k: saved[k] for k in (*ARCH_KEYS, "norm_eps", "init_std", "family")
+                 if k in saved and k not in cfg.model and k != "vocab_size"}
         model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling, **extra)
         check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
         (load_hf_weights if hf_dir else load_model_weights)(init_ckpt, model)

@@ -269,13 +269,39 @@ ARCH_KEYS = (
     "bias",
     "pad_vocab_to",
     "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "head_dim",
+    "sliding_window",
+    "sliding_layers",
+    "local_rope_theta",
+    "scale_embeddings",
+    "norm_unit_offset",
+    "post_norms",
+    "query_pre_attn_scalar",
+    "logit_softcap",
 )
-DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were written
+# keys added after older checkpoints were written, at the value those checkpoints were trained with
+DEFAULTS = {
+    "tie_embeddings": True,
+    "qkv_bias": False,
+    "qk_norm": False,
+    "sliding_window": None,
+    "sliding_layers": None,
+    "local_rope_theta": None,
+    "scale_embeddings": False,
+    "norm_unit_offset": False,
+    "post_norms": False,
+    "query_pre_attn_scalar": None,
+    "logit_softcap": None,
+}
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
     saved = {**DEFAULTS, **saved}
+    if saved.get("head_dim") is None and saved.get("d_model") and saved.get("n_head"):
+        saved["head_dim"] = saved["d_model"] // saved["n_head"]  # a checkpoint from before head_dim was a key
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows
