@@ -48,6 +48,10 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_rows(self, n: int) -> None:
+        """Each row's keys/values become n adjacent rows (a prompt read once, continued as n samples)."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
@@ -243,18 +247,29 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        num_samples: int = 1,
     ):
-        """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
+        """Sample continuations of input_ids [B, T0] -> [B x num_samples, T0 + n]; temperature 0 means greedy.
 
         Stops early once every row has produced eos_token_id (a finished row gets eos_token_id after its stop).
         With use_cache the prompt is processed once and every later step feeds one token against a preallocated KV
         cache. attention_mask [B, T0] (1 = token, 0 = padding on the left) lets prompts of different lengths share
         a batch: no token attends to padding, and each row's positions count from its own first token.
+        num_samples > 1: each prompt is read once and continued as that many samples (adjacent rows).
         """
         new = self.stream(
-            input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator, attention_mask
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            use_cache,
+            generator,
+            attention_mask,
+            num_samples,
         )
-        return torch.cat([input_ids, *new], dim=1)
+        return torch.cat([input_ids.repeat_interleave(num_samples, dim=0), *new], dim=1)
 
     @torch.no_grad()
     def stream(
@@ -268,6 +283,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        num_samples: int = 1,
     ):
         """`generate` one step at a time: yields each step's new tokens [B, 1] (for printing as they come).
 
@@ -294,7 +310,7 @@ class GPT(nn.Module):
                 self.config, input_ids.size(0), min(total, window), input_ids.device, self.tok_emb.weight.dtype
             )
         out, step_input = input_ids, input_ids
-        done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.size(0) * num_samples, dtype=torch.bool, device=input_ids.device)
         keep = None if attention_mask is None else attention_mask.bool()  # [B, tokens so far]: False on padding
         try:
             for _ in range(max_new_tokens):
@@ -306,6 +322,11 @@ class GPT(nn.Module):
                     keys = keep[:, -window:] if cache is None else keep
                     padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
                 logits = self(context, kv_cache=cache, **padded)[:, -1, : self.config.vocab_size]
+                if num_samples > 1 and out is input_ids:  # the prompts were read once: now num_samples rows each
+                    logits, out = logits.repeat_interleave(num_samples, 0), out.repeat_interleave(num_samples, 0)
+                    keep = keep.repeat_interleave(num_samples, 0) if keep is not None else None
+                    if cache is not None:
+                        cache.repeat_rows(num_samples)
                 next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
                 if eos_token_id is not None:
                     next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
