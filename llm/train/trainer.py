@@ -26,10 +26,11 @@ from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.train.branch import branch_origin
 from llm.train.checkpointer import Checkpointer
 from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig
+from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
 from llm.train.parallel import clip_grad_norm_, eval_shard, parallelize, reduce_sums, set_gradient_sync
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
@@ -62,7 +63,10 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
-def check_fits(seq_len: int, max_seq_len: int) -> None:
+def check_fits(settings: TrainerSettings, max_seq_len: int, optim: OptimizerConfig) -> None:
+    """Before the data is prepared: the sequence fits the model, the optimizer works under the strategy."""
+    optim.check_strategy(settings.hardware.strategy)  # optim=muon refuses fsdp
+    seq_len = settings.loop.seq_len
     if seq_len > max_seq_len:
         raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
                           f"model.max_seq_len={max_seq_len}")
@@ -104,7 +108,7 @@ class Trainer:
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
-        check_fits(settings.loop.seq_len, model.config.max_seq_len)
+        check_fits(settings, model.config.max_seq_len, optim)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -132,6 +136,7 @@ class Trainer:
         self.model = parallelize(self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing,
                                  hw.precision)
         self.optimizer = self.optim.build(self.raw_model, self.device.type) if self.max_steps else None
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []  # as configured
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.stop.check("after preparing the data and the objective")  # the two steps that may take long
@@ -167,9 +172,7 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
         """One optimizer step over `accum_steps` micro-batches: (metrics, device tensors; tokens of all ranks)."""
         indices = self.sampler.next_indices()
-        lr = self.optim.lr_at(self.state.step, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lrs(self.optimizer, self.peak_lrs, self.optim.lr_factor(self.state.step, self.max_steps))
         sums: dict[str, torch.Tensor] = {}
         micro, started = self.micro_batch_size, time.perf_counter()
         with self.autocast():  # the objective's own batch (task=grpo samples completions here; others: as is)
@@ -285,7 +288,7 @@ class Trainer:
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
         record = self.window.mean()
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
         record["tokens_per_s"] = self.window.tokens_per_s()
         record["tokens"] = st.tokens_seen
         record["wall_seconds"] = self._wall()  # to plot against time
@@ -331,6 +334,7 @@ class Trainer:
         results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,
                              checkpoint=self.checkpointer.last and str(self.checkpointer.last))
+        results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint
         if self.stop.finish_reason:
             results["stopped_early"] = self.stop.finish_reason
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
