@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.data.chat import reserved_chat_template, stop_token_id, uses_builtin_template
+from llm.data.chat import reserved_chat_template, stop_token_id
 from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
-from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
+from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
 from llm.model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +73,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{key}={str(out)!r} exists and is not an empty directory (nothing is overwritten)")
-    kind = family(model.config)  # a model HF cannot represent fails before anything is written
+    fam = family_of(model.config)  # a model HF cannot represent fails before anything is written
     dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     check_choice("task.dtype", dtype, DTYPES)
     if len(tokenizer) > model.config.vocab_size:
@@ -85,8 +85,8 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
         "pad_token_id": tokenizer.pad_token_id,
     }
     eos = [tokenizer.eos_token_id]
-    if uses_builtin_template(tokenizer) and stop_token_id(tokenizer) not in eos:
-        eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|>
+    if getattr(tokenizer, "chat_template", None) and stop_token_id(tokenizer) not in eos:
+        eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|> (or its template's end of turn)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -106,7 +106,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
         raise
     return {
         "out_dir": str(out),
-        "architecture": ARCHITECTURES[kind],
+        "architecture": fam.architecture,
         "dtype": dtype,
         "params": sum(t.numel() for t in tensors.values()),
         "files": sorted(p.name for p in out.iterdir()),

@@ -79,17 +79,19 @@ def save_checkpoint(
     trainer_state: dict,
     model_config: dict,
     tokenizer=None,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
 
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
-    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids)."""
+    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids);
+    `extra`: more files by name and text (a LoRA run's `adapter.json`)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer)
+        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer, extra or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
         raise
@@ -100,8 +102,10 @@ def save_checkpoint(
     return directory
 
 
-def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer) -> None:
+def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer, extra: dict) -> None:
     save_model(model, str(tmp / "model.safetensors"))
+    for name, text in extra.items():
+        (tmp / name).write_text(text)
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -269,13 +273,39 @@ ARCH_KEYS = (
     "bias",
     "pad_vocab_to",
     "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "head_dim",
+    "sliding_window",
+    "sliding_layers",
+    "local_rope_theta",
+    "scale_embeddings",
+    "norm_unit_offset",
+    "post_norms",
+    "query_pre_attn_scalar",
+    "logit_softcap",
 )
-DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were written
+# keys added after older checkpoints were written, at the value those checkpoints were trained with
+DEFAULTS = {
+    "tie_embeddings": True,
+    "qkv_bias": False,
+    "qk_norm": False,
+    "sliding_window": None,
+    "sliding_layers": None,
+    "local_rope_theta": None,
+    "scale_embeddings": False,
+    "norm_unit_offset": False,
+    "post_norms": False,
+    "query_pre_attn_scalar": None,
+    "logit_softcap": None,
+}
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
     saved = {**DEFAULTS, **saved}
+    if saved.get("head_dim") is None and saved.get("d_model") and saved.get("n_head"):
+        saved["head_dim"] = saved["d_model"] // saved["n_head"]  # a checkpoint from before head_dim was a key
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows

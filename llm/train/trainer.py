@@ -26,8 +26,10 @@ from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.peft import trainable_report
 from llm.train.branch import branch_origin
 from llm.train.checkpointer import Checkpointer
+from llm.train.guard import StepGuard
 from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
 from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
@@ -79,19 +81,25 @@ def check_trained(steps: int, skipped: int) -> None:
                             f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
 
 
-def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
-    """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped)."""
+def params_line(report: dict) -> str:
+    return (f"{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
+            f"{100 * report['trainable_share']:.2f}%)")
+
+
+def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
+    """Clip, step and zero the gradients; returns (the gradient norm, 1.0 if the update was skipped: a non-finite
+    norm, or `skip` set, a loss spike)."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
     # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
     # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
-    bad = (~torch.isfinite(grad_norm)).float()
+    bad = (~torch.isfinite(grad_norm)).float() if skip is None else torch.maximum(skip, (~torch.isfinite(grad_norm)).float())
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = bad
         optimizer.step()
     elif not bad.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, bad
 
 
 def time_shares(started: float, prepared: float, ended: float, device) -> dict[str, torch.Tensor]:
@@ -131,7 +139,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.loop.batch_size, seed=self.run.seed,
                                         rank=self.env.rank, world_size=self.env.world_size)
         self.raw_model = unwrap_model(self.model)
-        self.n_params = self.raw_model.num_params()
+        self.trainable = trainable_report(self.raw_model)  # params, trainable_params (a LoRA run: the adapters), share
         hw = self.hardware  # fsdp shards raw_model in place (its parameters become DTensors)
         self.model = parallelize(self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing,
                                  hw.precision)
@@ -151,11 +159,11 @@ class Trainer:
             self.loggers = open_loggers(self.run_dir, self.logger_factories, self.run.config, self.state.step,
                                         replace=self.run.overwrite)  # goes only now, all above succeeded
         # total (carried over a resume) and consecutive skipped steps, on the device
-        self._skipped = torch.tensor(float(self.state.skipped_steps), device=self.device)
-        self._consecutive = torch.zeros((), device=self.device)
+        self.guard = StepGuard(self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window,
+                               self.state.spike_window)  # skipped steps (non-finite, loss spikes), on the device
         self.window = MetricsWindow(self.device, self.state.log_window)
-        self.flops_per_token = flops_per_token(self.raw_model.config, self.n_params, self.loop.seq_len)
-        where = f"{self.run.task} on {self.device} ({self.env.world_size} rank(s)), model {self.n_params:,} parameters"
+        self.flops_per_token = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
+        where = f"{self.run.task} on {self.device} ({self.env.world_size} rank(s)), model {params_line(self.trainable)}"
         if not self.max_steps:
             logger.info(f"trainer: {where}, evaluation only (no training step)")
             return
@@ -182,21 +190,21 @@ class Trainer:
         prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
         inner = self.objective.inner_steps  # optimizer steps over the same batch (1 but for task=grpo's option)
         bad = torch.zeros((), device=self.device)
-        for _ in range(inner):
+        for i in range(inner):
             for m, batch in enumerate(batches):
                 set_gradient_sync(self.model, m == self.accum_steps - 1)  # reduce on the last micro-batch only
                 with self.autocast():
                     loss, metrics = self.objective.loss(self.model, batch)
-                if self.state.step + 1 in self.loop.nan_steps:  # testing aid: trainer.nan_steps
-                    loss = loss * float("nan")
+                if self.state.step + 1 in self.loop.nan_steps + self.loop.spike_steps:  # testing aids
+                    loss = loss * (float("nan") if self.state.step + 1 in self.loop.nan_steps else 100.0)
                     metrics = {**metrics, "loss": loss.detach()}
                 (loss / self.accum_steps).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.float() / (self.accum_steps * inner)
-            grad_norm = optimizer_step(self.optimizer, self.raw_model.parameters(), self.loop.grad_clip)
-            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())  # any skipped update marks the step
-        self._skipped += bad
-        self._consecutive = (self._consecutive + bad) * bad
+            grad_norm, skipped = optimizer_step(self.optimizer, self.raw_model.parameters(), self.loop.grad_clip,
+                                                self.guard.spike(sums.get("loss"), inner) if i == 0 else None)
+            bad = torch.maximum(bad, skipped)  # any skipped update marks the step
+        self.guard.record(bad)
         sums["grad_norm"] = grad_norm
         if self.objective.generates:  # where the step's time goes: sampling the batch vs training on it
             sums.update(time_shares(started, prepared, time.perf_counter(), self.device))
@@ -296,7 +304,7 @@ class Trainer:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.hardware.peak_flops
             record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         st.train_loss = record.get("loss")
-        st.skipped_steps = int(self._skipped.item())
+        st.skipped_steps = self.guard.skipped
         record["skipped_steps"] = st.skipped_steps
         if do_eval:
             val = self.evaluate()
@@ -311,11 +319,11 @@ class Trainer:
             lg.log(record, st.step)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.window.clear()
-        consecutive, limit = int(self._consecutive.item()), self.loop.max_consecutive_skips
+        consecutive, limit = self.guard.consecutive, self.loop.max_consecutive_skips
         if consecutive >= limit:
             raise TrainingError(
                 f"stopping at step {st.step}: {consecutive} consecutive steps had a non-finite loss or "
-                f"gradient norm (trainer.max_consecutive_skips={limit}); "
+                f"gradient norm, or a loss spike (trainer.max_consecutive_skips={limit}); "
                 f"{st.skipped_steps} skipped in all; the checkpoints hold finite weights")
 
     # ------------------------------------------------------------------ checkpoint and results
@@ -323,15 +331,15 @@ class Trainer:
         """A checkpoint of this step with everything the loop needs to go on exactly (every rank calls it)."""
         st = self.state
         st.sampler, st.rng, st.log_window = self.sampler.state_dict(), capture_rng(), self.window.state_dict()
-        st.skipped_steps, st.wall_seconds = int(self._skipped.item()), self._wall()
+        st.skipped_steps, st.spike_window, st.wall_seconds = self.guard.skipped, self.guard.state_dict(), self._wall()
         st.fingerprint = dict(self.run.fingerprint)
         return self.checkpointer.save(st.step, self.raw_model, self.optimizer, st.to_dict())
 
     def _finish(self) -> dict:
         st = self.state
-        check_trained(st.step, int(self._skipped.item()))
+        check_trained(st.step, self.guard.skipped)
         st.wall_seconds = self._wall()
-        results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
+        results = st.results(task=self.run.task, **self.trainable, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,
                              checkpoint=self.checkpointer.last and str(self.checkpointer.last))
         results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint

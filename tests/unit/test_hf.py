@@ -161,19 +161,21 @@ def test_import_computes_what_transformers_computes_and_exports_back(tokenizer, 
         (
             {
                 "rope_parameters": {
-                    "rope_type": "llama3",
-                    "rope_theta": 5e5,
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [1.0] * 4,
                     "original_max_position_embeddings": 16,
                 }
             },
-            "rope_type='llama3'",
+            "rope_parameters.rope_type='longrope' is not supported",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "mlp_bias=False"),
-        ({"head_dim": 16}, "head_dim=16"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial_rotary",
+        ),
     ],
 )
 def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field):
@@ -185,8 +187,11 @@ def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field)
 def test_import_errors_name_the_culprit(tokenizer, tmp_path):
     _, path = hf_dir(tokenizer, tmp_path, "gpt2")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(ConfigError, match="model_type='mistral' is not supported"):
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))  # MoE
+    with pytest.raises(ConfigError, match="model_type='mixtral' is not supported"):
+        load_hf(path)
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))  # GPT-2's fields only
+    with pytest.raises(ConfigError, match="config.json: hidden_size is missing"):
         load_hf(path)
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": len(tokenizer) - 10}))
     with pytest.raises(DataError, match=f"the tokenizer has {len(tokenizer)} tokens"):
