@@ -46,10 +46,6 @@ def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
         return UnitOffsetRMSNorm(dim, cfg.norm_eps) if cfg.norm_unit_offset else nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
-    def repeat_rows(self, n: int) -> None:
-        """Each row's keys/values become n adjacent rows (a prompt read once, continued as n samples)."""
-        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
