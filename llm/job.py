@@ -18,18 +18,19 @@ from hydra.types import RunMode
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llm.checkpoint.files import ARCH_KEYS, check_compatible, load_model_weights, read_json, resolve_checkpoint
+from llm.checkpoint.adapters import attach_lora
+from llm.checkpoint.files import ARCH_KEYS, check_compatible, read_json, resolve_checkpoint
 from llm.data.tokenizer import load_pretrained
 from llm.dist.env import env_rank, main_process_first, process_group
 from llm.dist.launch import launch
 from llm.dist.signals import Interrupted, Preempted, StopSignals, stop_exception
 from llm.errors import ConfigError, LLMError, check_int
+from llm.export import load_weights
 from llm.hf import (
     fetch_hub_model,
     harness,
     is_hf_model_dir,
     load_hf_tokenizer,
-    load_hf_weights,
     looks_like_hub_name,
     read_hf_config,
 )
@@ -173,12 +174,14 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
         }
         model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling, **extra)
         check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
-        (load_hf_weights if hf_dir else load_model_weights)(init_ckpt, model)
+        load_weights(init_ckpt, model)  # an HF dir, a checkpoint, a LoRA run's (its base + adapters merged)
         if len(tokenizer) > model.config.vocab_size:
             logger.info(f"model: vocabulary grown from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_vocab(len(tokenizer))
     else:
         model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
+    if cheap["peft"] is not None:  # LoRA: adapters on the linear layers, the base frozen (and recorded)
+        attach_lora(model, cheap["peft"], init_ckpt, saved["vocab_size"] if saved is not None else None)
     logger.info(f"model: {model.num_params():,} parameters")
     stop.check("after building the model")
     objective, optim, loggers, settings = cheap["objective"], cheap["optim"], cheap["loggers"], cheap["settings"]
@@ -218,5 +221,6 @@ def run_fingerprint(plain_cfg: dict, tokenizer) -> dict:
         "trainer.batch_size": plain_cfg["trainer"]["batch_size"],
         "trainer.seq_len": plain_cfg["trainer"]["seq_len"],
         "task.data": data,
+        "peft": plain_cfg.get("peft"),
         "tokenizer": f"{len(tokenizer)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}",
     }

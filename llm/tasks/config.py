@@ -90,6 +90,7 @@ def validate(cfg: DictConfig) -> dict:
         "objective": build(cfg.task.objective, "objective"),
     }
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    built["peft"] = build(cfg.peft, "peft") if cfg.get("peft") else None  # LoRA's settings, checked
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
     for group in ("data", "tokenizer", "post_data"):

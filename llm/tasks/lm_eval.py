@@ -10,11 +10,11 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
-from llm.checkpoint.files import load_checkpoint_model
 from llm.data.chat import reserved_chat_template
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
-from llm.hf import harness, is_hf_model_dir, load_hf, save_hf
+from llm.export import load_source
+from llm.hf import harness, is_hf_model_dir, save_hf
 from llm.tasks.config import build, read_overrides
 from llm.utils import git_commit
 
@@ -34,8 +34,7 @@ def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False
     if reuse:
         tokenizer = load_pretrained(str(init))
     else:
-        load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
-        model, tokenizer = load(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
+        model, tokenizer = load_source(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
         reserved_chat_template(tokenizer)  # as save_hf does: the export's tokenizer
     examples = []
     if ours and t.get("rows") is None:

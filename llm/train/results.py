@@ -14,10 +14,17 @@ from llm.train.state import TrainerState
 
 
 def log_plan(
-    run, env: DistEnv, n_params: int, max_steps: int, settings: TrainerSettings, accum_steps: int, micro_batch_size: int
+    run,
+    env: DistEnv,
+    trainable: dict,
+    max_steps: int,
+    settings: TrainerSettings,
+    accum_steps: int,
+    micro_batch_size: int,
 ) -> None:
-    """The trainer's line before the first step: the task (`run.task`), device and ranks, the model, the batch."""
-    where = f"{run.task} on {env.device} ({env.world_size} rank(s)), model {n_params:,} parameters"
+    """The trainer's line before the first step: the task (`run.task`), device and ranks, the model (`trainable`:
+    its parameters, those trained and their share), the batch."""
+    where = f"{run.task} on {env.device} ({env.world_size} rank(s)), model {params_line(trainable)}"
     if not max_steps:
         logger.info(f"trainer: {where}, evaluation only (no training step)")
         return
@@ -26,6 +33,13 @@ def log_plan(
         f"trainer: {where}, {max_steps} steps x {loop.batch_size} sequences x {loop.seq_len} "
         f"tokens ({accum_steps} micro-batch(es) of {micro_batch_size} per rank), "
         f"{'bf16 autocast' if hw.bf16(env.device.type) else 'fp32'}{', compiled' if hw.compile else ''}"
+    )
+
+
+def params_line(report: dict) -> str:
+    return (
+        f"{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
+        f"{100 * report['trainable_share']:.2f}%)"
     )
 
 
