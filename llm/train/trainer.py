@@ -33,8 +33,8 @@ from llm.train.branch import branch_origin
 from llm.train.evaluation import evaluate
 from llm.train.guard import StepGuard
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
-from llm.train.results import log_done, log_plan, write_results
+from llm.train.optim import OptimizerConfig, set_lrs
+from llm.train.results import log_done, log_plan, step_record, write_results
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
 from llm.train.steps import check_consecutive, check_fits, check_trained, split_batch, time_shares, train_on
@@ -130,7 +130,8 @@ class Trainer:
             self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window, self.state.spike_window
         )  # skipped steps (non-finite, loss spikes), on the device
         self.window = MetricsWindow(self.device, self.state.log_window)
-        self.flops_per_token = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
+        flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
+        self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
         log_plan(
             self.run, self.env, self.trainable, self.max_steps, self.settings, self.accum_steps, self.micro_batch_size
         )
@@ -253,14 +254,7 @@ class Trainer:
         """Average the metrics since the last log line (the one host sync), evaluate if due, write them out,
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
-        record = self.window.mean()
-        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
-        record["tokens_per_s"] = self.window.tokens_per_s()
-        record["tokens"] = st.tokens_seen
-        record["wall_seconds"] = self._wall()  # to plot against time
-        if self.device.type == "cuda":
-            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.hardware.peak_flops
-            record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record = step_record(self.window, self.optimizer, st.tokens_seen, self._wall(), self.device, self.mfu_per_token)
         st.train_loss = record.get("loss")
         st.skipped_steps = self.guard.skipped
         record["skipped_steps"] = st.skipped_steps
