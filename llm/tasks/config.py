@@ -113,6 +113,7 @@ def validate(cfg: DictConfig) -> dict:
         "objective": build(cfg.task.objective, "objective"),
     }
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    built["peft"] = build(cfg.peft, "peft") if cfg.get("peft") else None  # LoRA's settings, checked
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     model = gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
     built["rope_scaling"] = model.rope_scaling  # parsed here, once: the model is built with this form

@@ -16,9 +16,11 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, open_dict
 
+from llm.checkpoint.adapters import is_adapter_checkpoint
 from llm.checkpoint.files import ARCH_KEYS, load_model_weights, read_json, resolve_checkpoint
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
+from llm.export import load_source, load_weights
 from llm.hf import (
     fetch_hub_model,
     is_hf_model_dir,
@@ -66,16 +68,26 @@ class ModelSource:
                 self._tokenizer = load_pretrained(str(self.path / "tokenizer"))
         return self._tokenizer
 
+    @property
+    def lora(self) -> bool:
+        """A LoRA run's checkpoint (its adapters and the base's digest; the base is loaded from its own source)."""
+        return not self.hf and is_adapter_checkpoint(self.path)
+
     def load_weights(self, model: GPT) -> None:
-        """Fill `model` (built with this source's config) with its weights."""
+        """Fill `model` (built with this source's config) with its weights (a LoRA run's: its base's with the
+        adapters merged)."""
         if self.hf:
             load_hf_weights(self.path, model, self.key)
+        elif self.lora:
+            load_weights(self.path, model)
         else:
             load_model_weights(self.path, model)
 
     def load(self, rope_scaling: dict | None = None) -> tuple[GPT, object]:
         """(the model in eval mode, its tokenizer), outside a run (export, lm_eval, generate); `rope_scaling`
         replaces the source's own when given."""
+        if self.lora:  # the base from its own source, the adapters applied and merged
+            return load_source(self.path, rope_scaling, key=self.key)
         config = {**self.config, "rope_scaling": rope_scaling} if rope_scaling is not None else self.config
         tokenizer = self.tokenizer()
         model = GPT(GPTConfig(**config))

@@ -13,6 +13,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llm.checkpoint.adapters import attach_lora
 from llm.checkpoint.files import check_compatible
 from llm.dist.env import env_rank, main_process_first, process_group
 from llm.dist.launch import launch
@@ -82,6 +83,8 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals, source: ModelSourc
     stop.check("after building the tokenizer")
     data = build(cfg.task.data, "data", tokenizer=tokenizer)  # may add chat tokens to the tokenizer
     model = build_model(cfg, source, len(tokenizer), parts["rope_scaling"])
+    if parts["peft"] is not None:  # LoRA: adapters on the linear layers, the base frozen (and recorded)
+        attach_lora(model, parts["peft"], source and source.path, source.config["vocab_size"] if source else None)
     logger.info(f"model: {model.num_params():,} parameters")
     stop.check("after building the model")
     early_stop = TrialPruner(**cfg.trial) if cfg.get("trial") and env_rank() == 0 else None  # a sweep trial
@@ -138,5 +141,6 @@ def run_fingerprint(plain_cfg: dict, tokenizer) -> dict:
         "trainer.batch_size": plain_cfg["trainer"]["batch_size"],
         "trainer.seq_len": plain_cfg["trainer"]["seq_len"],
         "task.data": data,
+        "peft": plain_cfg.get("peft"),
         "tokenizer": f"{len(tokenizer)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}",
     }

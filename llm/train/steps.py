@@ -1,7 +1,7 @@
 """The parts of a training step: the global batch split over ranks and micro-batches, the context check, the
-forward and backward over micro-batches, and the non-finite guard (a step whose gradient norm is not finite is
-skipped, counted on the device without a host sync; too many in a row stop the run, and a run whose every step
-was skipped trained nothing)."""
+forward and backward over micro-batches and the optimizer step (a step whose gradient norm is not finite, or whose
+loss the StepGuard calls a spike, is skipped; too many in a row stop the run, and a run whose every step was
+skipped trained nothing)."""
 
 from __future__ import annotations
 
@@ -49,44 +49,57 @@ def check_trained(steps: int, skipped: int) -> None:
 
 
 def train_on(
-    model, raw_model, objective: Objective, optimizer, batches: list[dict], autocast: Callable, grad_clip, nan=False
+    model,
+    raw_model,
+    objective: Objective,
+    optimizer,
+    batches: list[dict],
+    autocast: Callable,
+    grad_clip,
+    guard,
+    aid: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The optimizer steps of one training step over its micro-batches (`objective.inner_steps` of them over the
     same batches: 1 but for task=grpo's option), each on the gradients of their mean loss (reduced over the ranks
-    on the last micro-batch only). Returns the metrics' means (device tensors), the last gradient norm, and 1.0
-    when any update was skipped as non-finite. `nan`: make the loss NaN (testing aid: trainer.nan_steps)."""
+    on the last micro-batch only). `guard` (a StepGuard) judges the first pass's loss for a spike. Returns the
+    metrics' means (device tensors), the last gradient norm, and 1.0 when any update was skipped. `aid`: multiply
+    the loss by it (testing aids: NaN for trainer.nan_steps, 100 for trainer.spike_steps)."""
     sums: dict[str, torch.Tensor] = {}
     n, inner = len(batches), objective.inner_steps
     bad = torch.zeros((), device=next(raw_model.parameters()).device)
-    for _ in range(inner):
+    for i in range(inner):
         for m, batch in enumerate(batches):
             set_gradient_sync(model, m == n - 1)  # reduce on the last micro-batch only
             with autocast():
                 loss, metrics = objective.loss(model, batch)
-            if nan:
-                loss = loss * float("nan")
+            if aid is not None:
+                loss = loss * aid
                 metrics = {**metrics, "loss": loss.detach()}
             (loss / n).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() / (n * inner)
-        grad_norm = optimizer_step(optimizer, raw_model.parameters(), grad_clip)
-        bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())  # any skipped update marks the step
+        spike = guard.spike(sums.get("loss"), inner) if i == 0 else None
+        grad_norm, skipped = optimizer_step(optimizer, raw_model.parameters(), grad_clip, spike)
+        bad = torch.maximum(bad, skipped)  # any skipped update marks the step
     return sums, grad_norm, bad
 
 
-def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
-    """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped). Without
-    a host sync: a fused AdamW skips the whole update when found_inf is set. A non-finite loss gives non-finite
-    gradients, and the norm is over the reduced gradients: every rank agrees."""
+def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
+    """Clip, step and zero the gradients; returns (the gradient norm, 1.0 if the update was skipped: a non-finite
+    norm, or `skip` set, a loss spike). Without a host sync: a fused AdamW skips the whole update when found_inf
+    is set. A non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank
+    agrees."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
     bad = (~torch.isfinite(grad_norm)).float()
+    if skip is not None:
+        bad = torch.maximum(skip, bad)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = bad
         optimizer.step()
     elif not bad.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, bad
 
 
 def time_shares(started: float, prepared: float, ended: float, device) -> dict[str, torch.Tensor]:
@@ -98,28 +111,11 @@ def time_shares(started: float, prepared: float, ended: float, device) -> dict[s
     }
 
 
-class SkipCounter:
-    """Skipped steps, in all (carried over a resume: `skipped`) and in a row, as device tensors: read on the host
-    only when logging or saving."""
-
-    def __init__(self, skipped: int, device: torch.device):
-        self.skipped = torch.tensor(float(skipped), device=device)
-        self.consecutive = torch.zeros((), device=device)
-
-    def add(self, bad: torch.Tensor) -> None:
-        """Count a step (`bad`: 1.0 when it was skipped, else 0.0)."""
-        self.skipped += bad
-        self.consecutive = (self.consecutive + bad) * bad
-
-    def total(self) -> int:
-        return int(self.skipped.item())
-
-    def check(self, step: int, limit: int, skipped_in_all: int) -> None:
-        """TrainingError when the last `limit` steps were all skipped."""
-        consecutive = int(self.consecutive.item())
-        if consecutive >= limit:
-            raise TrainingError(
-                f"stopping at step {step}: {consecutive} consecutive steps had a non-finite loss or "
-                f"gradient norm (trainer.max_consecutive_skips={limit}); "
-                f"{skipped_in_all} skipped in all; the checkpoints hold finite weights"
-            )
+def check_consecutive(step: int, consecutive: int, limit: int, skipped_in_all: int) -> None:
+    """TrainingError when the last `limit` steps were all skipped."""
+    if consecutive >= limit:
+        raise TrainingError(
+            f"stopping at step {step}: {consecutive} consecutive steps had a non-finite loss or "
+            f"gradient norm, or a loss spike (trainer.max_consecutive_skips={limit}); "
+            f"{skipped_in_all} skipped in all; the checkpoints hold finite weights"
+        )

@@ -28,14 +28,16 @@ from llm.dist.parallel import parallelize
 from llm.dist.signals import StopSignals
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.peft import trainable_report
 from llm.train.branch import branch_origin
 from llm.train.evaluation import evaluate
+from llm.train.guard import StepGuard
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
-from llm.train.results import log_done, log_plan, write_results
+from llm.train.optim import OptimizerConfig, set_lrs
+from llm.train.results import log_done, log_plan, step_record, write_results
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
-from llm.train.steps import SkipCounter, check_fits, check_trained, split_batch, time_shares, train_on
+from llm.train.steps import check_consecutive, check_fits, check_trained, split_batch, time_shares, train_on
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Trainer:
             world_size=self.env.world_size,
         )
         self.raw_model = unwrap_model(self.model)
-        self.n_params = self.raw_model.num_params()
+        self.trainable = trainable_report(self.raw_model)  # params, trainable_params (a LoRA run: the adapters), share
         hw = self.hardware  # fsdp shards raw_model in place (its parameters become DTensors)
         self.model = parallelize(
             self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing, hw.precision
@@ -124,11 +126,14 @@ class Trainer:
             self.loggers = open_loggers(
                 self.run_dir, self.logger_factories, self.run.config, self.state.step, replace=self.run.overwrite
             )  # goes only now, all above succeeded
-        self.skips = SkipCounter(self.state.skipped_steps, self.device)  # non-finite steps, counted on the device
+        self.guard = StepGuard(
+            self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window, self.state.spike_window
+        )  # skipped steps (non-finite, loss spikes), on the device
         self.window = MetricsWindow(self.device, self.state.log_window)
-        self.flops_per_token = flops_per_token(self.raw_model.config, self.n_params, self.loop.seq_len)
+        flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
+        self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
         log_plan(
-            self.run, self.env, self.n_params, self.max_steps, self.settings, self.accum_steps, self.micro_batch_size
+            self.run, self.env, self.trainable, self.max_steps, self.settings, self.accum_steps, self.micro_batch_size
         )
 
     # ------------------------------------------------------------------ steps
@@ -147,11 +152,20 @@ class Trainer:
                 batch = self._batch(indices[m * micro : (m + 1) * micro], self.data.train)
                 batches.append(self.objective.prepare(self.model, batch, self.state.step))
         prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
-        nan = self.state.step + 1 in self.loop.nan_steps  # testing aid: trainer.nan_steps
+        step = self.state.step + 1  # testing aids: trainer.nan_steps, trainer.spike_steps
+        aid = float("nan") if step in self.loop.nan_steps else 100.0 if step in self.loop.spike_steps else None
         sums, grad_norm, bad = train_on(
-            self.model, self.raw_model, self.objective, self.optimizer, batches, self.autocast, self.loop.grad_clip, nan
+            self.model,
+            self.raw_model,
+            self.objective,
+            self.optimizer,
+            batches,
+            self.autocast,
+            self.loop.grad_clip,
+            self.guard,
+            aid,
         )
-        self.skips.add(bad)
+        self.guard.record(bad)
         sums["grad_norm"] = grad_norm
         if self.objective.generates:  # where the step's time goes: sampling the batch vs training on it
             sums.update(time_shares(started, prepared, time.perf_counter(), self.device))
@@ -240,16 +254,9 @@ class Trainer:
         """Average the metrics since the last log line (the one host sync), evaluate if due, write them out,
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
-        record = self.window.mean()
-        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
-        record["tokens_per_s"] = self.window.tokens_per_s()
-        record["tokens"] = st.tokens_seen
-        record["wall_seconds"] = self._wall()  # to plot against time
-        if self.device.type == "cuda":
-            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.hardware.peak_flops
-            record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record = step_record(self.window, self.optimizer, st.tokens_seen, self._wall(), self.device, self.mfu_per_token)
         st.train_loss = record.get("loss")
-        st.skipped_steps = self.skips.total()
+        st.skipped_steps = self.guard.skipped
         record["skipped_steps"] = st.skipped_steps
         if do_eval:
             val = self.evaluate()
@@ -264,24 +271,24 @@ class Trainer:
             lg.log(record, st.step)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.window.clear()
-        self.skips.check(st.step, self.loop.max_consecutive_skips, st.skipped_steps)
+        check_consecutive(st.step, self.guard.consecutive, self.loop.max_consecutive_skips, st.skipped_steps)
 
     # ------------------------------------------------------------------ checkpoint and results
     def save(self) -> Path | None:
         """A checkpoint of this step with everything the loop needs to go on exactly (every rank calls it)."""
         st = self.state
         st.sampler, st.rng, st.log_window = self.sampler.state_dict(), capture_rng(), self.window.state_dict()
-        st.skipped_steps, st.wall_seconds = self.skips.total(), self._wall()
+        st.skipped_steps, st.spike_window, st.wall_seconds = self.guard.skipped, self.guard.state_dict(), self._wall()
         st.fingerprint = dict(self.run.fingerprint)
         return self.checkpointer.save(st.step, self.raw_model, self.optimizer, st.to_dict())
 
     def _finish(self) -> dict:
         st = self.state
-        check_trained(st.step, self.skips.total())
+        check_trained(st.step, self.guard.skipped)
         st.wall_seconds = self._wall()
         results = st.results(
             task=self.run.task,
-            params=self.n_params,
+            **self.trainable,
             device=str(self.device),
             overrides=list(self.run.overrides),
             git_commit=self.run.git_commit,
