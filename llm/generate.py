@@ -21,8 +21,9 @@ import torch
 
 from llm.data.chat import encode_chat, reserved_chat_template, stop_token_id
 from llm.errors import ConfigError, DataError, LLMError
+from llm.export import load_source
 from llm.hf import fetch_hub_model, is_hf_model_dir, load_hf, looks_like_hub_name
-from llm.train.checkpoint import load_checkpoint_model, resolve_checkpoint
+from llm.train.checkpoint import resolve_checkpoint
 
 
 def load_model(path: str, device: str = "cpu"):
@@ -34,7 +35,7 @@ def load_model(path: str, device: str = "cpu"):
     if not str(path).startswith("latest:") and is_hf_model_dir(expanded):
         model, tokenizer = load_hf(expanded, key="model")
     else:
-        model, tokenizer = load_checkpoint_model(resolve_checkpoint(path, "model"))
+        model, tokenizer = load_source(resolve_checkpoint(path, "model"), key="model")  # a LoRA run's: merged
     return model.to(device), tokenizer
 
 

@@ -30,13 +30,15 @@ from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
 from llm.eval.sweep import ERROR_FILE
 from llm.data.chat import reserved_chat_template
-from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, looks_like_hub_name,
+from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf_tokenizer, looks_like_hub_name,
                     read_hf_config, save_hf)
 from llm.hf import harness
 from llm.model import gpt_config
+from llm.export import export_model, load_source, load_weights
+from llm.train.adapters import attach_lora
 from llm.train import rundir
-from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
-                                  load_model_weights, read_json, resolve_checkpoint)
+from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint,
+                                  read_json, resolve_checkpoint)
 from llm.train.cluster import (Interrupted, Preempted, StopSignals, env_rank, launch, main_process_first,
                                process_group, stop_exception)
 from llm.train.pruning import TrialPruner, default_storage
@@ -218,6 +220,7 @@ def validate(cfg: DictConfig) -> dict:
     built = {"settings": build(cfg.trainer, "trainer"), "optim": build(cfg.optim, "optimizer"),
              "objective": build(cfg.task.objective, "objective")}
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
+    built["peft"] = build(cfg.peft, "peft") if cfg.get("peft") else None  # LoRA's settings, checked
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
     for group in ("data", "tokenizer", "post_data"):
@@ -262,12 +265,14 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:
                  if k in saved and k not in cfg.model and k != "vocab_size"}
         model = build(cfg.model, "model", vocab_size=saved["vocab_size"], rope_scaling=rope_scaling, **extra)
         check_compatible(saved, model.config.to_dict(), "init_from", init_ckpt)
-        (load_hf_weights if hf_dir else load_model_weights)(init_ckpt, model)
+        load_weights(init_ckpt, model)  # an HF dir, a checkpoint, a LoRA run's (its base + adapters merged)
         if len(tokenizer) > model.config.vocab_size:
             logger.info(f"model: vocabulary grown from {model.config.vocab_size} to {len(tokenizer)} tokens")
             model.resize_vocab(len(tokenizer))
     else:
         model = build(cfg.model, "model", vocab_size=len(tokenizer), rope_scaling=rope_scaling)
+    if cheap["peft"] is not None:  # LoRA: adapters on the linear layers, the base frozen (and recorded)
+        attach_lora(model, cheap["peft"], init_ckpt, saved["vocab_size"] if saved is not None else None)
     logger.info(f"model: {model.num_params():,} parameters")
     stop.check("after building the model")
     objective, optim, loggers, settings = cheap["objective"], cheap["optim"], cheap["loggers"], cheap["settings"]
@@ -287,17 +292,13 @@ def read_overrides(run_dir: Path) -> list[str]:
 
 def export(cfg: DictConfig, run_dir: Path) -> dict:
     """task=export: the init_from model (its RoPE scaling, or extrapolation=... when set) as a Hugging Face model
-    dir, by default `hf/` in this run's dir; results.json says what was written."""
-    init = Path(cfg.init_from)
-    rope_scaling = OmegaConf.to_container(cfg.extrapolation, resolve=True)
-    load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
-    model, tokenizer = load(init, rope_scaling)
+    dir (a LoRA run's: merged, or with task.merge_lora=false a PEFT adapter dir), by default `hf/` in this run's
+    dir; results.json says what was written."""
     out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
-    written = save_hf(model, tokenizer, out_dir, cfg.task.get("dtype"))
-    results = {"task": "export", "init_from": str(init), **written}
+    written = export_model(cfg.init_from, OmegaConf.to_container(cfg.extrapolation, resolve=True), out_dir,
+                           cfg.task.get("dtype"), cfg.task.get("merge_lora", True))
+    results = {"task": "export", "init_from": str(cfg.init_from), **written}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    logger.info(f"exported {written['architecture']} ({written['params']:,} parameters, {written['dtype']}) to "
-                f"{written['out_dir']}: load it with transformers.AutoModelForCausalLM.from_pretrained(dir)")
     return results
 
 
@@ -316,8 +317,7 @@ def lm_eval(cfg: DictConfig, run_dir: Path, version: str, rescaled: bool = False
     if reuse:
         tokenizer = load_pretrained(str(init))
     else:
-        load = load_hf if is_hf_model_dir(init) else load_checkpoint_model
-        model, tokenizer = load(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
+        model, tokenizer = load_source(init, OmegaConf.to_container(cfg.extrapolation, resolve=True))
         reserved_chat_template(tokenizer)  # as save_hf does: the export's tokenizer
     examples = []
     if ours and t.get("rows") is None:
@@ -366,7 +366,7 @@ def run_fingerprint(plain_cfg: dict, tokenizer) -> dict:
     data = {k: v for k, v in plain_cfg["task"]["data"].items() if k not in ("cache_dir", "num_proc")}
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"seed": plain_cfg["seed"], "trainer.batch_size": plain_cfg["trainer"]["batch_size"],
-            "trainer.seq_len": plain_cfg["trainer"]["seq_len"], "task.data": data,
+            "trainer.seq_len": plain_cfg["trainer"]["seq_len"], "task.data": data, "peft": plain_cfg.get("peft"),
             "tokenizer": f"{len(tokenizer)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}"}
 
 

@@ -79,17 +79,19 @@ def save_checkpoint(
     trainer_state: dict,
     model_config: dict,
     tokenizer=None,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
 
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
-    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids)."""
+    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids);
+    `extra`: more files by name and text (a LoRA run's `adapter.json`)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer)
+        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer, extra or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
         raise
@@ -100,8 +102,10 @@ def save_checkpoint(
     return directory
 
 
-def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer) -> None:
+def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer, extra: dict) -> None:
     save_model(model, str(tmp / "model.safetensors"))
+    for name, text in extra.items():
+        (tmp / name).write_text(text)
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))

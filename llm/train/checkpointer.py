@@ -14,6 +14,8 @@ from loguru import logger
 from safetensors.torch import load_file
 
 from llm.errors import ConfigError, TrainingError
+from llm.peft import has_lora
+from llm.train import adapters
 from llm.train import checkpoint as ckpt
 from llm.train.parallel import is_fsdp, rank0_succeeded
 
@@ -29,6 +31,8 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path | None:
         """Write `checkpoints/step_NNNNNNN/` (atomically), point `last` at it, prune. Returns its path on rank 0."""
         model_state, optim_state = full_state(model, optimizer)  # fsdp: all ranks gather
+        if has_lora(model) and model_state is not None:  # LoRA: the adapters only (their optimizer state is all)
+            model_state = StateDictModule(adapters.saved_tensors(model, model_state.state_dict()))
         path, error = None, None
         if self.is_main:
             try:
@@ -46,7 +50,10 @@ class Checkpointer:
             raise TrainingError(f"step {step}: the weights are not finite; no checkpoint written")
         path = self.run_dir / "checkpoints" / ckpt.step_dir_name(step)
         try:
-            ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer)
+            extra = {adapters.ADAPTER_FILE: adapters.adapter_json(model)} if has_lora(model) else None
+            ckpt.save_checkpoint(
+                path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer, extra
+            )
             ckpt.write_last_pointer(self.run_dir, path)
         except OSError as e:  # a full disk, a quota: the older checkpoints and `last` stay as they were
             previous = ckpt.latest_checkpoint(self.run_dir)
@@ -73,6 +80,10 @@ class Checkpointer:
         )
         state = ckpt.read_json(path, "trainer_state.json")
         check_same_run(state.get("fingerprint"), fingerprint, resume, path)
+        if has_lora(model) or adapters.is_adapter_checkpoint(path):
+            if not has_lora(model):
+                raise ConfigError(f"resume={resume}: {path} holds LoRA adapters; resume it with peft=lora")
+            adapters.check_base(path, model, "resume")
         load_state(path, model, optimizer)  # every rank: the same full checkpoint
         logger.info(f"resumed from {path} at step {state.get('step')}")
         return state
@@ -159,16 +170,17 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
 
 def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a (full) checkpoint into the model and optimizer on this rank; every rank reads the same files."""
+    lora = has_lora(model)
     if not is_fsdp(model):
-        ckpt.load_model_weights(directory, model)
+        adapters.load_adapters(directory, model) if lora else ckpt.load_model_weights(directory, model)
         if optimizer is not None:
             ckpt.load_optimizer(directory, optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     directory = Path(directory)
-    options = StateDictOptions(full_state_dict=True)
-    msd = load_file(str(directory / "model.safetensors"))
+    options = StateDictOptions(full_state_dict=True, strict=not lora)
+    msd = adapters.load_saved(directory, model) if lora else load_file(str(directory / "model.safetensors"))
     for names in _tied_groups(model):  # stored once
         present = [n for n in names if n in msd]
         if not present:
@@ -176,7 +188,7 @@ def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for name in names:
             msd.setdefault(name, msd[present[0]])
     expected = set(model.state_dict())
-    if set(msd) != expected:
+    if not lora and set(msd) != expected:
         raise ConfigError(
             f"checkpoint {directory}: weights do not match the model (missing "
             f"{sorted(expected - set(msd))[:5]}, unexpected {sorted(set(msd) - expected)[:5]})"

@@ -26,6 +26,7 @@ from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval import bpb
 from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
+from llm.peft import adapters_disabled, has_lora
 from llm.train.parallel import is_fsdp
 
 
@@ -152,6 +153,7 @@ class DPO(Objective):
     computed once (batched, no gradient) and stored with the samples — no second model in memory. They are
     computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
     gives the same numbers. reference=live: a frozen copy of the starting model scores each batch.
+    With LoRA (llm.peft) the reference is the policy itself with its adapters off: the base, no second copy.
     Chosen and rejected go through the policy in one concatenated forward pass.
     """
 
@@ -176,10 +178,13 @@ class DPO(Objective):
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
         check_number("task.objective.sft_weight", sft_weight, 0)
         self.sft_weight, self.max_new_tokens, self.ref_batch_size = sft_weight, max_new_tokens, ref_batch_size
-        self.ref_model = None
+        self.ref_model, self.lora = None, False
 
     def setup(self, model, data) -> None:
         plain = unwrap_model(model)
+        self.lora = has_lora(plain)
+        if self.reference == "live" and self.lora:
+            return  # `_reference_logps`: the same model, adapters off
         if self.reference == "live":
             if is_fsdp(plain):  # a sharded module cannot be deep-copied (and a full copy per rank defeats sharding)
                 raise ConfigError(
@@ -191,7 +196,7 @@ class DPO(Objective):
         device = next(plain.parameters()).device
         was_training = plain.training
         plain.eval()
-        with torch.no_grad():
+        with torch.no_grad(), adapters_disabled(plain):
             for ds in (data.train, data.val):
                 for start in range(0, len(ds), self.ref_batch_size):
                     items = [ds[i] for i in range(start, min(len(ds), start + self.ref_batch_size))]
@@ -208,6 +213,9 @@ class DPO(Objective):
         if self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
+        elif self.reference == "live":  # LoRA: the base is the policy with its adapters off
+            with torch.no_grad(), adapters_disabled(unwrap_model(model)):
+                ref_chosen, ref_rejected = self._logps(model, batch)
         else:
             ref_chosen, ref_rejected = batch[ref_logp_key(CHOSEN)], batch[ref_logp_key(REJECTED)]
         loss, metrics = preference_loss(

@@ -26,6 +26,7 @@ from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.peft import trainable_report
 from llm.train.branch import branch_origin
 from llm.train.checkpointer import Checkpointer
 from llm.train.guard import StepGuard
@@ -78,6 +79,11 @@ def check_trained(steps: int, skipped: int) -> None:
     if steps and skipped >= steps:
         raise TrainingError(f"all {steps} steps had a non-finite loss or gradient norm and were skipped: nothing was "
                             f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
+
+
+def params_line(report: dict) -> str:
+    return (f"{report['params']:,} parameters ({report['trainable_params']:,} trainable, "
+            f"{100 * report['trainable_share']:.2f}%)")
 
 
 def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
@@ -133,7 +139,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.data.train), self.loop.batch_size, seed=self.run.seed,
                                         rank=self.env.rank, world_size=self.env.world_size)
         self.raw_model = unwrap_model(self.model)
-        self.n_params = self.raw_model.num_params()
+        self.trainable = trainable_report(self.raw_model)  # params, trainable_params (a LoRA run: the adapters), share
         hw = self.hardware  # fsdp shards raw_model in place (its parameters become DTensors)
         self.model = parallelize(self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing,
                                  hw.precision)
@@ -156,8 +162,8 @@ class Trainer:
         self.guard = StepGuard(self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window,
                                self.state.spike_window)  # skipped steps (non-finite, loss spikes), on the device
         self.window = MetricsWindow(self.device, self.state.log_window)
-        self.flops_per_token = flops_per_token(self.raw_model.config, self.n_params, self.loop.seq_len)
-        where = f"{self.run.task} on {self.device} ({self.env.world_size} rank(s)), model {self.n_params:,} parameters"
+        self.flops_per_token = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
+        where = f"{self.run.task} on {self.device} ({self.env.world_size} rank(s)), model {params_line(self.trainable)}"
         if not self.max_steps:
             logger.info(f"trainer: {where}, evaluation only (no training step)")
             return
@@ -333,7 +339,7 @@ class Trainer:
         st = self.state
         check_trained(st.step, self.guard.skipped)
         st.wall_seconds = self._wall()
-        results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
+        results = st.results(task=self.run.task, **self.trainable, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,
                              checkpoint=self.checkpointer.last and str(self.checkpointer.last))
         results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint

@@ -232,6 +232,9 @@ ERRORS = [
     (["init_from=/nonexistent/run"], {}, "init_from='/nonexistent/run': no such run or checkpoint directory"),
     (["init_from=latest:nosuchtask"], {}, "latest:nosuchtask: no finished nosuchtask run"),
     (["task=dpo"], {}, "task=dpo starts from a trained model: set init_from"),
+    (["peft=lora", "peft.rank=0"], {}, "peft.rank=0 must be an integer >= 1"),
+    (["peft=lora", "peft.alpha=nan"], {}, "peft.alpha=nan must be a finite number > 0"),
+    (["peft=lora", "peft.target_modules=[qkv,attn]"], {}, "peft.target_modules: unknown module name(s) ['attn']"),
     (["hydra.run.dir=/proc/llm_run"], {}, "hydra.run.dir=/proc/llm_run: cannot write to /proc/llm_run"),
 ]
 
