@@ -33,6 +33,10 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_rows(self, n: int) -> None:
+        """Each row's keys/values become n adjacent rows (a prompt read once, continued as n samples)."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+
 
 @torch.no_grad()
 def stream(
@@ -46,9 +50,10 @@ def stream(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
+    num_samples: int = 1,
 ):
-    """`GPT.stream`: yields each step's new tokens [B, 1] (for printing as they come). attention_mask [B, T0]
-    (1 = token, 0 = padding on the left): see `GPT.generate`.
+    """`GPT.stream`: yields each step's new tokens [B x num_samples, 1] (for printing as they come).
+    attention_mask [B, T0] (1 = token, 0 = padding on the left) and num_samples: see `GPT.generate`.
 
     Learned positions see at most the last max_seq_len tokens: past that the context is cropped (and the KV
     cache, whose positions would run past the table, is given up)."""
@@ -73,7 +78,7 @@ def stream(
             model.config, input_ids.size(0), min(total, max_context), input_ids.device, model.tok_emb.weight.dtype
         )
     out, step_input = input_ids, input_ids
-    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    done = torch.zeros(input_ids.size(0) * num_samples, dtype=torch.bool, device=input_ids.device)
     keep = None if attention_mask is None else attention_mask.bool()  # [B, tokens so far]: False on padding
     try:
         for _ in range(max_new_tokens):
@@ -85,6 +90,11 @@ def stream(
                 keys = keep[:, -max_context:] if cache is None else keep
                 padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
             logits = model(context, kv_cache=cache, **padded)[:, -1, : model.config.vocab_size]
+            if num_samples > 1 and out is input_ids:  # the prompts were read once: now num_samples rows each
+                logits, out = logits.repeat_interleave(num_samples, 0), out.repeat_interleave(num_samples, 0)
+                keep = keep.repeat_interleave(num_samples, 0) if keep is not None else None
+                if cache is not None:
+                    cache.repeat_rows(num_samples)
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
             if eos_token_id is not None:
                 next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)

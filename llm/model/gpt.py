@@ -280,18 +280,29 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        num_samples: int = 1,
     ):
-        """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
+        """Sample continuations of input_ids [B, T0] -> [B x num_samples, T0 + n]; temperature 0 means greedy.
 
         Stops early once every row has produced eos_token_id (a finished row gets eos_token_id after its stop).
         With use_cache the prompt is processed once and every later step feeds one token against a preallocated KV
         cache. attention_mask [B, T0] (1 = token, 0 = padding on the left) lets prompts of different lengths share
         a batch: no token attends to padding, and each row's positions count from its own first token.
+        num_samples > 1: each prompt is read once and continued as that many samples (adjacent rows).
         """
         new = self.stream(
-            input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator, attention_mask
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            use_cache,
+            generator,
+            attention_mask,
+            num_samples,
         )
-        return torch.cat([input_ids, *new], dim=1)
+        return torch.cat([input_ids.repeat_interleave(num_samples, dim=0), *new], dim=1)
 
     def stream(self, input_ids, max_new_tokens: int, *args, **kwargs):
         """`generate` one step at a time: yields each step's new tokens [B, 1] (see `generation.stream`)."""

@@ -119,10 +119,19 @@ class GRPO(Objective):
         seed = zlib.crc32(f"{self.seed}|{step}|{indices}".encode())
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _complete(self, model, prompt_ids, temperature, max_new_tokens, generator=None):
-        """(completion token lists, their texts without the stop token, finished flags)."""
+    def _complete(self, model, prompt_ids, temperature, max_new_tokens, generator=None, samples=1):
+        """(completions: token lists and finished flags, `samples` per prompt; their texts without the stop token)."""
         out = sample_completions(
-            model, prompt_ids, max_new_tokens, self.stop_id, self.pad_id, temperature, self.top_p, self.top_k, generator
+            model,
+            prompt_ids,
+            max_new_tokens,
+            self.stop_id,
+            self.pad_id,
+            temperature,
+            self.top_p,
+            self.top_k,
+            generator,
+            samples=samples,
         )
         texts = [
             self.tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True)
@@ -136,7 +145,12 @@ class GRPO(Objective):
         each = lambda key: [x for x in batch[key] for _ in range(G)]  # each prompt's G completions adjacent
         prompts = each("prompt_ids")
         out, texts = self._complete(
-            raw, prompts, self.temperature, self.max_new_tokens, self._generator(device, step, batch["index"])
+            raw,
+            batch["prompt_ids"],
+            self.temperature,
+            self.max_new_tokens,
+            self._generator(device, step, batch["index"]),
+            samples=G,
         )
         totals, per_reward = score(self.rewards, each("prompt"), texts, each("rows"), each("where"))
         rewards = torch.tensor(totals)
