@@ -6,6 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from llm.errors import ConfigError
+from llm.model import gpt_config
 from tests.conftest import CONF, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -95,6 +97,16 @@ def test_125m_gpt2_block_matches_gpt2_small():
     model = _meta_model("125m", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
     # GPT-2 small with the 50304-padded vocab (nanoGPT's count including the position table): 124,475,904
     assert model.num_params() == 124_475_904
+
+
+def test_presets_take_the_family_options():
+    """model=125m from scratch with QK-norm, q/k/v biases and sliding layers: the extra parameters and nothing else."""
+    model = _meta_model("125m", qk_norm=True, qkv_bias=True, sliding_window=256, sliding_layers=[0, 1, 2])
+    extra = 12 * (2 * 64 + 3 * 768)  # per layer: q/k norm weights [hd] and the q/k/v biases
+    assert model.num_params() == expected_params(12, 768, 50304, 2048) + extra
+    assert [model.config.is_sliding(i) for i in range(4)] == [True, True, True, False]
+    with pytest.raises(ConfigError, match=r"model.sliding_layers=\[12\] must list distinct layer indices in \[0, 11\]"):
+        gpt_config(n_layer=12, sliding_window=256, sliding_layers=[12])
 
 
 def test_tiny_is_a_few_million():
