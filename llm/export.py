@@ -37,7 +37,7 @@ def load_weights(path: Path, model) -> None:
     if is_hf_model_dir(path):
         load_hf_weights(path, model)
     elif is_adapter_checkpoint(path):
-        model.load_state_dict(load_source(path).state_dict())
+        model.load_state_dict(load_source(path)[0].state_dict())
     else:
         load_model_weights(path, model)
 

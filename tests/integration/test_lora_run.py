@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from llm.checkpoint.files import latest_checkpoint
 from llm.errors import ConfigError
-from llm.export import export_model, load_source
+from llm.export import export_model, load_source, load_weights
+from llm.model import GPT, GPTConfig
 from llm.tasks.source import resolve_init_from
 from llm.tasks.train import train
 from tests.conftest import SMALL, compose_config, read_metrics
@@ -88,8 +89,11 @@ def test_export_merged_and_as_peft_dir(lora_run, tmp_path):
     assert written["merged_lora"] and written["architecture"] == "LlamaForCausalLM"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([tokenizer("sort: pear apple fig")["input_ids"]])
+    later = GPT(GPTConfig(**json.loads((latest_checkpoint(run_dir) / "model_config.json").read_text())))
+    load_weights(latest_checkpoint(run_dir), later)  # init_from=<this LoRA run> (e.g. DPO after it): merged
     with torch.no_grad():
         assert (hf(ids).logits - adapted(ids)[..., : len(tokenizer)]).abs().max() < 1e-5
+        assert (later.eval()(ids) - adapted(ids)).abs().max() < 1e-5
     written = export_model(run_dir, None, tmp_path / "adapter", None, False)
     assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= set(written["files"])
     assert written["base_model"] == str(tmp_path / "adapter" / "base")

@@ -193,3 +193,30 @@ def test_gemma_chat_turns_end_at_end_of_turn(tiny_tokenizer):
     reply = [i for i, m in zip(ids, mask) if m]
     assert tokenizer.decode(reply).startswith("a b<end_of_turn>") and end in reply
     assert stop_token_id(tokenizer) == end
+
+
+def test_sliding_window_with_packed_rows_and_left_padding():
+    """The window's band narrows the other masks, never widens them: two sequences packed in one row (block-diagonal
+    mask, positions restarting) compute what each computes alone, and a left-padded batch generates what each
+    prompt generates alone."""
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32, sliding_window=3)
+    ).eval()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    same = torch.zeros(12, 12, dtype=torch.bool)
+    same[:7, :7], same[7:, 7:] = True, True
+    mask = (same & torch.ones(12, 12, dtype=torch.bool).tril())[None, None]
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, attn_mask=mask)
+        torch.testing.assert_close(out[:, :7], model(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[:, 7:], model(b), rtol=0, atol=1e-5)
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), b], dim=1), a], dim=0)  # b padded left by 2
+    keep = torch.ones(2, 7, dtype=torch.long)
+    keep[0, :2] = 0
+    together = model.generate(batch, 6, temperature=0, attention_mask=keep)
+    assert together[0, 2:].tolist() == model.generate(b, 6, temperature=0)[0].tolist()
+    assert together[1].tolist() == model.generate(a, 6, temperature=0)[0].tolist()
+    assert torch.equal(model.generate(a, 6, temperature=0), model.generate(a, 6, temperature=0, use_cache=False))

@@ -1,7 +1,7 @@
 """Hugging Face model dirs, in-process on tiny models: our export loads in transformers and computes what we compute
 (logits at 1x and 4x the training context for every RoPE scaling, greedy generation, tokenizer ids and chat
-template); HF Llama / GPT-2 dirs built from configs import and export back bit for bit; what cannot be represented
-is a one-line error naming the field."""
+template); what cannot be represented is a one-line error naming the field. HF dirs of every family built from
+configs import and export back bit for bit in test_families.py."""
 
 from __future__ import annotations
 
@@ -136,23 +136,6 @@ def hf_dir(tokenizer, tmp_path, kind: str, **kw):
     model.save_pretrained(tmp_path / kind)
     tokenizer.save_pretrained(tmp_path / kind)
     return model, tmp_path / kind
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_import_computes_what_transformers_computes_and_exports_back(tokenizer, tmp_path, kind):
-    """An untied GQA Llama (vocabulary larger than the tokenizer) and a GPT-2: same logits, and the export of the
-    import holds the very same tensors."""
-    theirs, path = hf_dir(tokenizer, tmp_path, kind)
-    model, tok = load_hf(path)
-    assert model.config.tie_embeddings == (kind == "gpt2") and len(tok) == len(tokenizer)
-    x = torch.randint(0, len(tokenizer), (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x)[..., : theirs.config.vocab_size], theirs(x).logits, rtol=0, atol=1e-4)
-    save_hf(model, tok, tmp_path / "back")
-    before, after = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
-    before = {k: v for k, v in before.items() if not k.endswith(".attn.bias")}  # GPT-2 masks
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize(

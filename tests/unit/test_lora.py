@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
+from llm.data import PromptData, VerifiableTasks
 from llm.errors import ConfigError
 from llm.hf import save_hf, save_peft_dir
 from llm.model import build_gpt
 from llm.peft import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merge_lora, trainable_report
+from llm.train.grpo import GRPO, token_logps
 from llm.train.objectives import DPO, sequence_logps
 
 TINY = dict(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32, pad_vocab_to=32)
@@ -98,6 +100,20 @@ def test_dpo_reference_is_the_base_with_adapters_off():
     beta = live.beta
     assert torch.allclose(metrics["rewards/chosen"], beta * (policy[:2] - want[:2]).mean(), atol=1e-5)
     assert torch.allclose(metrics["rewards/rejected"], beta * (policy[2:] - want[2:]).mean(), atol=1e-5)
+
+
+def test_grpo_kl_reference_is_the_base_with_adapters_off(tiny_tokenizer):
+    rows = VerifiableTasks(tasks=["count"], num_examples=4)
+    data = PromptData(tiny_tokenizer, rows, VerifiableTasks(split="heldout", tasks=["count"], num_examples=2))
+    base, adapted = _adapted(vocab_size=len(tiny_tokenizer), max_seq_len=128)
+    _train_adapters(adapted)
+    kl = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, max_new_tokens=4, beta=0.1)
+    kl.setup(adapted, data.prepare())
+    assert kl.ref_model is None  # no copy
+    batch = kl.prepare(adapted, data.train.collate([data.train[0]]), step=0)
+    with torch.no_grad():
+        assert torch.allclose(batch["ref_logps"], token_logps(base, batch["input_ids"], batch["labels"]), atol=1e-6)
+        assert not torch.allclose(batch["ref_logps"], token_logps(adapted, batch["input_ids"], batch["labels"]))
 
 
 def test_peft_adapter_dir_loads_in_peft_with_equal_logits(tmp_path, tiny_tokenizer):

@@ -49,7 +49,7 @@ class Gemma3(LlamaLike):
             local_scaling is None or (local_theta, local_scaling) == (theta, scaling),
             "the sliding layers' RoPE must be plain (rope_type default) or the same as the global layers'",
         )
-        pattern = hf.get("sliding_window_pattern", 6)
+        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6  # 4.x configs
         types = hf.get("layer_types") or [
             "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)
         ]
