@@ -22,7 +22,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
-    warmup_steps: int = 30
+    warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (before it: the peak lr)
