@@ -22,11 +22,13 @@ from loguru import logger
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException as ConfError
 
-from llm import job  # importing it registers the resolvers conf/hydra/default.yaml uses
-from llm.data.cache import check_writable_dir
+from llm import job
+from llm.dist.env import env_rank, prepare_launch, shutdown
+from llm.dist.signals import INTERRUPTED_EXIT_CODE, Preempted
 from llm.errors import LLMError
-from llm.eval.sweep import SweepSummary
-from llm.train.cluster import INTERRUPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
+from llm.rundir import resolvers  # importing it registers the resolvers conf/hydra/default.yaml uses
+from llm.rundir.writable import check_writable_dir
+from llm.sweep import jobs as sweep_jobs
 from llm.utils.logging import setup_logging
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the machine's state, not a bug: one line, no traceback
@@ -37,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     try:  # before train.log: a refused run writes nothing there
-        lock = job.claim_run_dir(cfg, run_dir, in_sweep)
+        lock = resolvers.claim_run_dir(cfg, run_dir, in_sweep)
     except LLMError as e:
         if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
             raise
@@ -65,7 +67,7 @@ def main(cfg: DictConfig) -> float | None:
             message = f"error: cannot write {e.filename or 'a file of the run'}: {e.strerror}"
         if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
             logger.opt(exception=not isinstance(e, LLMError)).error(f"job failed: {message}")
-            job.record_failure(run_dir, e)
+            sweep_jobs.record_failure(run_dir, e)
             return None
         logger.remove()
         print(message, file=sys.stderr)
@@ -104,7 +106,5 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(INTERRUPTED_EXIT_CODE)
-    finally:
+    finally:  # a sweep with failed jobs exits 2 from its summary callback (llm.sweep.summary.SweepFailed)
         shutdown()
-    if SweepSummary.failed:  # a sweep went on past its failed jobs; its exit code still says so
-        sys.exit(2)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from loguru import logger
 
+from llm.checkpoint.adapters import is_adapter_checkpoint, load_adapted
+from llm.checkpoint.files import load_checkpoint_model, load_model_weights, resolve_checkpoint
 from llm.errors import ConfigError
 from llm.hf import is_hf_model_dir, load_hf, load_hf_weights, save_hf, save_peft_dir
 from llm.peft import merge_lora
-from llm.train.adapters import is_adapter_checkpoint, load_adapted
-from llm.train.checkpoint import load_checkpoint_model, load_model_weights, resolve_checkpoint
 
 
 def load_source(path: str | Path, rope_scaling: dict | None = None, merge: bool = True, key: str = "init_from"):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoint.files import resolve_checkpoint
 from llm.data.chat import encode_chat, reserved_chat_template, stop_token_id
 from llm.errors import ConfigError, DataError, LLMError
 from llm.export import load_source
 from llm.hf import fetch_hub_model, is_hf_model_dir, load_hf, looks_like_hub_name
-from llm.train.checkpoint import resolve_checkpoint
 
 
 def load_model(path: str, device: str = "cpu"):

@@ -122,7 +122,7 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.activation_checkpointing = False  # set by llm.train.parallel.parallelize
+        self.activation_checkpointing = False  # set by llm.dist.parallel.parallelize
 
     def _forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
         h = self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache)

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
 from llm.data.chat import stop_token_id
+from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval.sampling import sample_completions
 from llm.model import unwrap_model
 from llm.peft import adapters_disabled, has_lora
 from llm.rewards import load_rewards, score
 from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
-from llm.train.parallel import is_fsdp
 
 ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
 STATS = "stats/"  # batch keys of per-completion statistics, turned into metrics by `loss`

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.train.parallel import all_reduce_mean
+from llm.dist.parallel import all_reduce_mean
 
 
 class StepGuard:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from llm.train import rundir
-from llm.train.parallel import all_reduce_mean
+from llm.dist.parallel import all_reduce_mean
+from llm.rundir import owner as rundir
 
 
 class MetricsWindow:

@@ -22,12 +22,12 @@ from llm.contract import (
     ref_logp_key,
     side_key,
 )
+from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval import bpb
 from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
 from llm.peft import adapters_disabled, has_lora
-from llm.train.parallel import is_fsdp
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

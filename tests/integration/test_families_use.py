@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
+from llm.checkpoint.files import latest_checkpoint, load_checkpoint_model
 from llm.hf import save_hf
-from llm.train.checkpoint import latest_checkpoint, load_checkpoint_model
 from tests.conftest import SMALL, run_cli_batch
 from tests.unit.test_families import CLASSES, GEMMA_TEMPLATE, KINDS, hf_model_dir
 

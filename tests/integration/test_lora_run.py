@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm.checkpoint.files import latest_checkpoint
 from llm.errors import ConfigError
 from llm.export import export_model, load_source, load_weights
 from llm.job import resolve_init_from, train
 from llm.model import GPT, GPTConfig
-from llm.train.checkpoint import latest_checkpoint
 from tests.conftest import SMALL, compose_config, read_metrics
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.checkpoint.files import latest_checkpoint, load_model_weights, read_json
 from llm.data import PretrainData, StdlibCorpus, load_pretrained
 from llm.model import GPT, GPTConfig
-from llm.train.checkpoint import latest_checkpoint, load_model_weights, read_json
 from llm.train.objectives import cross_entropy
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli, run_cli_batch
 

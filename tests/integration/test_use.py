@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm.checkpoint.files import latest_checkpoint, load_checkpoint_model
 from llm.data import VerifiableTasks
 from llm.data.hub import offline_reason
 from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
 from llm.job import resolve_init_from
-from llm.train.checkpoint import latest_checkpoint, load_checkpoint_model
 from tests.conftest import SMALL, compose_config, run_cli, run_cli_batch
 
 pytestmark = pytest.mark.integration

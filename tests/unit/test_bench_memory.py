@@ -2,7 +2,7 @@
 
 import pytest
 
-from llm.bench_memory import GIB, estimate_bytes, fit, params_of, summarize
+from llm.bench.memory import GIB, estimate_bytes, fit, params_of, summarize
 
 
 def test_llama_3_2_1b_shape_and_estimates():

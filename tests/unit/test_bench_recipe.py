@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llm import bench_recipe
+from llm.bench import recipe as bench_recipe
 
 
 def _run(name, points, rnd=1):

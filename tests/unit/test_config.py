@@ -56,7 +56,7 @@ def test_run_and_sweep_dirs():
 
 
 def test_safe_dirname():
-    from llm.job import safe_dirname
+    from llm.rundir.resolvers import safe_dirname
 
     assert safe_dirname("optim.lr=0.001") == "optim.lr=0.001"
     assert safe_dirname("data.paths=a/b") == "data.paths=a_b"

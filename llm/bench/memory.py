@@ -2,8 +2,8 @@
 measured in a fresh process of its own (the peak resident set the kernel reports for it, `ru_maxrss`: weights,
 gradients, optimizer state, activations, and the interpreter and torch themselves).
 
-    python -m llm.bench_memory                                   # Llama-3.2-1B shape, seq 512, batch 1, CPU
-    python -m llm.bench_memory --layers 1 2 4 16 --rank 16 --json bench_memory.json
+    python -m llm.bench.memory                                   # Llama-3.2-1B shape, seq 512, batch 1, CPU
+    python -m llm.bench.memory --layers 1 2 4 16 --rank 16 --json bench_memory.json
 
 The model is Llama-3.2-1B-shaped with random weights (16 layers, d_model 2048, 32 heads, 8 kv heads, ffn 8192,
 vocabulary 128256, tied embeddings); one SFT step is forward, loss on the second half of the tokens (the first half
@@ -123,7 +123,7 @@ def measure(mode: str, layers: int, args) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "llm.bench_memory",
+        "llm.bench.memory",
         "--child",
         mode,
         "--layers",
@@ -191,7 +191,7 @@ def summarize(rows: list[dict], depth: int) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llm.bench_memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llm.bench.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 16], help="depths to measure (16: the real one)")
     p.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     p.add_argument("--seq-len", type=int, default=512)

@@ -2,9 +2,9 @@
 A and recipe B (each a list of `run.py` overrides), in turn, and reports for each the validation loss and bits
 per byte against wall time and steps, and the wall time each needs to reach A's final validation loss.
 
-    python -m llm.bench_recipe                                          # the default run vs optim=muon
-    python -m llm.bench_recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
-    python -m llm.bench_recipe --common "experiment=tiny_long" --eval-every 100
+    python -m llm.bench.recipe                                          # the default run vs optim=muon
+    python -m llm.bench.recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
+    python -m llm.bench.recipe --common "experiment=tiny_long" --eval-every 100
 
 Each run is `python run.py <common> <recipe> trainer.eval_every=<n> logger=none` in its own dir under --out, so
 it is exactly what a user's command does (the token cache is shared; the first run may build it: run once
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
+RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 
 
 def load_average() -> str:

@@ -1,7 +1,7 @@
 """A run's checkpoints as the training loop sees them: `Checkpointer` saves (every N steps, at a stop and at the
 end), restores (resume), prunes to `keep_last` and keeps the `checkpoints/last` pointer. Under FSDP the full
 state is gathered to rank 0 for saving and set back from the full files on every rank, so a checkpoint has the
-same files as a one-process run and resumes on any number of ranks. The file format is `llm.train.checkpoint`.
+same files as a one-process run and resumes on any number of ranks. The file format is `llm.checkpoint.files`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from loguru import logger
 from safetensors.torch import load_file
 
+from llm.checkpoint import adapters
+from llm.checkpoint import files as ckpt
+from llm.dist.parallel import is_fsdp, rank0_succeeded
 from llm.errors import ConfigError, TrainingError
 from llm.peft import has_lora
-from llm.train import adapters
-from llm.train import checkpoint as ckpt
-from llm.train.parallel import is_fsdp, rank0_succeeded
 
 
 class Checkpointer:
@@ -143,7 +143,7 @@ class StateDictModule:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """What llm.train.checkpoint.save_checkpoint writes, on every rank (FSDP gathers, so all ranks call this).
+    """What llm.checkpoint.files.save_checkpoint writes, on every rank (FSDP gathers, so all ranks call this).
 
     single / ddp: the plain module and the optimizer themselves (rank 0's replica is complete).
     fsdp: full state dicts gathered to rank 0 on the CPU (empty on the other ranks), keyed like the plain model's
@@ -151,7 +151,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     checkpoint resumes on any number of ranks."""
     if not is_fsdp(model):
         return model, optimizer
-    # imported here, as FSDP itself is (llm.train.parallel.is_fsdp): it costs every other run's start ~0.7 s
+    # imported here, as FSDP itself is (llm.dist.parallel.is_fsdp): it costs every other run's start ~0.7 s
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)

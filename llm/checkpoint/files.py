@@ -84,7 +84,7 @@ def save_checkpoint(
     """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
 
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
-    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids);
+    llm.checkpoint.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids);
     `extra`: more files by name and text (a LoRA run's `adapter.json`)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")

@@ -1,9 +1,9 @@
 """Generation throughput benchmark: our batched KV-cache sampler (the one task=grpo uses) against Hugging Face
 `generate` on the same model, in the same process, as new tokens per second and the ratio ours / HF.
 
-    python -m llm.bench_generate                                  # tiny preset, 16 prompts x 8 samples, CPU
-    python -m llm.bench_generate --prompts 16 --samples 8 --new-tokens 32 --repeats 3 --json gen.json
-    python -m llm.bench_generate --model 125m --device cuda --dtype bfloat16
+    python -m llm.bench.generate                                  # tiny preset, 16 prompts x 8 samples, CPU
+    python -m llm.bench.generate --prompts 16 --samples 8 --new-tokens 32 --repeats 3 --json gen.json
+    python -m llm.bench.generate --model 125m --device cuda --dtype bfloat16
 
 The HF model is ours exported with llm/hf (config.json and tensors of `LlamaForCausalLM`, or `GPT2LMHeadModel`
 for a GPT-2-shaped preset), so both sides compute the same function: greedy outputs are checked to be equal token
@@ -31,7 +31,7 @@ from llm.eval.sampling import left_pad
 from llm.hf.convert import config_to_hf, to_hf
 from llm.model import build_gpt
 
-PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def build_models(preset: str, vocab_size: int, device: str, dtype: torch.dtype, seed: int = 0):

@@ -1,0 +1,27 @@
+"""task=export: a trained model written as a Hugging Face model dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llm.export import export_model
+
+
+def export(cfg: DictConfig, run_dir: Path) -> dict:
+    """task=export: the init_from model (its RoPE scaling, or extrapolation=... when set) as a Hugging Face model
+    dir (a LoRA run's: merged, or with task.merge_lora=false a PEFT adapter dir), by default `hf/` in this run's
+    dir; results.json says what was written."""
+    out_dir = Path(str(cfg.task.out_dir)).expanduser() if cfg.task.get("out_dir") else run_dir / "hf"
+    written = export_model(
+        cfg.init_from,
+        OmegaConf.to_container(cfg.extrapolation, resolve=True),
+        out_dir,
+        cfg.task.get("dtype"),
+        cfg.task.get("merge_lora", True),
+    )
+    results = {"task": "export", "init_from": str(cfg.init_from), **written}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
