@@ -144,7 +144,7 @@ def test_pretrain_data_serves_masked_windows_from_the_same_cache(tmp_path):
 def test_a_pretraining_run_trains_and_validates_on_masked_batches(cache_dir, tmp_path, monkeypatch):
     """task.data.document_mask=true end to end (in process): every training and validation batch is masked."""
     import llm.data.pretrain as pretrain
-    from llm.job import train
+    from llm.tasks.train import train
     from tests.conftest import SMALL, compose_config
 
     masks = []
