@@ -179,7 +179,9 @@ def test_help_is_the_projects():
     for line in (
         "Usage: python run.py",
         "hparams_search: dpo, pretrain",
-        "task: dpo, eval_length, export, lm_eval, pretrain, sft",
+        "task: dpo, eval_length, export, grpo, lm_eval, pretrain, sft",
+        "optim: adamw, muon",
+        "peft: lora",
         "python run.py -m hparams_search=pretrain",
         "Main keys: seed, init_from",
     ):
