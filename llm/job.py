@@ -25,9 +25,10 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from llm.data.cache import check_writable_dir
+from llm.data.cache import check_cache_dirs
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
+from llm.failures import explain, too_big_model
 from llm.eval.sweep import ERROR_FILE
 from llm.data.chat import reserved_chat_template
 from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer, load_hf_weights, looks_like_hub_name,
@@ -35,12 +36,12 @@ from llm.hf import (fetch_hub_model, is_hf_model_dir, load_hf, load_hf_tokenizer
 from llm.hf import harness
 from llm.model import gpt_config
 from llm.train import rundir
-from llm.train.checkpoint import (ARCH_KEYS, check_compatible, latest_checkpoint, load_checkpoint_model,
+from llm.train.checkpoint import (ARCH_KEYS, check_compatible, list_checkpoints, load_checkpoint_model,
                                   load_model_weights, read_json, resolve_checkpoint)
 from llm.train.cluster import (Interrupted, Preempted, StopSignals, env_rank, launch, main_process_first,
                                process_group, stop_exception)
 from llm.train.pruning import TrialPruner, default_storage
-from llm.train.trainer import RunInfo, Trainer
+from llm.train.trainer import RunInfo, Trainer, split_batch
 from llm.utils import git_commit, seed_everything
 
 
@@ -55,6 +56,9 @@ def build(node: DictConfig, what: str, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        known = too_big_model(e.__cause__ or e, {**node, **kwargs}) if what == "model" else explain(e.__cause__ or e)
+        if known is not None:  # a library's or the machine's error (llm.failures): one line naming what
+            raise known from e
         if isinstance(e.__cause__, TypeError) or isinstance(e, OmegaConfBaseException):
             raise ConfigError(f"{what} ({node._target_}): {str(e.__cause__ or e).splitlines()[0]}") from e
         raise
@@ -138,7 +142,8 @@ def _run(cfg: DictConfig, hydra: DictConfig, stop: StopSignals) -> dict:
                          **{k: sweeper[k] for k in ("pruner", "n_startup_trials", "n_warmup_steps") if k in sweeper}}
     nproc = check_int("trainer.nproc_per_node", cfg.trainer.get("nproc_per_node") or 1, 1)
     if nproc > 1:
-        validate(cfg)  # here, once, before any worker starts
+        validate(cfg)  # here, once, before any worker starts (the batch split over the ranks too)
+        split_batch(cfg.trainer.batch_size, cfg.trainer.get("micro_batch_size"), nproc)
         return launch(train, nproc, OmegaConf.to_container(cfg, resolve=True), str(run_dir),
                       reraise=(Interrupted, Preempted), on_signal=stop_exception)
     return train(cfg, run_dir, stop)
@@ -156,7 +161,7 @@ def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
                               f" use a new hydra.sweep.dir")
         logger.info(f"sweep job already finished ({results_file}): skipped")
         return results
-    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+    if not cfg.resume and list_checkpoints(run_dir):  # none usable: resume=auto refuses (the job is marked failed)
         logger.info("sweep job was interrupted: resume=auto")
         with open_dict(cfg):
             cfg.resume = "auto"
@@ -225,17 +230,6 @@ def validate(cfg: DictConfig) -> dict:
     _check_tree("task.data", plain["task"].get("data") or {})
     check_cache_dirs(plain)
     return built
-
-
-def check_cache_dirs(plain: dict) -> None:
-    """The cache dirs this run will write (the BPE's unless init_from brings a tokenizer, the token cache's) are
-    directories it can write: else one line naming the key (`cache_dir` when the group takes the top-level one)."""
-    used = {"task.data.cache_dir": (plain["task"].get("data") or {}).get("cache_dir")}
-    if not plain.get("init_from"):
-        used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
-    for key, value in used.items():
-        if value is not None:
-            check_writable_dir("cache_dir" if value == plain.get("cache_dir") else key, value, hint=" (or LLM_CACHE_DIR)")
 
 
 def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals) -> dict:

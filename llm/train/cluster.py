@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from llm.errors import ConfigError, LLMError, check_choice
+from llm.failures import explain, quiet_loggers
 from llm.utils.logging import setup_logging
 
 STAMP_FORMAT = "%Y-%m-%d/%H-%M-%S"  # the same as conf/hydra/default.yaml's ${now:...} run dir
@@ -246,6 +247,11 @@ def _worker(fn, cfg: dict, run_dir: str, threads: int | None):
     setup_logging(run_dir, rank=int(os.environ.get("RANK", 0)))
     try:
         return fn(cfg, run_dir)
+    except Exception as e:  # the parent reports it once, as one line (llm.failures); the traceback: this rank's log
+        logger.opt(exception=e).debug("the error's traceback")
+        if cfg.get("debug") or explain(e) in (None, e):
+            raise
+        raise explain(e) from None
     finally:
         shutdown()
 
@@ -275,7 +281,9 @@ def launch(fn, nproc: int, cfg: dict, run_dir: str, reraise: tuple[type[BaseExce
     threads = max(1, (os.cpu_count() or 1) // nproc) if not torch.cuda.is_available() else None
     logger.info(f"launching {nproc} worker processes (elastic launcher, one process group)")
     try:
-        results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads)
+        # the launcher's own lines (a failed worker's whole traceback) off: the caller reports it once, in one line
+        with quiet_loggers(("torch.distributed.elastic", "torch.multi"), not (cfg.get("debug") or os.environ.get("LLM_DEBUG"))):
+            results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads)
     except SignalException as e:
         if on_signal is None:
             raise
