@@ -27,6 +27,8 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for the
 def family(cfg: GPTConfig) -> str:
     """'llama' or 'gpt2': the HF architecture that represents this model, else ConfigError naming the model key."""
     arch = {key: getattr(cfg, key) for key in LLAMA}
+    if cfg.qk_norm:
+        raise ConfigError("model.qk_norm=true: LlamaForCausalLM and GPT2LMHeadModel do not normalise queries and keys")
     if arch == LLAMA:
         return "llama"
     if arch == GPT2:

@@ -1,6 +1,7 @@
 """The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
 
-from llm.model.gpt import GPT, GPTConfig, KVCache, build_gpt, flops_per_token, gpt_config, sample_next_token
+from llm.model.config import GPTConfig, gpt_config
+from llm.model.gpt import GPT, KVCache, build_gpt, flops_per_token, sample_next_token
 
 __all__ = [
     "GPT",

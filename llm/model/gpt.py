@@ -1,82 +1,26 @@
-"""A decoder-only GPT, readable top to bottom: config, attention, MLP, block, model, generation with a KV cache.
+"""A decoder-only GPT, readable top to bottom: attention, MLP, block, model, generation with a KV cache (the
+config, every choice below, is `config.py`).
 
 Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab.
 Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm); MLP GELU or SwiGLU;
 grouped-query attention through `scaled_dot_product_attention`; LM head tied to the token embedding (or its own
-matrix, as some pretrained models have).
+matrix, as some pretrained models have); optionally per-head RMSNorm on queries and keys (QK-norm).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.errors import ConfigError
+from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy
-from llm.model.rope import RotaryEmbedding, apply_rotary, parse_scaling
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 4096  # real tokenizer size; the embedding is padded up to `pad_vocab_to`
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
-    d_model: int = 256
-    ffn_hidden: int | None = None  # None: 4*D for GELU, 8/3*D rounded up to a multiple of 64 for SwiGLU
-    max_seq_len: int = 256  # the training context; learned positions cannot go past it
-    pos_emb: str = "rope"  # rope | learned
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu | gelu
-    bias: bool = False  # biases in linear layers and LayerNorm
-    dropout: float = 0.0
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # length extrapolation (see llm/model/rope.py)
-    init_std: float = 0.02
-    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls)
-    tie_embeddings: bool = True  # the LM head is the token embedding; false: a separate matrix (imported models)
-
-    def __post_init__(self):
-        for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):
-            check_int(f"model.{key}", getattr(self, key), 1)
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        check_int("model.n_kv_head", self.n_kv_head, 1)
-        check_int("model.ffn_hidden", self.ffn_hidden, 1, allow_none=True)
-        check_bool("model.bias", self.bias)
-        check_number("model.dropout", self.dropout, 0, 1, high_open=True)
-        for key in ("norm_eps", "rope_theta", "init_std"):
-            check_number(f"model.{key}", getattr(self, key), 0, low_open=True)
-        check_choice("model.pos_emb", self.pos_emb, {"rope", "learned"})
-        check_choice("model.norm", self.norm, {"rmsnorm", "layernorm"})
-        check_choice("model.mlp", self.mlp, {"swiglu", "gelu"})
-        if self.d_model % self.n_head:
-            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-            parse_scaling(self.rope_scaling)  # the extrapolation keys, checked with the rest of the config
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from llm.model.rope import RotaryEmbedding, apply_rotary
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -112,6 +56,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_projection = True
         self.dropout = cfg.dropout
+        if cfg.qk_norm:  # per-head RMSNorm of queries and keys before RoPE (OLMo 2, Qwen 3): bounded logits
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
         B, T, D = x.shape
@@ -121,6 +70,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
@@ -379,15 +330,6 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     table, which is a lookup) plus 12 L D T for the attention scores and values."""
     pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
     return 6 * (n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * seq_len
-
-
-def gpt_config(**kwargs) -> GPTConfig:
-    """A checked GPTConfig from plain keyword arguments (unknown keys named), without building any weights."""
-    known = GPTConfig.__dataclass_fields__
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown model key(s) {unknown}; known keys: {sorted(known)}")
-    return GPTConfig(**kwargs)
 
 
 def build_gpt(**kwargs) -> GPT:

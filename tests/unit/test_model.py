@@ -182,3 +182,44 @@ def test_init_scales_residual_projections():
     assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8)
     assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
     assert model.lm_head.weight is model.tok_emb.weight
+
+
+# Fixed-seed fingerprints of the two default blocks, recorded before the architecture options existed: every option
+# is off by default, so these models must stay the same (sum, |sum|, four logits of the last position).
+FINGERPRINTS = {
+    "llama": (29.24663546454576, 475.7308726517058, [0.18994443, -0.08649134, 0.02468400, -0.07423367]),
+    "gpt2": (20.806901010695583, 460.3371618305937, [-0.19881304, -0.10574015, -0.15429990, 0.14405750]),
+}
+
+
+@pytest.mark.parametrize("kind", FINGERPRINTS)
+def test_default_models_unchanged_by_the_options(kind):
+    kw = {} if kind == "llama" else dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    model = small(**kw)
+    x = torch.arange(40).view(2, 20) * 7 % 97
+    with torch.no_grad():
+        y = model(x).double()
+    total, absolute, last = FINGERPRINTS[kind]
+    assert y.sum().item() == pytest.approx(total, rel=1e-6)
+    assert y.abs().sum().item() == pytest.approx(absolute, rel=1e-6)
+    torch.testing.assert_close(y[1, -1, :4], torch.tensor(last, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert not any("q_norm" in name or "k_norm" in name for name in model.state_dict())
+
+
+def test_qk_norm_normalises_each_head():
+    """QK-norm: learnable per-head RMSNorm weights [hd]; scaling the query and key projections changes nothing."""
+    model = small(qk_norm=True, norm_eps=1e-10)  # an eps this small: the norm is exactly scale-free
+    attn = model.blocks[0].attn
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (32 // 4,)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        plain = small(norm_eps=1e-10)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "_norm." not in k})
+        before, plain_before = model(x), plain(x)
+        q_and_k = (4 + 2) * 8  # rows of the fused qkv that are queries and keys
+        for m in (model, plain):
+            for block in m.blocks:
+                block.attn.qkv.weight[:q_and_k] *= 7.0
+        after, plain_after = model(x), plain(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain_after, plain_before, atol=1e-2)  # without QK-norm the scale matters
