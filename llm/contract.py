@@ -65,12 +65,21 @@ class Objective:
 
     `loss` is required; the others have defaults that do nothing (or reuse `loss`). `trains = False` declares an
     evaluation-only task (task=eval_length): the trainer then runs zero steps, builds no optimizer and reports how
-    long the evaluation took."""
+    long the evaluation took. An objective that makes its own training batches from the model (task=grpo samples
+    completions) does it in `prepare`, declares `generates = True` (the trainer then logs the share of each step
+    spent preparing vs training) and may take `inner_steps` optimizer steps over each prepared batch."""
 
     trains: bool = True
+    generates: bool = False
+    inner_steps: int = 1
 
     def setup(self, model, data) -> None:
         """Once before the first step, with the starting weights (before a resume restores later ones)."""
+
+    def prepare(self, model, batch: dict, step: int) -> dict:
+        """The training batch of optimizer step `step` (0-based) from the collated data batch, before any gradient:
+        the identity, except for an objective that samples from the model (without gradient) to build it."""
+        return batch
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss to minimise, metrics as 0-d tensors on the device). Also run on validation batches."""

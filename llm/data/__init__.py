@@ -4,6 +4,7 @@ chat/preference data, built-in tasks, the resumable sampler."""
 from llm.data.mixture import Mixture
 from llm.data.posttrain import PreferenceData, SFTData
 from llm.data.pretrain import PackedTokens, PretrainData
+from llm.data.prompts import PromptData
 from llm.data.rows import HubRows, LocalRows
 from llm.data.sampler import ResumableSampler
 from llm.data.sources import FileCorpus, HubCorpus, StdlibCorpus
@@ -14,6 +15,7 @@ __all__ = [
     "HubRows",
     "LocalRows",
     "PreferenceData",
+    "PromptData",
     "SFTData",
     "VerifiableTasks",
     "PackedTokens",

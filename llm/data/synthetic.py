@@ -111,7 +111,7 @@ def is_heldout(prompt: str, heldout_fraction: float, seed: int) -> bool:
 
 
 class VerifiableTasks:
-    """Rows {prompt, response, chosen, rejected, task} of the built-in tasks, for one split.
+    """Rows {prompt, response, answer, chosen, rejected, task} of the built-in tasks, for one split.
 
     split: train | heldout. The same seed gives the same rows; train and held-out never share a prompt.
     offset: skip the first `offset` prompts of the sequence, e.g. the ones an SFT run trained on, so that a DPO
@@ -162,7 +162,14 @@ class VerifiableTasks:
                 continue
             yield (
                 f"built-in {self.split} #{len(seen)}",
-                {"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong, "task": task},
+                {
+                    "prompt": prompt,
+                    "response": answer,
+                    "answer": answer,  # task=grpo's reward target
+                    "chosen": answer,
+                    "rejected": wrong,
+                    "task": task,
+                },
             )
 
     def describe(self) -> str:

@@ -21,6 +21,7 @@ from llm.errors import ConfigError
 from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy
 from llm.model.rope import RotaryEmbedding, apply_rotary
+from llm.model.sampling import left_padding_inputs, sample_next_token
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -241,13 +242,18 @@ class GPT(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ):
         """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
 
-        Stops early once every row has produced eos_token_id. With use_cache the prompt is processed once and
-        every later step feeds one token against a preallocated KV cache.
+        Stops early once every row has produced eos_token_id (a finished row gets eos_token_id after its stop).
+        With use_cache the prompt is processed once and every later step feeds one token against a preallocated KV
+        cache. attention_mask [B, T0] (1 = token, 0 = padding on the left) lets prompts of different lengths share
+        a batch: no token attends to padding, and each row's positions count from its own first token.
         """
-        new = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator)
+        new = self.stream(
+            input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator, attention_mask
+        )
         return torch.cat([input_ids, *new], dim=1)
 
     @torch.no_grad()
@@ -261,6 +267,7 @@ class GPT(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ):
         """`generate` one step at a time: yields each step's new tokens [B, 1] (for printing as they come).
 
@@ -288,41 +295,30 @@ class GPT(nn.Module):
             )
         out, step_input = input_ids, input_ids
         done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        keep = None if attention_mask is None else attention_mask.bool()  # [B, tokens so far]: False on padding
         try:
             for _ in range(max_new_tokens):
                 if cache is not None and cache.length + step_input.size(1) > window:
                     cache = None  # learned positions at the end of their table: the last `window` tokens, no cache
                 context = step_input if cache is not None else out[:, -window:]
-                logits = self(context, kv_cache=cache)[:, -1, : self.config.vocab_size]
+                padded = {}
+                if keep is not None:  # the keys so far: the cache's and the context's
+                    keys = keep[:, -window:] if cache is None else keep
+                    padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
+                logits = self(context, kv_cache=cache, **padded)[:, -1, : self.config.vocab_size]
                 next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
                 if eos_token_id is not None:
                     next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
                     done |= next_token[:, 0] == eos_token_id
                 out = torch.cat([out, next_token], dim=1)
+                if keep is not None:
+                    keep = torch.cat([keep, torch.ones_like(next_token, dtype=torch.bool)], dim=1)
                 step_input = next_token
                 yield next_token
                 if eos_token_id is not None and bool(done.all()):
                     break
         finally:  # also when the caller stops reading early
             self.train(was_training)
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits [B, V] -> token ids [B, 1]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:

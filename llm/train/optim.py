@@ -1,18 +1,19 @@
-"""AdamW with the usual parameter groups, and the learning-rate schedule as a pure function of the step.
+"""AdamW with the usual parameter groups, and the learning-rate schedule (llm.train.schedule) it follows.
 
 No weight decay on norms, biases and embeddings (every parameter with fewer than 2 dims, plus embeddings).
-The schedule keeps no state of its own: lr_at(step) is all a resumed run needs.
+Every group has its own peak lr (its `lr` as built); the schedule's factor of the step multiplies them all, so
+a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 
 
 @dataclass
@@ -22,8 +23,10 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear)
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (before it: the peak lr)
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
     fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device
 
     def __post_init__(self):
@@ -31,8 +34,10 @@ class OptimizerConfig:
         check_number("optim.weight_decay", self.weight_decay, 0)
         check_number("optim.eps", self.eps, 0, low_open=True)
         check_int("optim.warmup_steps", self.warmup_steps, 0)
-        check_choice("optim.schedule", self.schedule, {"cosine", "linear", "constant"})
+        check_choice("optim.schedule", self.schedule, set(SCHEDULES))
         check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
+        check_choice("optim.decay_shape", self.decay_shape, set(DECAY_SHAPES))
         if self.fused is not None:
             check_bool("optim.fused", self.fused)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
@@ -50,18 +55,44 @@ class OptimizerConfig:
                 continue
             seen.add(id(p))
             (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
-        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
 
     def build(self, model: nn.Module, device_type: str) -> torch.optim.AdamW:
         fused = True if self.fused is None else self.fused
         return torch.optim.AdamW(self.param_groups(model), lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
 
+    def check_strategy(self, strategy: str) -> None:
+        """A ConfigError when this optimizer cannot work under `trainer.strategy` (AdamW works under all)."""
+
+    def lr_factor(self, step: int, max_steps: int) -> float:
+        """The schedule's factor of every group's peak lr at optimizer step `step` (0-based)."""
+        return lr_factor(
+            step,
+            max_steps,
+            warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+            min_lr_ratio=self.min_lr_ratio,
+            decay_fraction=self.decay_fraction,
+            decay_shape=self.decay_shape,
+        )
+
     def lr_at(self, step: int, max_steps: int) -> float:
-        """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay schedule."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        progress = min(1.0, (step - self.warmup_steps) / max(1, max_steps - self.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * shape)
+        """`optim.lr` as scheduled at optimizer step `step` (0-based)."""
+        return self.lr * self.lr_factor(step, max_steps)
+
+
+def set_lrs(optimizer, peak_lrs: list[float], factor: float) -> None:
+    """One schedule for every group: each at `factor` x its own peak lr (in the order of `param_groups`)."""
+    for group, peak in zip(optimizer.param_groups, peak_lrs):
+        group["lr"] = peak * factor
+
+
+def group_lrs(optimizer) -> dict[str, float]:
+    """What the log shows: `lr` (the first group's: optim.lr as scheduled) and `lr/<name>` of every other named
+    group whose lr differs from it (optim=muon: AdamW's)."""
+    first = optimizer.param_groups[0]["lr"]
+    others = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups[1:] if g.get("name") and g["lr"] != first}
+    return {"lr": first, **others}

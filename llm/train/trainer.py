@@ -26,10 +26,11 @@ from llm.data.sampler import ResumableSampler
 from llm.errors import ConfigError, TrainingError
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
+from llm.train.branch import branch_origin
 from llm.train.checkpointer import Checkpointer
 from llm.train.cluster import StopSignals, dist_env
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
-from llm.train.optim import OptimizerConfig
+from llm.train.optim import OptimizerConfig, group_lrs, set_lrs
 from llm.train.parallel import clip_grad_norm_, eval_shard, parallelize, reduce_sums, set_gradient_sync
 from llm.train.settings import TrainerSettings
 from llm.train.state import TrainerState, capture_rng, restore_rng
@@ -64,7 +65,10 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return micro, per_rank // micro
 
 
-def check_fits(seq_len: int, max_seq_len: int) -> None:
+def check_fits(settings: TrainerSettings, max_seq_len: int, optim: OptimizerConfig) -> None:
+    """Before the data is prepared: the sequence fits the model, the optimizer works under the strategy."""
+    optim.check_strategy(settings.hardware.strategy)  # optim=muon refuses fsdp
+    seq_len = settings.loop.seq_len
     if seq_len > max_seq_len:
         raise ConfigError(f"trainer.seq_len={seq_len} is longer than the model's context "
                           f"model.max_seq_len={max_seq_len}")
@@ -77,6 +81,28 @@ def check_trained(steps: int, skipped: int) -> None:
                             f"trained (check optim.lr and the data); the checkpoints hold the starting weights")
 
 
+def optimizer_step(optimizer, parameters, grad_clip: float | None) -> torch.Tensor:
+    """Clip, step and zero the gradients; returns the gradient norm (non-finite: the update was skipped)."""
+    grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
+    # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
+    # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
+    bad = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def time_shares(started: float, prepared: float, ended: float, device) -> dict[str, torch.Tensor]:
+    """A step's time split into preparing its batch (sampling, for task=grpo) and training on it, as shares."""
+    share = (prepared - started) / max(ended - started, 1e-9)
+    return {"time/generate_share": torch.tensor(share, device=device),
+            "time/train_share": torch.tensor(1 - share, device=device)}
+
+
 class Trainer:
     def __init__(self, model, data, objective: Objective, optim: OptimizerConfig, settings: TrainerSettings,
                  run: RunInfo, tokenizer=None, loggers=(), early_stop: Callable[[int, dict], str | None] | None = None,
@@ -84,7 +110,7 @@ class Trainer:
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
         sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
-        check_fits(settings.loop.seq_len, model.config.max_seq_len)
+        check_fits(settings, model.config.max_seq_len, optim)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
         self.loop, self.cadence, self.hardware = settings.loop, settings.cadence, settings.hardware
@@ -112,6 +138,7 @@ class Trainer:
         self.model = parallelize(self.raw_model, self.env, hw.strategy, hw.compile, hw.activation_checkpointing,
                                  hw.precision)
         self.optimizer = self.optim.build(self.raw_model, self.device.type) if self.max_steps else None
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []  # as configured
         with self.autocast():  # before a resume restores weights: the objective sees the starting model
             self.objective.setup(self.model, self.data)
         self.stop.check("after preparing the data and the objective")  # the two steps that may take long
@@ -147,37 +174,34 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
         """One optimizer step over `accum_steps` micro-batches: (metrics, device tensors; tokens of all ranks)."""
         indices = self.sampler.next_indices()
-        lr = self.optim.lr_at(self.state.step, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lrs(self.optimizer, self.peak_lrs, self.optim.lr_factor(self.state.step, self.max_steps))
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        micro = self.micro_batch_size
-        for m in range(self.accum_steps):
-            batch = self._batch(indices[m * micro : (m + 1) * micro], self.data.train)
-            tokens += batch_tokens(batch)
-            set_gradient_sync(self.model, m == self.accum_steps - 1)  # reduce on the last micro-batch only
-            with self.autocast():
-                loss, metrics = self.objective.loss(self.model, batch)
-            if self.state.step + 1 in self.loop.nan_steps:  # testing aid: trainer.nan_steps
-                loss = loss * float("nan")
-                metrics = {**metrics, "loss": loss.detach()}
-            (loss / self.accum_steps).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float() / self.accum_steps
-        grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.loop.grad_clip or float("inf"))
-        # Non-finite guard without a host sync: a fused AdamW skips the whole update when found_inf is set. A
-        # non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees.
-        bad = (~torch.isfinite(grad_norm)).float()
-        if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad
-            self.optimizer.step()
-        elif not bad.item():
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        micro, started = self.micro_batch_size, time.perf_counter()
+        with self.autocast():  # the objective's own batch (task=grpo samples completions here; others: as is)
+            batches = [self.objective.prepare(self.model, self._batch(indices[m * micro : (m + 1) * micro],
+                                                                      self.data.train), self.state.step)
+                       for m in range(self.accum_steps)]
+        prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
+        inner = self.objective.inner_steps  # optimizer steps over the same batch (1 but for task=grpo's option)
+        bad = torch.zeros((), device=self.device)
+        for _ in range(inner):
+            for m, batch in enumerate(batches):
+                set_gradient_sync(self.model, m == self.accum_steps - 1)  # reduce on the last micro-batch only
+                with self.autocast():
+                    loss, metrics = self.objective.loss(self.model, batch)
+                if self.state.step + 1 in self.loop.nan_steps:  # testing aid: trainer.nan_steps
+                    loss = loss * float("nan")
+                    metrics = {**metrics, "loss": loss.detach()}
+                (loss / self.accum_steps).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.float() / (self.accum_steps * inner)
+            grad_norm = optimizer_step(self.optimizer, self.raw_model.parameters(), self.loop.grad_clip)
+            bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float())  # any skipped update marks the step
         self._skipped += bad
         self._consecutive = (self._consecutive + bad) * bad
         sums["grad_norm"] = grad_norm
+        if self.objective.generates:  # where the step's time goes: sampling the batch vs training on it
+            sums.update(time_shares(started, prepared, time.perf_counter(), self.device))
         self.state.step += 1
         self.state.tokens_seen += tokens * self.env.world_size
         return sums, tokens * self.env.world_size
@@ -266,7 +290,7 @@ class Trainer:
         and stop the run when too many consecutive steps were skipped."""
         st = self.state
         record = self.window.mean()
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update(group_lrs(self.optimizer))  # lr (optim.lr as scheduled), lr/<group> where it differs
         record["tokens_per_s"] = self.window.tokens_per_s()
         record["tokens"] = st.tokens_seen
         record["wall_seconds"] = self._wall()  # to plot against time
@@ -312,6 +336,7 @@ class Trainer:
         results = st.results(task=self.run.task, params=self.n_params, device=str(self.device),
                              overrides=list(self.run.overrides), git_commit=self.run.git_commit,
                              checkpoint=self.checkpointer.last and str(self.checkpointer.last))
+        results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint
         if self.stop.finish_reason:
             results["stopped_early"] = self.stop.finish_reason
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)

@@ -1,0 +1,237 @@
+"""Recipe benchmark: wall time to a target validation loss. Trains the same model on the same data under recipe
+A and recipe B (each a list of `run.py` overrides), in turn, and reports for each the validation loss and bits
+per byte against wall time and steps, and the wall time each needs to reach A's final validation loss.
+
+    python -m llm.bench_recipe                                          # the default run vs optim=muon
+    python -m llm.bench_recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
+    python -m llm.bench_recipe --common "experiment=tiny_long" --eval-every 100
+
+Each run is `python run.py <common> <recipe> trainer.eval_every=<n> logger=none` in its own dir under --out, so
+it is exactly what a user's command does (the token cache is shared; the first run may build it: run once
+before timing, or let round 1 pay it — `wall_seconds` counts from the start of the run, cache included). The
+time at which a recipe reaches the target is interpolated linearly between its evaluations (`wall_seconds` of
+metrics.jsonl, evaluations included for both). Rounds alternate the order (A B, then B A, ...) and every run
+records /proc/loadavg before and after it: on a shared machine a round whose load changed a lot says so.
+Written: `recipe_bench.md` (the table), `recipe_bench.png` (validation loss against wall time), and
+`recipe_bench.json` (every evaluation of every run). Run by hand, never in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def start_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int, threads: int | None = None):
+    """Start one training run through run.py (threads: its torch threads, else torch's default)."""
+    cmd = [
+        sys.executable,
+        str(RUN_PY),
+        *overrides,
+        f"trainer.eval_every={eval_every}",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    print(f"[{name}] {shlex.join(cmd[1:])}  (load {load_average()})", flush=True)
+    log = open(run_dir.with_suffix(".log"), "w")  # the child's output; closed when it ends
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.log = log
+    return proc
+
+
+def run_recipe(name: str, overrides: list[str], run_dir: Path, eval_every: int, proc=None) -> dict:
+    """One training run through run.py (or the one `proc` runs): its evaluations (step, wall_seconds,
+    val_loss, val_bpb) and results."""
+    load_before, started = load_average(), time.perf_counter()
+    proc = proc or start_recipe(name, overrides, run_dir, eval_every)
+    proc.wait()
+    proc.log.close()
+    if proc.returncode != 0:
+        tail = run_dir.with_suffix(".log").read_text()[-3000:]
+        sys.exit(f"error: recipe {name} failed (exit {proc.returncode}), {run_dir.with_suffix('.log')}:\n{tail}")
+    evals = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "val_loss" in rec:
+            evals.append({k: rec.get(k) for k in ("step", "wall_seconds", "val_loss", "val_bpb")})
+    results = json.loads((run_dir / "results.json").read_text())
+    out = {
+        "name": name,
+        "overrides": overrides,
+        "run_dir": str(run_dir),
+        "evals": evals,
+        "process_seconds": time.perf_counter() - started,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "steps": results.get("steps"),
+        "tokens_per_s": results.get("tokens_per_s"),
+        "sample": results.get("sample"),
+    }
+    print(
+        f"[{name}] {out['steps']} steps, final val_loss {evals[-1]['val_loss']:.4f} at "
+        f"{evals[-1]['wall_seconds']:.1f}s (load {out['load_after']})",
+        flush=True,
+    )
+    return out
+
+
+def time_to(evals: list[dict], key: str, target: float) -> tuple[float | None, float | None]:
+    """(wall seconds, steps) at which `key` first reaches `target`, interpolated between evaluations; None if
+    it never does."""
+    prev = None
+    for e in evals:
+        value = e.get(key)
+        if value is not None and value <= target:
+            if prev is None or prev[key] is None:
+                return e["wall_seconds"], e["step"]
+            frac = (prev[key] - target) / max(prev[key] - value, 1e-12)
+            return (
+                prev["wall_seconds"] + frac * (e["wall_seconds"] - prev["wall_seconds"]),
+                prev["step"] + frac * (e["step"] - prev["step"]),
+            )
+        prev = e
+    return None, None
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Targets: A's final val_loss and val_bpb; each recipe's time and steps to reach them, and B/A."""
+    row = {"round": a.get("round"), "load": f"{a['load_before']} -> {b['load_after']}"}
+    for key in ("val_loss", "val_bpb"):
+        target = a["evals"][-1].get(key)
+        if target is None:
+            continue
+        ta, sa = time_to(a["evals"], key, target)
+        tb, sb = time_to(b["evals"], key, target)
+        row[key] = {
+            "target": target,
+            "a_seconds": ta,
+            "a_steps": sa,
+            "b_seconds": tb,
+            "b_steps": sb,
+            "ratio": tb / ta if tb is not None and ta else None,
+        }
+    row["final"] = {
+        r["name"]: {**r["evals"][-1], "steps": r["steps"], "tokens_per_s": r["tokens_per_s"]} for r in (a, b)
+    }
+    return row
+
+
+def table(rows: list[dict], a: list[str], b: list[str], common: list[str]) -> str:
+    fmt = lambda x, spec=".1f": "never" if x is None else format(x, spec)  # noqa: E731
+    lines = [
+        f"A: `{shlex.join(common + a) or '(defaults)'}`  ",
+        f"B: `{shlex.join(common + b)}`",
+        "",
+        "| round | load (1/5/15 min) | A final val_loss / bpb (steps, s) | B final val_loss / bpb (steps, s) | "
+        "B reaches A's val_loss at (steps, s) | ratio | B reaches A's val_bpb at (steps, s) | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fa, fb = r["final"]["A"], r["final"]["B"]
+        cells = [str(r["round"]), r["load"]]
+        for f in (fa, fb):
+            cells.append(
+                f"{f['val_loss']:.4f} / {fmt(f.get('val_bpb'), '.4f')} ({f['steps']}, {f['wall_seconds']:.1f})"
+            )
+        for key in ("val_loss", "val_bpb"):
+            c = r.get(key)
+            if c is None:
+                cells += ["", ""]
+                continue
+            cells.append(f"{fmt(c['b_steps'], '.0f')}, {fmt(c['b_seconds'])}")
+            cells.append(f"**{fmt(c['ratio'], '.2f')}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib  # only when drawing
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs = [e["wall_seconds"] for e in r["evals"]]
+        ys = [e["val_loss"] for e in r["evals"]]
+        ax.plot(
+            xs,
+            ys,
+            marker=".",
+            color="tab:blue" if r["name"] == "A" else "tab:orange",
+            alpha=1.0 if r["round"] == 1 else 0.5,
+            label=f"{r['name']} round {r['round']}",
+        )
+    target = runs[0]["evals"][-1]["val_loss"]
+    ax.axhline(target, color="gray", linestyle=":", label="A's final val_loss (round 1)")
+    ax.set_xlabel("wall seconds")
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(target - 0.5, target + 2.0)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", default="", help="recipe A's overrides (default: none, the default run)")
+    parser.add_argument("--b", default="optim=muon", help="recipe B's overrides")
+    parser.add_argument("--common", default="", help="overrides of both (model, data, experiment=...)")
+    parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (both recipes)")
+    parser.add_argument("--rounds", type=int, default=1, help="A then B, then B then A, ...")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run A and B at the same time, one torch thread each: on a machine shared with other "
+        "work both then see the same load (the default runs them in turn with torch's threads)",
+    )
+    parser.add_argument("--out", default="recipe_bench", help="dir for the runs, the table and the plot")
+    args = parser.parse_args(argv)
+    common, recipes = shlex.split(args.common), {"A": shlex.split(args.a), "B": shlex.split(args.b)}
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: --out {out} is not empty: choose another dir or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    runs, rows = [], []
+    for rnd in range(1, args.rounds + 1):
+        order = ["A", "B"] if rnd % 2 else ["B", "A"]
+        dirs = {name: out / f"round{rnd}_{name}" for name in order}
+        procs = (
+            {name: start_recipe(name, common + recipes[name], dirs[name], args.eval_every, threads=1) for name in order}
+            if args.concurrent
+            else {}
+        )
+        done = {}
+        for name in order:
+            done[name] = run_recipe(name, common + recipes[name], dirs[name], args.eval_every, procs.get(name))
+            done[name]["round"] = rnd
+            runs.append(done[name])
+        rows.append(compare(done["A"], done["B"]))
+        print(table(rows[-1:], recipes["A"], recipes["B"], common), flush=True)
+    md = table(rows, recipes["A"], recipes["B"], common)
+    (out / "recipe_bench.md").write_text(md)
+    (out / "recipe_bench.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
+    plot(runs, out / "recipe_bench.png")
+    print(md + f"\nwritten: {out / 'recipe_bench.md'}, {out / 'recipe_bench.png'}, {out / 'recipe_bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

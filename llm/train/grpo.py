@@ -1,0 +1,214 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning on verifiable rewards, as an objective of the one
+training loop.
+
+Each optimizer step, `prepare` samples `group_size` completions for each prompt of the step's batch with the
+model's KV-cache generation (one left-padded batch, each row stopping at the chat template's end token), scores
+them with the rewards (llm/rewards), turns each group's rewards into advantages and lays the prompt + completion
+tokens out as a training batch (labels on the completion tokens only). `loss` is the clipped policy-ratio
+objective of llm/train/grpo_loss.py over that batch; the trainer takes `inner_steps` optimizer steps on it.
+
+pi_old (the policy that sampled) is the model at `prepare`: with one inner step its log-probs equal the current
+ones (taken detached, no extra forward); with more they are computed once in `prepare`. With beta > 0 a frozen
+copy of the starting model gives the reference log-probs of the KL term; with beta = 0 no reference exists.
+Sampling draws from a generator seeded by (seed, step, the batch's prompt indices): a resumed run samples exactly
+what the uninterrupted run did, with no RNG state to save, and every rank (its own prompts) samples its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
+from llm.data.chat import stop_token_id
+from llm.errors import ConfigError, check_choice, check_int, check_number
+from llm.eval.sampling import sample_completions
+from llm.model import unwrap_model
+from llm.rewards import load_rewards, score
+from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
+from llm.train.parallel import is_fsdp
+
+ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
+STATS = "stats/"  # batch keys of per-completion statistics, turned into metrics by `loss`
+
+
+def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(label | prefix) of each labelled token, 0 elsewhere: [N, T] -> [N, T]. At temperature 1 through the
+    model's fused head + cross-entropy (no [N, T, V] logits); otherwise from the logits divided by the temperature
+    (the distribution the completions were sampled from)."""
+    if temperature == 1.0:
+        return -model(input_ids, labels=labels, reduction="none")
+    vocab = unwrap_model(model).config.vocab_size
+    logits = model(input_ids)[..., :vocab].float() / temperature
+    logp = torch.gather(F.log_softmax(logits, dim=-1), -1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * (labels != IGNORE_INDEX)
+
+
+def sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """prompt + completion per row, padded on the right -> input_ids, labels [N, T] (labels on completion tokens)."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows) - 1
+    ids = [r[:-1] + [pad_id] * (T + 1 - len(r)) for r in rows]
+    labels = [
+        [IGNORE_INDEX] * (len(p) - 1) + c + [IGNORE_INDEX] * (T + 1 - len(p) - len(c))
+        for p, c in zip(prompts, completions)
+    ]
+    return {INPUT_IDS: torch.tensor(ids), LABELS: torch.tensor(labels)}
+
+
+class GRPO(Objective):
+    generates = True
+
+    def __init__(
+        self,
+        rewards=(),
+        group_size: int = 8,
+        loss_type: str = "grpo",
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        inner_steps: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        max_new_tokens: int = 32,
+        eval_max_new_tokens: int | None = None,
+        seed: int = 0,
+    ):
+        self.group_size = check_int("task.objective.group_size", group_size, 2)
+        check_choice("task.objective.loss_type", loss_type, set(LOSS_TYPES))
+        self.beta = check_number("task.objective.beta", beta, 0)
+        self.epsilon = check_number("task.objective.epsilon", epsilon, 0, 1, low_open=True, high_open=True)
+        self.epsilon_high = check_number("task.objective.epsilon_high", epsilon_high, 0, low_open=True, allow_none=True)
+        self.inner_steps = check_int("task.objective.inner_steps", inner_steps, 1)
+        self.temperature = check_number("task.objective.temperature", temperature, 0, low_open=True)
+        self.top_p = check_number("task.objective.top_p", top_p, 0, 1, low_open=True)
+        self.top_k = check_int("task.objective.top_k", top_k, 1, allow_none=True)
+        self.max_new_tokens = check_int("task.objective.max_new_tokens", max_new_tokens, 1)
+        self.eval_max_new_tokens = check_int(
+            "task.objective.eval_max_new_tokens", eval_max_new_tokens or max_new_tokens, 1
+        )
+        self.loss_type, self.seed = loss_type, seed
+        self.rewards = load_rewards(list(rewards)) if rewards and isinstance(rewards[0], dict) else list(rewards)
+        if not self.rewards:
+            raise ConfigError(
+                "task.rewards is empty: name at least one reward, e.g. [{_target_: llm.rewards.exact_match}]"
+            )
+        self.tokenizer = self.ref_model = None
+        self.stop_id = self.pad_id = None
+
+    def setup(self, model, data) -> None:
+        plain = unwrap_model(model)
+        if is_fsdp(plain):  # ranks stop generating at different steps: FSDP's all-gathers would not line up
+            raise ConfigError("task=grpo does not work with trainer.strategy=fsdp yet; use ddp or single")
+        self.tokenizer = data.tokenizer
+        self.stop_id = stop_token_id(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_id
+        if self.beta:  # the KL's reference: the starting weights, frozen (setup runs before a resume restores)
+            self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ sampling and scoring
+    def _generator(self, device, step: int, indices: list[int]) -> torch.Generator:
+        seed = zlib.crc32(f"{self.seed}|{step}|{indices}".encode())
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _complete(self, model, prompt_ids, temperature, max_new_tokens, generator=None):
+        """(completion token lists, their texts without the stop token, finished flags)."""
+        out = sample_completions(
+            model, prompt_ids, max_new_tokens, self.stop_id, self.pad_id, temperature, self.top_p, self.top_k, generator
+        )
+        texts = [
+            self.tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True)
+            for ids, done in zip(out.ids, out.finished)
+        ]
+        return out, texts
+
+    def prepare(self, model, batch: dict, step: int) -> dict:
+        G, raw = self.group_size, unwrap_model(model)
+        device = next(raw.parameters()).device
+        each = lambda key: [x for x in batch[key] for _ in range(G)]  # each prompt's G completions adjacent
+        prompts = each("prompt_ids")
+        out, texts = self._complete(
+            raw, prompts, self.temperature, self.max_new_tokens, self._generator(device, step, batch["index"])
+        )
+        totals, per_reward = score(self.rewards, each("prompt"), texts, each("rows"), each("where"))
+        rewards = torch.tensor(totals)
+        advantages, zero = group_advantages(rewards, G, scale=self.loss_type != "dr_grpo")
+        new = {k: v.to(device) for k, v in sequences(prompts, out.ids, self.pad_id).items()}
+        new[ADVANTAGES] = advantages.to(device)
+        with torch.no_grad():
+            if self.inner_steps > 1:  # pi_old, before the first of the inner steps changes the policy
+                new[OLD_LOGPS] = token_logps(raw, new[INPUT_IDS], new[LABELS], self.temperature)
+            if self.ref_model is not None:
+                new[REF_LOGPS] = token_logps(self.ref_model, new[INPUT_IDS], new[LABELS], self.temperature)
+        lengths = torch.tensor(out.lengths, dtype=torch.float32)
+        stats = {
+            "rewards": rewards,
+            "length": lengths,
+            "cut": 1.0 - torch.tensor(out.finished, dtype=torch.float32),
+            "zero_variance": zero.float(),
+        }
+        stats.update({f"reward/{name}": torch.tensor(v) for name, v in per_reward.items()})
+        new.update({STATS + k: v.to(device) for k, v in stats.items()})
+        return new
+
+    # ------------------------------------------------------------------ loss and evaluation
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps = token_logps(model, batch[INPUT_IDS], batch[LABELS], self.temperature)
+        mask = batch[LABELS] != IGNORE_INDEX
+        old = batch[OLD_LOGPS] if OLD_LOGPS in batch else logps.detach()
+        loss, metrics = policy_loss(
+            logps,
+            old,
+            batch[ADVANTAGES],
+            mask,
+            self.loss_type,
+            self.epsilon,
+            self.epsilon_high,
+            self.beta,
+            batch.get(REF_LOGPS),
+            self.max_new_tokens,
+        )
+        return loss, {**metrics, **self.batch_metrics(batch)}
+
+    @staticmethod
+    def batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
+        """What the sampled batch says: rewards (total and each function's) mean and std, completion lengths
+        (mean, max, the share cut at max_new_tokens), the share of groups whose rewards were all equal."""
+        s = {k[len(STATS) :]: v for k, v in batch.items() if k.startswith(STATS)}
+        out = {"rewards/mean": s["rewards"].mean(), "rewards/std": s["rewards"].std(correction=0)}
+        for key, v in s.items():
+            if key.startswith("reward/"):
+                out[f"rewards/{key[len('reward/') :]}/mean"], out[f"rewards/{key[len('reward/') :]}/std"] = (
+                    v.mean(),
+                    v.std(correction=0),
+                )
+        out.update(
+            {
+                "completions/mean_length": s["length"].mean(),
+                "completions/max_length": s["length"].max(),
+                "completions/cut_fraction": s["cut"].mean(),
+                "zero_variance_groups": s["zero_variance"].mean(),
+            }
+        )
+        return out
+
+    def val_metrics(self, model, batch: dict) -> dict:
+        return {}  # no validation loss: held-out prompts are scored by `evaluate` (exact match, reward)
+
+    @torch.no_grad()
+    def evaluate(self, model, data) -> dict:
+        """Greedy replies to the held-out prompts: exact match against their answers, and the mean total reward."""
+        rows = data.eval_rows
+        if not rows:
+            return {}
+        prompts = [r["prompt_ids"] for r in rows]
+        _, texts = self._complete(model, prompts, 0.0, self.eval_max_new_tokens)
+        totals, _ = score(
+            self.rewards, [r["prompt"] for r in rows], texts, [r["rows"] for r in rows], [r["where"] for r in rows]
+        )
+        match = [t.strip() == str(r["rows"]["answer"]).strip() for t, r in zip(texts, rows)]
+        return {"exact_match": sum(match) / len(rows), "reward": sum(totals) / len(rows)}

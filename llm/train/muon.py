@@ -1,0 +1,160 @@
+"""`optim=muon`: Muon on the 2-D weight matrices inside the blocks, AdamW on everything else, one schedule.
+
+Muon (Keller Jordan, 2024; torch.optim.Muon) replaces each matrix's update by its momentum orthogonalised with a
+few Newton-Schulz iterations: every direction of the matrix moves by about the same amount. It is meant for the
+hidden layers only, so the embedding, the LM head, the norms and the biases keep AdamW. torch's Muon has what the
+published recipes use: Nesterov momentum, decoupled weight decay (`param *= 1 - lr * weight_decay`) and a
+shape-dependent lr (`adjust_lr`: `match_rms_adamw` scales lr by 0.2 * sqrt(max(rows, cols)), Moonshot's rule that
+makes the update's RMS match AdamW's, so AdamW's lr and weight decay carry over; `original` by
+sqrt(max(1, rows / cols)), Keller Jordan's).
+
+`MuonWithAdamW` holds one torch.optim.Muon and one torch.optim.AdamW and looks like one optimizer to the loop and
+the checkpoints: `param_groups` is Muon's groups then AdamW's, and `state_dict()` numbers the parameters in that
+order. Muon needs whole matrices: under FSDP2 (sharded matrices) it is refused (`check_strategy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.train.optim import OptimizerConfig
+
+
+def muon_matrices(model: nn.Module) -> set[int]:
+    """The ids of the 2-D weights of the linear layers inside the transformer blocks (attention and MLP
+    projections): what Muon trains. The embedding and the LM head (tied to it or not) are not among them."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError("optim=muon needs a model with transformer blocks (model.blocks)")
+    return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
+
+
+class MuonWithAdamW:
+    """One optimizer over two: Muon's groups first, then AdamW's. Steps, zeroes, saves and loads both."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        self.defaults = {"fused": False}  # no on-device skip: the loop checks a non-finite norm on the host
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self):
+        return {**self.muon.state, **self.adamw.state}
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """One state dict, parameters numbered over Muon's groups then AdamW's (the order of `param_groups`)."""
+        m, a = self.muon.state_dict(), self.adamw.state_dict()
+        offset = sum(len(g["params"]) for g in m["param_groups"])
+        groups = m["param_groups"] + [{**g, "params": [i + offset for i in g["params"]]} for g in a["param_groups"]]
+        state = {**m["state"], **{i + offset: s for i, s in a["state"].items()}}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        n_groups = len(self.muon.param_groups)
+        if len(sd["param_groups"]) != n_groups + len(self.adamw.param_groups):
+            raise ValueError(
+                f"optimizer state has {len(sd['param_groups'])} parameter groups; optim=muon has "
+                f"{n_groups} Muon + {len(self.adamw.param_groups)} AdamW"
+            )
+        offset = sum(len(g["params"]) for g in sd["param_groups"][:n_groups])
+        m_groups, a_groups = sd["param_groups"][:n_groups], sd["param_groups"][n_groups:]
+        self.muon.load_state_dict(
+            {
+                "state": {i: s for i, s in sd["state"].items() if int(i) < offset},
+                "param_groups": [{**g, "ns_coefficients": tuple(g["ns_coefficients"])} for g in m_groups],
+            }
+        )
+        self.adamw.load_state_dict(
+            {
+                "state": {int(i) - offset: s for i, s in sd["state"].items() if int(i) >= offset},
+                "param_groups": [{**g, "params": [int(i) - offset for i in g["params"]]} for g in a_groups],
+            }
+        )
+
+
+@dataclass
+class MuonConfig(OptimizerConfig):
+    """`optim.lr`, `optim.weight_decay`: Muon's, for the block matrices; `optim.adam_lr`, `optim.betas`,
+    `optim.eps`: AdamW's, for the embedding, the LM head, norms and biases (no weight decay on them but an untied
+    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both."""
+
+    lr: float = 3e-3
+    adam_lr: float = 3e-3
+    adam_weight_decay: float = 0.0
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (AdamW's lr carries over) | original
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("optim.adam_lr", self.adam_lr, 0, low_open=True)
+        check_number("optim.adam_weight_decay", self.adam_weight_decay, 0)
+        check_number("optim.momentum", self.momentum, 0, 1, high_open=True)
+        check_bool("optim.nesterov", self.nesterov)
+        check_int("optim.ns_steps", self.ns_steps, 1)
+        check_choice("optim.adjust_lr", self.adjust_lr, {"match_rms_adamw", "original"})
+
+    def check_strategy(self, strategy: str) -> None:
+        if strategy == "fsdp":
+            raise ConfigError(MUON_FSDP)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        matrices = muon_matrices(model)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        muon, adam_decay, adam_no_decay, seen = [], [], [], set()
+        for p in model.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in matrices:
+                muon.append(p)
+            elif p.dim() >= 2 and id(p) not in embeddings:  # an untied LM head
+                adam_decay.append(p)
+            else:
+                adam_no_decay.append(p)
+        groups = [
+            {"params": muon, "lr": self.lr, "weight_decay": self.weight_decay, "name": "muon"},
+            {"params": adam_decay, "lr": self.adam_lr, "weight_decay": self.adam_weight_decay, "name": "adam"},
+            {"params": adam_no_decay, "lr": self.adam_lr, "weight_decay": 0.0, "name": "adam_no_decay"},
+        ]
+        return [g for g in groups if g["params"] or g["name"] != "adam"]
+
+    def build(self, model: nn.Module, device_type: str) -> MuonWithAdamW:
+        groups = self.param_groups(model)
+        if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+            raise ConfigError(MUON_FSDP)
+        muon = torch.optim.Muon(
+            groups[:1],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            ns_steps=self.ns_steps,
+            adjust_lr_fn=self.adjust_lr,
+        )
+        fused = True if self.fused is None else self.fused
+        adamw = torch.optim.AdamW(groups[1:], lr=self.adam_lr, betas=self.betas, eps=self.eps, fused=fused)
+        return MuonWithAdamW(muon, adamw)
+
+
+MUON_FSDP = (
+    "optim=muon needs whole matrices and trainer.strategy=fsdp shards them: use trainer.strategy=ddp "
+    "(or single), or optim=adamw"
+)

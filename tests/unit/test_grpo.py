@@ -1,0 +1,239 @@
+"""GRPO's pieces against hand-computed values: group advantages, the three loss normalisations, the KL and the
+clip; with one inner step and beta = 0 the gradient is the group-baseline policy gradient; rewards load by dotted
+path and their errors are one line naming the function and the row; left-padded batched generation equals
+generating each prompt alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llm.data import PromptData, VerifiableTasks
+from llm.errors import ConfigError
+from llm.eval.sampling import sample_completions
+from llm.model import build_gpt
+from llm.rewards import exact_match, format_check, load_rewards, numeric_match, score
+from llm.rewards.scoring import RewardError
+from llm.train.grpo import GRPO, token_logps
+from llm.train.grpo_loss import group_advantages, policy_loss
+
+ROWS = [{"answer": "3"}, {"answer": "12"}, {"answer": "7"}]
+
+
+def digits(prompts, completions, rows, per_char=True):
+    """A user's reward (named by its dotted path in the tests): the share of digit characters in the reply."""
+    return [
+        sum(ch.isdigit() for ch in c) / max(len(c), 1) if per_char else float(any(map(str.isdigit, c)))
+        for c in completions
+    ]
+
+
+def chars(prompts, completions, rows):
+    return [len(c) / 10 for c in completions]
+
+
+def wrong_length(prompts, completions, rows):
+    return [1.0]
+
+
+def nan_at_row_1(prompts, completions, rows):
+    return [0.0, float("nan"), 0.0]
+
+
+def text_at_row_2(prompts, completions, rows):
+    return [0.0, 1.0, "yes"]
+
+
+def raises(prompts, completions, rows):
+    return [r["missing"] for r in rows]
+
+
+def test_group_advantages_by_hand():
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), group_size=4)
+    std = math.sqrt((4 * 0.5**2) / 3)  # Bessel-corrected std of (1, 0, 0, 1)
+    a = 0.5 / (std + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    assert zero.tolist() == [False, True]
+    adv, _ = group_advantages(torch.tensor([3.0, 1.0, 2.0, 2.0]), group_size=2, scale=False)  # Dr. GRPO
+    assert adv.tolist() == [1.0, -1.0, 0.0, 0.0]
+
+
+def _loss_case():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -1.5, -3.0]])
+    old = torch.tensor([[-1.5, -1.9, -0.5], [-0.1, -1.0, -3.0]])
+    ref = torch.tensor([[-1.2, -2.0, -0.4], [-0.3, -1.5, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    return logps, old, ref, mask, torch.tensor([1.0, -0.5])
+
+
+def _hand_per_token(logps, old, ref, adv, eps, beta):
+    """The per-token loss written out with floats: -min(rho A, clip(rho) A) + beta (exp(ref - lp) - (ref - lp) - 1)."""
+    out = []
+    for i in range(len(logps)):
+        row = []
+        for lp, o, r in zip(logps[i], old[i], ref[i]):
+            rho = math.exp(lp - o)
+            surrogate = min(rho * adv[i], min(max(rho, 1 - eps), 1 + eps) * adv[i])
+            row.append(-surrogate + beta * (math.exp(r - lp) - (r - lp) - 1))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_each_variant_equals_hand_computed_values(beta):
+    logps, old, ref, mask, adv = _loss_case()
+    per_token = _hand_per_token(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), 0.2, beta)
+    m = mask.tolist()
+    per_seq = [sum(x * k for x, k in zip(per_token[i], m[i])) / sum(m[i]) for i in range(2)]
+    total = sum(x * k for i in range(2) for x, k in zip(per_token[i], m[i]))
+    expected = {"grpo": sum(per_seq) / 2, "dr_grpo": total / (2 * 8), "dapo": total / 5}
+    for variant, want in expected.items():
+        loss, metrics = policy_loss(logps, old, adv, mask, variant, 0.2, None, beta, ref, max_tokens=8)
+        assert loss.item() == pytest.approx(want, rel=1e-6), variant
+    # clipped tokens: row 0 token 0 (rho = e^0.5 > 1.2, A > 0); row 1 token 1 (rho = e^-0.5 < 0.8, A < 0)
+    assert metrics["clip_fraction"].item() == pytest.approx(2 / 5)
+    if beta:
+        kl = [
+            math.exp(r - lp) - (r - lp) - 1
+            for i in range(2)
+            for lp, r, k in zip(logps[i].tolist(), ref[i].tolist(), m[i])
+            if k
+        ]
+        assert metrics["kl"].item() == pytest.approx(sum(kl) / 5, rel=1e-6)
+    else:
+        assert "kl" not in metrics
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    logps, old, ref, mask, adv = _loss_case()
+    _, wide = policy_loss(logps, old, adv, mask, "dapo", 0.2, epsilon_high=0.7)  # e^0.5 = 1.65 < 1.7: not clipped
+    assert wide["clip_fraction"].item() == pytest.approx(1 / 5)
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(tiny_tokenizer):
+    torch.manual_seed(0)
+    rows = VerifiableTasks(tasks=["count"], num_examples=8)
+    held = VerifiableTasks(split="heldout", tasks=["count"], num_examples=4)
+    data = PromptData(tiny_tokenizer, rows, held).prepare()
+    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=2, d_model=32, max_seq_len=128)
+    return model, data
+
+
+def test_one_inner_step_without_kl_is_the_group_baseline_policy_gradient(grpo_setup):
+    model, data = grpo_setup
+    objective = GRPO(rewards=[{"_target_": "tests.unit.test_grpo.chars"}], group_size=4, max_new_tokens=6)
+    objective.setup(model, data)
+    batch = objective.prepare(model, data.train.collate([data.train[i] for i in range(3)]), step=0)
+    loss, _ = objective.loss(model, batch)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # by hand: REINFORCE with each group's mean as the baseline, scaled by its std, each reply's log-prob averaged
+    # over its tokens: grad = -(1/N) sum_i (r_i - mean_g) / (std_g + eps) * (1/|o_i|) sum_t grad log pi(o_it)
+    r = batch["stats/rewards"].view(3, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    logps = token_logps(model, batch["input_ids"], batch["labels"])
+    lengths = (batch["labels"] != -100).sum(1)
+    surrogate = -(adv * logps.sum(1) / lengths).mean()
+    surrogate.backward()
+    assert adv.abs().sum() > 0  # the groups disagree: a real gradient
+    for a, b in zip(ours, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+    model.zero_grad()
+
+
+def test_beta_zero_builds_no_reference_and_beta_adds_one(grpo_setup):
+    model, data = grpo_setup
+    plain = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, max_new_tokens=4)
+    plain.setup(model, data)
+    batch = plain.prepare(model, data.train.collate([data.train[0]]), step=0)
+    assert plain.ref_model is None and "ref_logps" not in batch and "old_logps" not in batch
+    kl = GRPO(
+        rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, max_new_tokens=4, beta=0.1, inner_steps=2
+    )
+    kl.setup(model, data)
+    batch = kl.prepare(model, data.train.collate([data.train[0]]), step=0)
+    assert torch.allclose(batch["ref_logps"], batch["old_logps"])  # nothing trained yet: the same model
+    _, metrics = kl.loss(model, batch)
+    assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampling_is_a_function_of_seed_step_and_prompts(grpo_setup):
+    model, data = grpo_setup
+    objective = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=4, max_new_tokens=6)
+    objective.setup(model, data)
+    collated = data.train.collate([data.train[i] for i in (0, 1)])
+    a, b = (objective.prepare(model, collated, step=5)["input_ids"] for _ in range(2))
+    c = objective.prepare(model, collated, step=6)["input_ids"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(grpo_setup):
+    model, data = grpo_setup
+    prompts = [data.train[i]["prompt_ids"] for i in range(4)]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: padding is exercised
+    batched = sample_completions(model, prompts, 8, stop_id=5, temperature=0)
+    alone = [sample_completions(model, [p], 8, stop_id=5, temperature=0).ids[0] for p in prompts]
+    assert batched.ids == alone
+
+
+def test_builtin_rewards():
+    replies = ["3", " 12.0 apples", "seven"]
+    assert exact_match([], replies, ROWS) == [1.0, 0.0, 0.0]
+    assert numeric_match([], replies, ROWS) == [1.0, 1.0, 0.0]
+    assert numeric_match([], ["3.4", "13", "7"], ROWS, tolerance=0.5) == [1.0, 0.0, 1.0]
+    assert numeric_match([], ["3.4", "13", "7"], ROWS, tolerance=0.1, relative=True) == [0.0, 1.0, 1.0]
+    assert format_check([], replies, ROWS, pattern=r"\d+") == [1.0, 0.0, 0.0]
+    assert format_check([], replies, ROWS, max_chars=5) == [1.0, 0.0, 1.0]
+
+
+def test_rewards_load_by_dotted_path_with_their_arguments():
+    rewards = load_rewards(
+        [
+            {"_target_": "llm.rewards.exact_match", "weight": 2.0},
+            {"_target_": "tests.unit.test_grpo.digits", "per_char": False},
+            {"_target_": "tests.unit.test_grpo.digits", "name": "d", "weight": -1},
+        ]
+    )
+    assert [r.name for r in rewards] == ["exact_match", "digits", "d"]
+    totals, each = score(rewards, ["p"] * 3, ["3", "a1", "xy"], ROWS, ["#1", "#2", "#3"])
+    assert each["digits"] == [1.0, 1.0, 0.0] and each["d"] == [1.0, 0.5, 0.0]
+    assert totals == [2.0 + 1.0 - 1.0, 0.0 + 1.0 - 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ([], "task.rewards must be a non-empty list"),
+        ([{"weight": 1}], r"task.rewards\[0\] must be a mapping with _target_"),
+        ([{"_target_": "nowhere.fn"}], r"task.rewards\[0\]._target_='nowhere.fn': cannot import module 'nowhere'"),
+        ([{"_target_": "llm.rewards.nothing"}], "module 'llm.rewards' has no function 'nothing'"),
+        ([{"_target_": "llm.rewards.exact_match", "weight": "x"}], r"task.rewards\[0\].weight='x' must be a finite"),
+    ],
+)
+def test_bad_reward_entries_are_one_line(spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_rewards(spec)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        (
+            "wrong_length",
+            r"reward wrong_length \(tests.unit.test_grpo.wrong_length\) returned 1 values for 3 completions",
+        ),
+        ("nan_at_row_1", r"reward nan_at_row_1 \(.*\): row 1 \(file.jsonl:2\): returned nan, not a finite number"),
+        ("text_at_row_2", r"reward text_at_row_2 \(.*\): row 2 \(file.jsonl:3\): returned 'yes', not a finite number"),
+        ("raises", r"reward raises \(.*\) raised KeyError: 'missing'"),
+    ],
+)
+def test_reward_errors_are_one_line_naming_the_function_and_the_row(fn, message):
+    rewards = load_rewards([{"_target_": f"tests.unit.test_grpo.{fn}"}])
+    with pytest.raises(RewardError, match=message) as e:
+        score(rewards, ["p"] * 3, ["a", "b", "c"], ROWS, [f"file.jsonl:{i}" for i in (1, 2, 3)])
+    assert "\n" not in str(e.value)

@@ -1,0 +1,214 @@
+"""optim=muon: which parameters Muon trains, one step against a hand-computed update (Newton-Schulz of the
+Nesterov momentum, the same lr scaling, decoupled weight decay), a resume that continues bit for bit, two DDP
+ranks against one process, and FSDP refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from llm.contract import Data
+from llm.data.pretrain import PackedTokens
+from llm.errors import ConfigError
+from llm.model import build_gpt
+from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
+from llm.train.checkpoint import optimizer_from_flat, optimizer_to_flat
+
+TINY = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_gpt(**{**TINY, **kw})
+
+
+def _loss(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (4, 9), generator=g)
+    return model(ids[:, :-1], labels=ids[:, 1:]) / ids[:, 1:].numel()  # mean NLL per token
+
+
+def _newton_schulz(m: torch.Tensor, steps=5) -> torch.Tensor:
+    """The quintic iteration of Keller Jordan's Muon, written out: x <- a x + (b A + c A^2) x with A = x x^T, on the
+    matrix scaled to Frobenius norm 1 (wide orientation, bf16; each line one rounding, as in torch's)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = m.bfloat16()
+    tall = m.shape[0] > m.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.addmm(x, poly, x, beta=a)  # a x + poly x
+    return (x.T if tall else x).float()
+
+
+def test_groups_muon_on_block_matrices_adamw_on_the_rest():
+    model = _model(tie_embeddings=False)
+    groups = {g["name"]: g for g in MuonConfig(lr=0.02, adam_lr=0.001).build(model, "cpu").param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups["muon"]["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2
+    )
+    assert [names[id(p)] for p in groups["adam"]["params"]] == ["lm_head.weight"]  # untied head: AdamW, decayed
+    assert "tok_emb.weight" in {names[id(p)] for p in groups["adam_no_decay"]["params"]}
+    assert groups["muon"]["lr"] == 0.02 and groups["adam"]["lr"] == groups["adam_no_decay"]["lr"] == 0.001
+    tied = MuonConfig().build(_model(), "cpu")  # tied: the embedding is the head, once, in AdamW without decay
+    assert [g["name"] for g in tied.param_groups] == ["muon", "adam_no_decay"]
+    assert sum(len(g["params"]) for g in tied.param_groups) == len(list(_model().parameters()))
+
+
+def test_two_steps_equal_the_hand_computed_update():
+    cfg = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.9, adam_lr=0.01, betas=(0.9, 0.95))
+    model, ref = _model(), _model()
+    opt = cfg.build(model, "cpu")
+    adam = torch.optim.AdamW(
+        [p for n, p in ref.named_parameters() if not (n.startswith("blocks.") and p.dim() == 2)],
+        lr=0.01,
+        betas=(0.9, 0.95),
+        eps=cfg.eps,
+        weight_decay=0.0,
+    )
+    matrices = [(n, p) for n, p in ref.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    buf = {n: torch.zeros_like(p) for n, p in matrices}
+    for seed in (0, 1):  # the second step uses the momentum of the first
+        _loss(model, seed).backward()
+        opt.step()
+        opt.zero_grad()
+        _loss(ref, seed).backward()
+        with torch.no_grad():
+            for n, p in matrices:
+                buf[n] = 0.9 * buf[n] + 0.1 * p.grad  # torch's momentum: an average (lerp), not a sum
+                update = _newton_schulz(0.1 * p.grad + 0.9 * buf[n])  # Nesterov: the gradient pulled to the average
+                lr = 0.02 * 0.2 * math.sqrt(max(p.shape))  # match_rms_adamw: AdamW's update RMS
+                p.mul_(1 - 0.02 * 0.1).sub_(lr * update)  # decoupled decay with the unscaled lr
+                p.grad = None
+        adam.step()
+        adam.zero_grad()
+        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), n
+
+
+def test_state_round_trips_through_the_checkpoint_format():
+    cfg = MuonConfig(lr=0.02)
+    model = _model()
+    opt = cfg.build(model, "cpu")
+    _loss(model).backward()
+    opt.step()
+    tensors, meta = optimizer_to_flat(opt)
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as read back from optimizer.safetensors (no sharing)
+    meta = json.loads(json.dumps(meta))  # what optimizer.json holds
+    other = _model()
+    other.load_state_dict(model.state_dict())
+    opt2 = cfg.build(other, "cpu")
+    opt2.load_state_dict(optimizer_from_flat(tensors, meta))
+    for m, o in ((model, opt), (other, opt2)):
+        o.zero_grad()
+        _loss(m, 3).backward()
+        o.step()
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+class _Tokens(Data):
+    def __init__(self, path):
+        np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16).tofile(path)
+        self.train = self.val = PackedTokens(path, 8, "uint16")
+
+    def prepare(self):
+        return self
+
+
+def _fit(run_dir, data, steps, early_stop=None, **kw):
+    settings = trainer_settings(
+        max_steps=steps,
+        batch_size=4,
+        seq_len=8,
+        eval_every=3,
+        log_every=1,
+        save_every=3,
+        eval_batches=1,
+        progress=False,
+        sample={"max_new_tokens": 0},
+    )
+    optim = MuonConfig(lr=0.02, warmup_steps=1, schedule="wsd", decay_fraction=0.5)
+    run = RunInfo(str(run_dir), **kw)
+    return Trainer(_model(), data, LanguageModeling(), optim, settings, run, early_stop=early_stop).fit()
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    data = _Tokens(tmp_path / "t.bin")
+    _fit(tmp_path / "full", data, 6)
+    _fit(tmp_path / "cut", data, 6, early_stop=lambda step, _: "cut" if step == 3 else None)  # saves step 3, stops
+    _fit(tmp_path / "cut", data, 6, resume="auto")
+    lines = lambda d: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "wall_seconds")}
+        for x in (d / "metrics.jsonl").read_text().splitlines()
+    ]
+    full, resumed = lines(tmp_path / "full"), lines(tmp_path / "cut")
+    assert resumed == full and len(full) == 7 and "lr/adam_no_decay" not in full[0]
+
+
+def test_fsdp_is_refused_in_one_line(tmp_path):
+    settings = trainer_settings(max_steps=1, batch_size=2, seq_len=8, strategy="fsdp")
+    with pytest.raises(ConfigError, match="optim=muon needs whole matrices and trainer.strategy=fsdp shards"):
+        Trainer(_model(), None, LanguageModeling(), MuonConfig(), settings, RunInfo(str(tmp_path)))
+
+
+@pytest.mark.parametrize(("key", "value"), [("adjust_lr", "none"), ("momentum", 1.0), ("adam_lr", 0)])
+def test_bad_keys_are_named(key, value):
+    with pytest.raises(ConfigError, match=f"optim.{key}"):
+        MuonConfig(**{key: value})
+
+
+def _ddp_worker(rank, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _model()
+        ddp = DistributedDataParallel(model)
+        opt = MuonConfig(lr=0.02).build(model, "cpu")
+        losses = []
+        for step in range(4):
+            ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(step))[2 * rank : 2 * rank + 2]
+            loss = ddp(ids[:, :-1], labels=ids[:, 1:]) / ids[:, 1:].numel()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        out.put((rank, [x.item() for x in losses]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_match_one_process():
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    ranks = sorted((out.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=30)
+    model = _model()
+    opt = MuonConfig(lr=0.02).build(model, "cpu")
+    for step in range(4):
+        ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(step))
+        loss = model(ids[:, :-1], labels=ids[:, 1:]) / ids[:, 1:].numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        halves = [ranks[0][1][step], ranks[1][1][step]]
+        assert sum(halves) / 2 == pytest.approx(loss.item(), abs=1e-5)  # the mean of the ranks' halves
