@@ -22,12 +22,14 @@ from loguru import logger
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException as ConfError
 
-from llm import job  # importing it registers the resolvers conf/hydra/default.yaml uses
-from llm.data.cache import check_writable_dir
+from llm import job
+from llm.dist.env import env_rank, prepare_launch, shutdown
+from llm.dist.signals import INTERRUPTED_EXIT_CODE, Preempted
 from llm.errors import LLMError
-from llm.eval.sweep import SweepSummary
 from llm.failures import explain, report
-from llm.train.cluster import INTERRUPTED_EXIT_CODE, Preempted, env_rank, prepare_launch, shutdown
+from llm.rundir import resolvers  # importing it registers the resolvers conf/hydra/default.yaml uses
+from llm.rundir.writable import check_writable_dir
+from llm.sweep import jobs as sweep_jobs
 from llm.utils.logging import setup_logging
 
 
@@ -36,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir, in_sweep = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     try:  # before train.log: a refused run writes nothing there
-        lock = job.claim_run_dir(cfg, run_dir, in_sweep)
+        lock = resolvers.claim_run_dir(cfg, run_dir, in_sweep)
     except Exception as e:  # the run dir's lock cannot be taken (another run, a read-only or too long path)
         if cfg.get("debug") or os.environ.get("LLM_DEBUG") or explain(e) is None:
             raise
@@ -58,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
         message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e, run_dir / "train.log")
         if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
             logger.error(f"job failed: {message}")
-            job.record_failure(run_dir, e)
+            sweep_jobs.record_failure(run_dir, e)
             return None
         logger.remove()
         print(message, file=sys.stderr)
@@ -117,9 +119,7 @@ if __name__ == "__main__":
         if debug:
             raise
         sys.exit(outside_the_job(e, output_dir))
-    finally:
+    finally:  # a sweep with failed jobs exits 2 from its summary callback (llm.sweep.summary.SweepFailed)
         if not debug:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         shutdown()
-    if SweepSummary.failed:  # a sweep went on past its failed jobs; its exit code still says so
-        sys.exit(2)

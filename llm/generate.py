@@ -12,29 +12,20 @@ conversation as the context of every reply; `/reset` starts over, `/exit` or Ctr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
 from llm.data.chat import encode_chat, reserved_chat_template, stop_token_id
 from llm.errors import ConfigError, DataError, LLMError
-from llm.hf import fetch_hub_model, is_hf_model_dir, load_hf, looks_like_hub_name
-from llm.train.checkpoint import load_checkpoint_model, resolve_checkpoint
+from llm.tasks.source import ModelSource
 
 
 def load_model(path: str, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a run dir (its newest complete checkpoint), a checkpoint dir, a
     Hugging Face model dir or a hub name (owner/name)."""
-    if looks_like_hub_name(path):
-        path = str(fetch_hub_model(path, key="model"))
-    expanded = Path(os.path.expanduser(path))
-    if not str(path).startswith("latest:") and is_hf_model_dir(expanded):
-        model, tokenizer = load_hf(expanded, key="model")
-    else:
-        model, tokenizer = load_checkpoint_model(resolve_checkpoint(path, "model"))
+    model, tokenizer = ModelSource.resolve(path, key="model").load()
     return model.to(device), tokenizer
 
 

@@ -309,7 +309,7 @@ CKPT_MOMENTS = ("model.safetensors", "optimizer.safetensors", "trainer_state.jso
 def fault_run(fault: str, argv: list[str]) -> None:
     """run.py in this process with a fault in its second checkpoint write (the first one stays complete)."""
     sys.path.insert(0, str(ROOT))  # this checkout's llm, as run.py would import it
-    import llm.train.checkpoint as ckpt
+    import llm.checkpoint.files as ckpt
     import llm.train.trainer as trainer
 
     evaluate, evaluations = trainer.Trainer.evaluate, []

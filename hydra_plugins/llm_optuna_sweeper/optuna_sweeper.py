@@ -30,8 +30,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from llm.errors import ConfigError, LLMError
-from llm.eval.sweep import direction_of
-from llm.train.pruning import PRUNERS, default_storage, make_pruner, open_storage
+from llm.sweep.pruning import PRUNERS, default_storage, make_pruner, open_storage
+from llm.sweep.summary import direction_of
 
 SAMPLERS = ("tpe", "random")
 

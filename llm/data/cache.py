@@ -13,9 +13,7 @@ import contextlib
 import errno
 import fcntl
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from loguru import logger
@@ -33,41 +31,6 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_writable_dir(key: str, value, create: bool = True, hint: str = "") -> Path:
-    """The dir `value` (created if missing; with create=False its nearest existing parent is probed instead), or
-    ConfigError naming `key` and the path when it is a file, lies under a file, or cannot be written (a probe file
-    is created and removed: permission bits alone do not say what root, ACLs or a read-only mount allow)."""
-    path = Path(os.path.expanduser(str(value))).absolute()
-    existing = next(p for p in (path, *path.parents) if os.path.exists(p))  # (False for a name too long)
-    if not existing.is_dir():
-        raise ConfigError(f"{key}={value}: {existing} is a file, not a directory; set {key} to a directory")
-    check_name_lengths(key, path, existing)
-    try:
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path if create else existing, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"{key}={value}: cannot write to {path} ({e.strerror or e}); set {key} to a writable directory{hint}"
-        ) from None
-    return path
-
-
-def check_name_lengths(key: str, path: Path, existing: Path) -> None:
-    """ConfigError naming `key` when a name in `path` is longer than the file system under `existing` allows (255
-    bytes on most), or the whole path longer than its limit: found before anything is created, not as an OSError."""
-    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
-    longest = max(path.parts, key=lambda part: len(part.encode()))
-    if len(longest.encode()) > name_max:
-        raise ConfigError(
-            f"{key}: the name '{longest[:24]}...' has {len(longest.encode())} bytes; this file system allows "
-            f"{name_max}: use a shorter name"
-        )
-    if len(str(path).encode()) + 100 > path_max:  # room for the files a run writes inside it
-        raise ConfigError(f"{key}: the path has {len(str(path).encode())} bytes; keep it under {path_max - 100}")
 
 
 @contextlib.contextmanager
@@ -97,32 +60,6 @@ def missing_entry(what: str, entry: Path, why: str = "is not in the cache") -> C
         f"{what}: {entry} {why}, and the cache dir cannot be written to make it: run once with a writable "
         f"cache_dir (or LLM_CACHE_DIR) to fill it, or point cache_dir to a writable dir"
     )
-
-
-def check_cache_dir(key: str, value, hint: str = "") -> bool:
-    """A cache dir this run can use: True when it can be written; False (logged) when it exists but cannot be
-    written (a read-only shared cache: its complete entries are used as they are). ConfigError naming `key`
-    when it is a file, lies under a file, or does not exist and cannot be made."""
-    path = Path(os.path.expanduser(str(value))).absolute()
-    try:
-        check_writable_dir(key, value, hint=hint)
-        return True
-    except ConfigError:
-        if not path.is_dir():
-            raise
-    logger.info(f"{key}={value} cannot be written: its complete entries are used as they are (read-only)")
-    return False
-
-
-def check_cache_dirs(plain: dict) -> None:
-    """The cache dirs this run uses (the BPE's unless init_from brings a tokenizer, the token cache's) are
-    directories: else one line naming the key (`cache_dir` when the group takes the top-level one). One that exists
-    but cannot be written (a read-only shared cache) is read as it is; only an entry it lacks is an error."""
-    used = {"task.data.cache_dir": (plain["task"].get("data") or {}).get("cache_dir")}
-    if not plain.get("init_from"):
-        used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
-    for path, key in {v: k for k, v in reversed(used.items()) if v is not None}.items():  # each dir once
-        check_cache_dir("cache_dir" if path == plain.get("cache_dir") else key, path, hint=" (or LLM_CACHE_DIR)")
 
 
 def read_entry_json(path: Path, what: str) -> dict | None:

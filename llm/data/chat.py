@@ -48,9 +48,22 @@ def uses_builtin_template(tokenizer) -> bool:
 
 
 def stop_token_id(tokenizer) -> int:
-    """The token that ends an assistant turn: <|end|> for the built-in template, else EOS."""
+    """The token that ends an assistant turn: <|end|> for the built-in template; for a template of the tokenizer's
+    own, the first special token it writes after a reply (Gemma's <end_of_turn>, ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>), so that SFT's replies and generation stop at the same token; else EOS."""
     if uses_builtin_template(tokenizer):
         return tokenizer.convert_tokens_to_ids(END)
+    if getattr(tokenizer, "chat_template", None):
+        reply = "2 3 5 7"
+        probe = [{"role": "user", "content": "primes?"}, {"role": "assistant", "content": reply}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # a template that needs other roles or fields: EOS it is
+            return tokenizer.eos_token_id
+        if reply in text:
+            special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+            after = _ids(tokenizer, text[text.rindex(reply) + len(reply) :])
+            return next((i for i in after if i in special), tokenizer.eos_token_id)
     return tokenizer.eos_token_id
 
 

@@ -28,6 +28,7 @@ from llm.contract import (
     side_key,
 )
 from llm.data.chat import check_message, encode_chat, ensure_chat_template, require_text, to_messages
+from llm.data.documents import block_causal_mask
 from llm.errors import ConfigError, DataError, check_choice
 
 
@@ -69,9 +70,7 @@ class TokenRows(torch.utils.data.Dataset):
         if "doc_ids" in items[0]:
             out[POSITION_IDS] = pad([x[POSITION_IDS] for x in items], 0)
             doc = pad([x["doc_ids"] for x in items], -1)  # padding forms its own block
-            T = doc.size(1)
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
-            out[ATTN_MASK] = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
+            out[ATTN_MASK] = block_causal_mask(doc)  # [B, 1, T, T]
         return out
 
 

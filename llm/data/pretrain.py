@@ -10,8 +10,10 @@ one is reused without tokenizing; one with a shard missing or of the wrong size 
 A `Mixture` source (data=mix) is prepared source by source and served as `MixedWindows` (llm/data/mixture.py);
 `report(sampler)` gives the realised share of each source.
 Serving (`PackedTokens`): sample i is the window tokens[i*T : i*T + T + 1] -> input_ids (first T), labels (last T),
-read through memory maps across shard boundaries. `token_bytes` (bytes of text per token id) lets objectives
-report bits per byte.
+read through memory maps across shard boundaries. With `document_mask`, each window also carries position_ids that
+restart after every EOS, and its batch a block-diagonal causal mask (`llm/data/documents.py`): a token attends only
+to its own document. Both come from the tokens at serving time, so a cache is the same with or without it.
+`token_bytes` (bytes of text per token id) lets objectives report bits per byte.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import numpy as np
 import torch
 from loguru import logger
 
-from llm.contract import INPUT_IDS, LABELS, Data
+from llm.contract import ATTN_MASK, INPUT_IDS, LABELS, POSITION_IDS, Data
 from llm.data.cache import discard, entry_lock, missing_entry, read_entry_json
+from llm.data.documents import block_causal_mask, documents_of, eos_positions
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
 from llm.data.sources import FileCorpus
 from llm.data.tokenizer import token_byte_lengths, tokenizer_fingerprint
-from llm.errors import ConfigError, DataError
+from llm.errors import ConfigError, DataError, check_bool
+from llm.utils.files import write_atomic
 
 FORMAT_VERSION = 2  # 2: token shards + index (1: one train.bin / val.bin)
 SHARD_TOKENS = 1 << 24  # tokens per shard: 32 MiB as uint16
@@ -42,10 +46,15 @@ CHUNK_BYTES, CHUNK_DOCS = 1 << 20, 8192  # text per task of a tokenizer process 
 
 
 class PackedTokens(torch.utils.data.Dataset):
-    """Non-overlapping windows of seq_len + 1 tokens over a token sequence: `TokenShards`, or one token file."""
+    """Non-overlapping windows of seq_len + 1 tokens over a token sequence: `TokenShards`, or one token file.
 
-    def __init__(self, tokens: TokenShards | str | Path, seq_len: int, dtype: str = "uint16"):
-        self.seq_len = seq_len
+    `eos_id` (document masking): each window also gets position_ids restarting after every EOS (the EOS ends its
+    document), and `collate` turns them into the block-diagonal causal mask of the batch."""
+
+    def __init__(
+        self, tokens: TokenShards | str | Path, seq_len: int, dtype: str = "uint16", eos_id: int | None = None
+    ):
+        self.seq_len, self.eos_id = seq_len, eos_id
         self.tokens = tokens if isinstance(tokens, TokenShards) else TokenShards([Path(tokens)], dtype)
         self.num_windows = max(0, (len(self.tokens) - 1) // seq_len)
 
@@ -56,11 +65,17 @@ class PackedTokens(torch.utils.data.Dataset):
         if not 0 <= i < self.num_windows:
             raise IndexError(i)
         window = torch.from_numpy(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
-        return {INPUT_IDS: window[:-1], LABELS: window[1:]}
+        item = {INPUT_IDS: window[:-1], LABELS: window[1:]}
+        if self.eos_id is not None:
+            item[POSITION_IDS] = eos_positions(item[INPUT_IDS], self.eos_id)  # [T]
+        return item
 
     @staticmethod
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        if POSITION_IDS in batch:  # document masking: attention within each document only
+            batch[ATTN_MASK] = block_causal_mask(documents_of(batch[POSITION_IDS]))  # [B, 1, T, T]
+        return batch
 
 
 class PretrainData(Data):
@@ -76,6 +91,7 @@ class PretrainData(Data):
         split_seed: int = 0,
         num_proc: int | None = None,
         shard_tokens: int = SHARD_TOKENS,
+        document_mask: bool = False,
     ):
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"trainer.seq_len={seq_len!r} must be a positive integer")
@@ -88,6 +104,7 @@ class PretrainData(Data):
         if not isinstance(shard_tokens, int) or shard_tokens < 1:
             raise ConfigError(f"task.data.shard_tokens={shard_tokens!r} must be a positive integer")
         self.shard_tokens = shard_tokens  # the layout of the cache, not its content: not part of the key
+        self.document_mask = check_bool("task.data.document_mask", document_mask)  # serving only: not in the key
         self.train: PackedTokens | None = None
         self.val: PackedTokens | None = None
         self.meta: dict = {}
@@ -123,8 +140,9 @@ class PretrainData(Data):
                 self.meta = self._build(path)
         dtype = self.meta["dtype"]
         shards = {s: TokenShards([path / x["file"] for x in self.meta["shards"][s]], dtype) for s in SPLITS}
-        self.train = PackedTokens(shards["train"], self.seq_len)
-        self.val = PackedTokens(shards["val"], self.seq_len)
+        eos_id = self.tokenizer.eos_token_id if self.document_mask else None
+        self.train = PackedTokens(shards["train"], self.seq_len, eos_id=eos_id)
+        self.val = PackedTokens(shards["val"], self.seq_len, eos_id=eos_id)
         for split, ds in (("train", self.train), ("validation", self.val)):
             if len(ds) == 0:
                 n = self.meta["num_tokens"]["train" if split == "train" else "val"]
@@ -153,6 +171,7 @@ class PretrainData(Data):
                 self.split_seed,
                 self.num_proc,
                 self.shard_tokens,
+                self.document_mask,
             )
             try:
                 prepared.append(one.prepare())
@@ -277,8 +296,7 @@ class PretrainData(Data):
                 else f"data: every document of {self.source.describe()} is empty"
             )
         meta = {**settings, "source": self.source.describe(), "vocab_size": len(self.tokenizer), **done}
-        (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-        (path / "meta.json.tmp").replace(path / "meta.json")  # last: marks the corpus complete
+        write_atomic(path / "meta.json", json.dumps(meta, indent=1))  # last: marks the corpus complete
         (path / "progress.json").unlink()
         logger.info(
             f"data: tokenized {documents:,} documents, {tokens:,} tokens in {done['seconds']:.1f}s "

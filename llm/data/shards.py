@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from llm.data.cache import read_entry_json
 from llm.errors import DataError
+from llm.utils.files import write_atomic
 
 SPLITS = ("train", "val")
 KILL_AFTER_ENV = "LLM_PREPARE_KILL_AFTER"  # testing aid: SIGKILL this process after that many chunks
@@ -194,9 +195,7 @@ class ShardWriter:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)  # atomic: a kill leaves the old or the new file, never half of one
+    write_atomic(path, json.dumps(obj, indent=1))  # a kill leaves the old or the new file, never half of one
 
 
 def prepare_shards(

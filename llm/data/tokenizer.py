@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from llm.data.cache import discard, entry_lock, missing_entry, read_entry_json
 from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
 from llm.data.hub import hub_call
 from llm.errors import ConfigError, DataError
+from llm.utils.files import atomic_dir
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT = [SYSTEM, USER, ASSISTANT, END]  # reserved from the start, so SFT after pretraining needs no new rows
@@ -60,11 +60,8 @@ def train_bpe(
         if not writable:  # a read-only shared cache that lacks this tokenizer
             raise missing_entry("tokenizer", path)
         fast = _train(corpus, vocab_size, min_frequency, max_train_bytes)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fast.save_pretrained(str(tmp))
-        shutil.rmtree(path, ignore_errors=True)  # a damaged entry _load_cached gave up on
-        tmp.rename(path)  # whole or not at all: a kill leaves only a .tmp dir
+        with atomic_dir(path, suffix=f".tmp{os.getpid()}") as tmp:  # replaces a damaged entry _load_cached gave up on
+            fast.save_pretrained(str(tmp))  # whole or not at all: a kill leaves only a .tmp dir
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 

@@ -44,9 +44,11 @@ def sample_completions(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    samples: int = 1,
 ) -> Completions:
-    """One completion per prompt (repeat a prompt to sample several), in order; temperature 0 is greedy.
-    `batch_size`: at most this many rows per generate call (None: all at once)."""
+    """`samples` completions of each prompt (adjacent), in order; temperature 0 is greedy. Each prompt is read
+    once and its KV cache shared by its samples. `batch_size`: at most this many prompts per generate call (None:
+    all at once)."""
     model = unwrap_model(model)
     device = next(model.parameters()).device
     step = batch_size or len(prompts)
@@ -54,7 +56,15 @@ def sample_completions(
     for start in range(0, len(prompts), step):
         x, mask = left_pad(prompts[start : start + step], pad_id, device)
         out = model.generate(
-            x, max_new_tokens, temperature, top_k, top_p, stop_id, generator=generator, attention_mask=mask
+            x,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop_id,
+            generator=generator,
+            attention_mask=mask,
+            num_samples=samples,
         )
         for row in out[:, x.size(1) :].tolist():
             end = row.index(stop_id) + 1 if stop_id in row else len(row)

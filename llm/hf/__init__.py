@@ -1,6 +1,7 @@
 """Hugging Face model directories: export our model (`save_hf`), import Llama / GPT-2 ones (`load_hf`, or a hub
 name through `fetch_hub_model`). Imports model and data only."""
 
+from llm.hf.adapters import save_peft_dir
 from llm.hf.files import (
     fetch_hub_model,
     is_hf_model_dir,
@@ -21,4 +22,5 @@ __all__ = [
     "looks_like_hub_name",
     "read_hf_config",
     "save_hf",
+    "save_peft_dir",
 ]

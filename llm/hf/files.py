@@ -10,19 +10,19 @@ written into `<dir>.tmp` and renamed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llm.data.chat import reserved_chat_template, stop_token_id, uses_builtin_template
+from llm.data.chat import reserved_chat_template, stop_token_id
 from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
-from llm.hf.convert import ARCHITECTURES, config_from_hf, config_to_hf, family, from_hf, to_hf
+from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
 from llm.model import GPT, GPTConfig
+from llm.utils.files import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -73,7 +73,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{key}={str(out)!r} exists and is not an empty directory (nothing is overwritten)")
-    kind = family(model.config)  # a model HF cannot represent fails before anything is written
+    fam = family_of(model.config)  # a model HF cannot represent fails before anything is written
     dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     check_choice("task.dtype", dtype, DTYPES)
     if len(tokenizer) > model.config.vocab_size:
@@ -85,12 +85,9 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
         "pad_token_id": tokenizer.pad_token_id,
     }
     eos = [tokenizer.eos_token_id]
-    if uses_builtin_template(tokenizer) and stop_token_id(tokenizer) not in eos:
-        eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|>
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    if getattr(tokenizer, "chat_template", None) and stop_token_id(tokenizer) not in eos:
+        eos.append(stop_token_id(tokenizer))  # a chat reply ends at <|end|> (or its template's end of turn)
+    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
         tensors = {k: v.to(DTYPES[dtype]) for k, v in to_hf(model).items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = config_to_hf(model.config, dtype, special)
@@ -98,15 +95,9 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
         generation = {**special, "eos_token_id": eos if len(eos) > 1 else eos[0]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out),
-        "architecture": ARCHITECTURES[kind],
+        "architecture": fam.architecture,
         "dtype": dtype,
         "params": sum(t.numel() for t in tensors.values()),
         "files": sorted(p.name for p in out.iterdir()),

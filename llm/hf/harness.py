@@ -198,7 +198,7 @@ def write_tasks(task_dir: Path, examples: list[dict], tokenizer, names: list[str
 def _write_task(task_dir: Path, name: str, docs: list[dict], config: dict) -> int:
     data = task_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    # datasets' Arrow copy of the rows goes to the run dir (not ~/.cache/huggingface); job.lm_eval removes it
+    # datasets' Arrow copy of the rows goes to the run dir (not ~/.cache/huggingface); llm.tasks.lm_eval removes it
     files = {"data_files": {"test": str(data)}, "cache_dir": str(task_dir / DATASETS_CACHE)}
     task = {
         "task": name,

@@ -1,7 +1,8 @@
 """The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
 
 from llm.model.config import GPTConfig, gpt_config
-from llm.model.gpt import GPT, KVCache, build_gpt, flops_per_token
+from llm.model.generation import KVCache
+from llm.model.gpt import GPT, build_gpt, flops_per_token
 from llm.model.sampling import left_padding_inputs, sample_next_token
 
 __all__ = [

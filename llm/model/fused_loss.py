@@ -10,9 +10,10 @@ Two reductions:
   G @ W per chunk and keeps G = softmax - one-hot (the same memory as the log-softmax autograd keeps for the plain
   loss); backward scales G @ W and hidden by each token's incoming gradient and does the one matmul left.
 
-Labels of -100 are ignored (NLL 0, no gradient). The padded vocabulary rows take part in the softmax, as they do
-in the plain `cross_entropy(hidden @ weight.T, labels)` this equals. Under autocast the matmuls run in the
-autocast dtype and the softmax in fp32; gradients come back in the dtypes of hidden and weight.
+A weight that needs no gradient (a frozen head, as under LoRA) gets none: no [V, D] gradient buffer, no matmul
+for it, and no G kept. Labels of -100 are ignored (NLL 0, no gradient). The padded vocabulary rows take part in
+the softmax, as they do in the plain `cross_entropy(hidden @ weight.T, labels)` this equals. Under autocast the
+matmuls run in the autocast dtype and the softmax in fp32; gradients come back in the dtypes of hidden and weight.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ def _minus_one_hot_(probs: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, reduction: str, need_grad: bool):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, reduction: str, need_grad: bool, need_grad_w: bool):
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             n = hidden.size(0)
             nll = torch.empty(n, device=hidden.device, dtype=torch.float32)
             grad_h = torch.empty_like(hidden) if need_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and reduction == "sum" else None
+            grad_w = None  # a frozen head (LoRA) needs none: no [V, D] buffer, no matmul, no G kept
+            if need_grad and need_grad_w and reduction == "sum":
+                grad_w = torch.zeros_like(weight, dtype=torch.float32)
             kept = []  # reduction "none": softmax - one-hot per chunk, for backward
             buf = None
             if dtype == torch.float32 and (reduction == "sum" or not need_grad):  # no chunk kept: one buffer
@@ -79,16 +82,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g = _minus_one_hot_(probs, safe, valid)
                     if reduction == "sum" and dtype == torch.float32:  # write straight into the gradients
                         torch.mm(g, w, out=grad_h[start:end])
-                        grad_w.addmm_(g.t(), h)
+                        if grad_w is not None:
+                            grad_w.addmm_(g.t(), h)
                     elif reduction == "sum":
                         grad_h[start:end] = g.to(dtype) @ w
-                        grad_w += (g.to(dtype).t() @ h).float()
+                        if grad_w is not None:
+                            grad_w += (g.to(dtype).t() @ h).float()
                     else:  # grad_h needs only a per-token scale later: form G @ W now, keep G for grad_w
                         grad_h[start:end] = g.to(dtype) @ w
-                        kept.append(g.to(dtype))
-        ctx.chunk_size, ctx.reduction, ctx.dtype = chunk_size, reduction, dtype
+                        if need_grad_w:
+                            kept.append(g.to(dtype))
+        ctx.chunk_size, ctx.reduction, ctx.dtype, ctx.need_grad_w = chunk_size, reduction, dtype, need_grad_w
         if need_grad and reduction == "sum":
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_h, *([grad_w.to(weight.dtype)] if grad_w is not None else []))
         elif need_grad:
             ctx.save_for_backward(grad_h, hidden, weight, *kept)
         return nll.sum() if reduction == "sum" else nll
@@ -96,17 +102,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "sum":
-            grad_h, grad_w = ctx.saved_tensors
-            return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+            grad_h, *grad_w = ctx.saved_tensors
+            return grad_h * grad_out, grad_w[0] * grad_out if grad_w else None, None, None, None, None, None
         grad_h, hidden, weight, *kept = ctx.saved_tensors
         grad_out = grad_out.float()[:, None]  # [N, 1]: one incoming gradient per token
+        if not ctx.need_grad_w:
+            return (grad_h * grad_out).to(hidden.dtype), None, None, None, None, None, None
         with torch.autocast(hidden.device.type, enabled=False):
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             for i, g in enumerate(kept):  # grad_w = sum over chunks of G^T @ (grad_out * h)
                 start = i * ctx.chunk_size
                 end = start + g.size(0)
                 grad_w += (g.t() @ (hidden[start:end] * grad_out[start:end]).to(ctx.dtype)).float()
-        return (grad_h * grad_out).to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None
+        return (grad_h * grad_out).to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -124,5 +132,5 @@ def linear_cross_entropy(
     hidden, labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
     chunk = chunk_size or auto_chunk_size(hidden.size(0), weight.size(0), hidden.device)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    out = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, reduction, need_grad)
+    out = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, reduction, need_grad, weight.requires_grad)
     return out if reduction == "sum" else out.view(shape)

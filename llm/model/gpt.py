@@ -1,16 +1,15 @@
-"""A decoder-only GPT, readable top to bottom: attention, MLP, block, model, generation with a KV cache (the
-config, every choice below, is `config.py`).
+"""A decoder-only GPT, readable top to bottom: norms, attention, MLP, block, model (the config, every choice below,
+is `config.py`; the attention kernel and its masks `attention.py`; generation with a KV cache `generation.py`).
 
 Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab.
-Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm); MLP GELU or SwiGLU;
-grouped-query attention through `scaled_dot_product_attention`; LM head tied to the token embedding (or its own
-matrix, as some pretrained models have); optionally per-head RMSNorm on queries and keys (QK-norm).
+Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm, optionally post-norm too);
+MLP GELU, SwiGLU or GeGLU; grouped-query attention, optionally with QK-norm, a sliding window per layer, its own
+head width and scale; LM head tied to the token embedding (or its own matrix, as some pretrained models have).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,53 +17,53 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm.errors import ConfigError
+from llm.model.attention import causal_mask, sliding_mask
 from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy
+from llm.model.generation import KVCache, stream
 from llm.model.rope import RotaryEmbedding, apply_rotary
-from llm.model.sampling import left_padding_inputs, sample_next_token
 
 
-def make_norm(cfg: GPTConfig) -> nn.Module:
+class UnitOffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as w (initialised 0) and applied as 1 + w, in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The model's norm over `dim` features (default d_model)."""
+    dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-
-
-class KVCache:
-    """Preallocated keys/values for every layer: k, v [n_layer, B, K, max_len, hd]; `length` positions filled."""
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions already written (the same for every layer after a full forward)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, K, T, hd] after the cached positions; return all keys/values so far."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.k.size(3):
-            raise ValueError(f"KV cache of {self.k.size(3)} positions is full")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return UnitOffsetRMSNorm(dim, cfg.norm_eps) if cfg.norm_unit_offset else nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_projection = True
         self.dropout = cfg.dropout
-        if cfg.qk_norm:  # per-head RMSNorm of queries and keys before RoPE (OLMo 2, Qwen 3): bounded logits
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        if cfg.qk_norm:  # per-head norm of queries and keys before RoPE (OLMo 2, Qwen 3, Gemma 3): bounded logits
+            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
         else:
             self.q_norm = self.k_norm = None
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5  # None: hd^-1/2
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
-        B, T, D = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
@@ -80,7 +79,7 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.length
             k, v = kv_cache.update(self.layer, k, v)  # [B, K, past+T, hd]
         if attn_mask is None and past > 0 and T > 1:  # causal mask aligned to the end of the keys
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            attn_mask = causal_mask(T, past, x.device)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -88,9 +87,10 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and past == 0,
+            scale=self.scale,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # [B, H, T, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # [B, H, T, hd] -> [B, T, D]
 
 
 class MLP(nn.Module):
@@ -98,12 +98,16 @@ class MLP(nn.Module):
         super().__init__()
         # SwiGLU's gate and up are two matmuls, not one of twice the width: measured faster on CPU (narrower
         # outputs, and backward needs no concatenation of the two gradients)
-        self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        gated = cfg.mlp in ("swiglu", "geglu")
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if gated else None
         self.up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_projection = True
+        self.gelu_gate = cfg.mlp == "geglu"  # Gemma: GELU (tanh) instead of SiLU on the gate
 
     def forward(self, x):  # [B, T, D] -> [B, T, F] -> [B, T, D]
+        if self.gelu_gate:
+            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
         if self.gate is not None:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.down(F.gelu(self.up(x), approximate="tanh"))
@@ -114,12 +118,21 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        # Gemma 2/3 ("sandwich"): the attention and MLP outputs are normed too, before the residual add
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.activation_checkpointing = False  # set by llm.train.parallel.parallelize
+        self.activation_checkpointing = False  # set by llm.dist.parallel.parallelize
 
     def _forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        h = self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + self.drop(h)
+        h = self.mlp(self.norm2(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + self.drop(h)
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
         if self.activation_checkpointing and self.training and kv_cache is None:
@@ -134,6 +147,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.pos_emb == "rope" else None
+        # Gemma 3: the sliding-window layers rotate with their own base, unscaled
+        self.local_rope = RotaryEmbedding(cfg.head_dim, cfg.local_rope_theta) if cfg.local_rope_theta else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
@@ -154,10 +169,11 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, UnitOffsetRMSNorm)):
                 module.reset_parameters()
-        if self.rope is not None and self.rope.inv_freq.device.type != "meta":
-            self.rope.reset_parameters()
+        for rope in (self.rope, self.local_rope):
+            if rope is not None and rope.inv_freq.device.type != "meta":
+                rope.reset_parameters()
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size: int) -> None:
@@ -210,6 +226,8 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device)  # [T]
             seq_len = past + T
         x = self.tok_emb(input_ids)  # [B, T, D]
+        if self.config.scale_embeddings:  # Gemma: x sqrt(D), rounded to the weights' dtype as HF does
+            x = x * torch.tensor(self.config.d_model**0.5).to(x.dtype)
         cos = sin = None
         if self.pos_emb is not None:
             last = past + T if position_ids.dim() == 1 else int(position_ids.max()) + 1
@@ -222,14 +240,33 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rope(position_ids, x.dtype, seq_len)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_mask, kv_cache)
+        local = self._local_layers(position_ids, past, T, attn_mask, x, seq_len, (cos, sin))
+        for i, block in enumerate(self.blocks):
+            layer_cos, layer_sin, layer_mask = local if self.config.is_sliding(i) else (cos, sin, attn_mask)
+            x = block(x, layer_cos, layer_sin, layer_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm_f(x)  # [B, T, D]
-        if labels is not None:  # NLL: scalar, or [B, T]
+        cap = self.config.logit_softcap
+        if labels is not None and cap is None:  # NLL: scalar, or [B, T]
             return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size)
-        return self.lm_head(x)
+        logits = self.lm_head(x) if cap is None else cap * torch.tanh(self.lm_head(x) / cap)  # [B, T, V]
+        if labels is not None:  # soft-capped logits: the plain loss over full logits
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+            return nll.sum() if reduction == "sum" else nll
+        return logits
+
+    def _local_layers(self, position_ids, past, T, attn_mask, x, seq_len, rope):
+        """(cos, sin, mask) of the sliding-window layers: the band mask once the text is longer than the window,
+        and their own RoPE when they have one; None when no layer slides."""
+        if self.config.sliding_window is None:
+            return None
+        mask = attn_mask
+        if past + T > self.config.sliding_window:
+            mask = sliding_mask(T, past, self.config.sliding_window, attn_mask, x.device)
+        if self.local_rope is not None:
+            rope = self.local_rope(position_ids, x.dtype, seq_len)
+        return (*rope, mask)
 
     @torch.no_grad()
     def generate(
@@ -243,89 +280,42 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        num_samples: int = 1,
     ):
-        """Sample continuations of input_ids [B, T0] -> [B, T0 + n]; temperature 0 means greedy.
+        """Sample continuations of input_ids [B, T0] -> [B x num_samples, T0 + n]; temperature 0 means greedy.
 
         Stops early once every row has produced eos_token_id (a finished row gets eos_token_id after its stop).
         With use_cache the prompt is processed once and every later step feeds one token against a preallocated KV
         cache. attention_mask [B, T0] (1 = token, 0 = padding on the left) lets prompts of different lengths share
         a batch: no token attends to padding, and each row's positions count from its own first token.
+        num_samples > 1: each prompt is read once and continued as that many samples (adjacent rows).
         """
         new = self.stream(
-            input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, generator, attention_mask
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            use_cache,
+            generator,
+            attention_mask,
+            num_samples,
         )
-        return torch.cat([input_ids, *new], dim=1)
+        return torch.cat([input_ids.repeat_interleave(num_samples, dim=0), *new], dim=1)
 
-    @torch.no_grad()
-    def stream(
-        self,
-        input_ids,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ):
-        """`generate` one step at a time: yields each step's new tokens [B, 1] (for printing as they come).
-
-        Learned positions see at most the last max_seq_len tokens: past that the context is cropped (and the KV
-        cache, whose positions would run past the table, is given up)."""
-        total = input_ids.size(1) + max_new_tokens  # RoPE runs past its context (learned positions crop instead)
-        if self.rope is not None and total > (limit := self.rope.context_limit(self.config.max_seq_len)):
-            what = (
-                "model.max_seq_len"
-                if self.rope.scaling["type"] == "none"
-                else "extrapolation.factor x extrapolation.original_max_position_embeddings"
-            )
-            warnings.warn(
-                f"generating up to {total} positions, past the {limit} this model's positions are meant "
-                f"for ({what}); quality may degrade",
-                stacklevel=3,
-            )
-        window = self.config.max_seq_len if self.pos_emb is not None else total  # most positions one forward sees
-        was_training = self.training
-        self.eval()
-        cache = None
-        if use_cache:
-            cache = KVCache(
-                self.config, input_ids.size(0), min(total, window), input_ids.device, self.tok_emb.weight.dtype
-            )
-        out, step_input = input_ids, input_ids
-        done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
-        keep = None if attention_mask is None else attention_mask.bool()  # [B, tokens so far]: False on padding
-        try:
-            for _ in range(max_new_tokens):
-                if cache is not None and cache.length + step_input.size(1) > window:
-                    cache = None  # learned positions at the end of their table: the last `window` tokens, no cache
-                context = step_input if cache is not None else out[:, -window:]
-                padded = {}
-                if keep is not None:  # the keys so far: the cache's and the context's
-                    keys = keep[:, -window:] if cache is None else keep
-                    padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
-                logits = self(context, kv_cache=cache, **padded)[:, -1, : self.config.vocab_size]
-                next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # [B, 1]
-                if eos_token_id is not None:
-                    next_token = torch.where(done[:, None], torch.full_like(next_token, eos_token_id), next_token)
-                    done |= next_token[:, 0] == eos_token_id
-                out = torch.cat([out, next_token], dim=1)
-                if keep is not None:
-                    keep = torch.cat([keep, torch.ones_like(next_token, dtype=torch.bool)], dim=1)
-                step_input = next_token
-                yield next_token
-                if eos_token_id is not None and bool(done.all()):
-                    break
-        finally:  # also when the caller stops reading early
-            self.train(was_training)
+    def stream(self, input_ids, max_new_tokens: int, *args, **kwargs):
+        """`generate` one step at a time: yields each step's new tokens [B, 1] (see `generation.stream`)."""
+        return stream(self, input_ids, max_new_tokens, *args, **kwargs)
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     """Training FLOPs per token, for MFU: 6N for the matmuls forward and backward (N without a learned position
-    table, which is a lookup) plus 12 L D T for the attention scores and values."""
+    table, which is a lookup) plus 12 L (H hd) T for the attention scores and values (T at most the window in
+    sliding-window layers)."""
     pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
-    return 6 * (n_params - pos_params) + 12 * cfg.n_layer * cfg.d_model * seq_len
+    keys = sum(min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layer))
+    return 6 * (n_params - pos_params) + 12 * cfg.n_head * cfg.head_dim * keys
 
 
 def build_gpt(**kwargs) -> GPT:

@@ -4,7 +4,7 @@ The convention is the "rotate half" layout of HF Llama (the two halves of each h
 pairs), so weights trained here rotate exactly as `LlamaForCausalLM` does. Length-extrapolation methods plug in
 through `rope_scaling` (the `extrapolation` config group: a plain dict, or None); `rope_parameters` turns it into
 inverse frequencies and the attention factor that scales cos/sin. The formulas are those of transformers'
-`modeling_rope_utils` (types linear, dynamic, yarn there; `ntk` with `dynamic: true` here is their `dynamic`).
+`modeling_rope_utils` (types linear, dynamic, yarn, llama3 there; `ntk` with `dynamic: true` here is their `dynamic`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from torch import nn
 
 from llm.errors import ConfigError, check_number
 
-SCALING_TYPES = ("none", "linear", "ntk", "yarn")
+SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
 _COMMON = {"type", "factor", "original_max_position_embeddings"}
 SCALING_KEYS = {
     "none": {"type"},
     "linear": _COMMON,
     "ntk": _COMMON | {"dynamic"},
     "yarn": _COMMON | {"beta_fast", "beta_slow", "attention_factor", "truncate"},
+    "llama3": _COMMON | {"low_freq_factor", "high_freq_factor"},
 }
 
 
@@ -33,8 +34,15 @@ def _number(key: str, value, minimum: float = 0.0):
     return check_number(f"extrapolation.{key}", value, 0, low_open=True)
 
 
-def parse_scaling(scaling: dict | None) -> dict:
+class RopeScaling(dict):
+    """An `extrapolation` dict as `parse_scaling` returns it: checked, with the defaults filled in. GPTConfig keeps
+    this form; parsing it again returns it unchanged (the scaling is parsed once)."""
+
+
+def parse_scaling(scaling: dict | None) -> RopeScaling:
     """Validate an `extrapolation` dict and fill in the defaults (those of HF); None or {} mean type none."""
+    if isinstance(scaling, RopeScaling):
+        return scaling
     s = dict(scaling or {})
     kind = s["type"] = str(s.get("type", "none"))
     if kind not in SCALING_TYPES:
@@ -46,7 +54,7 @@ def parse_scaling(scaling: dict | None) -> dict:
             f"(its keys: {sorted(SCALING_KEYS[kind])})"
         )
     if kind == "none":
-        return s
+        return RopeScaling(s)
     if s.get("factor") is None:
         raise ConfigError(f"extrapolation.factor is required for extrapolation.type={kind!r}")
     s["factor"] = float(_number("factor", s["factor"], 1.0))
@@ -55,13 +63,21 @@ def parse_scaling(scaling: dict | None) -> dict:
         if not isinstance(s["dynamic"], bool):
             raise ConfigError(f"extrapolation.dynamic={s['dynamic']!r} must be true or false")
     original = s.get("original_max_position_embeddings")
-    if original is None and (kind == "yarn" or s.get("dynamic")):
+    if original is None and (kind in ("yarn", "llama3") or s.get("dynamic")):
         raise ConfigError(
             f"extrapolation.original_max_position_embeddings (the training context) is required for "
             f"extrapolation.type={kind!r}" + (" with dynamic=true" if kind == "ntk" else "")
         )
     if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original < 1):
         raise ConfigError(f"extrapolation.original_max_position_embeddings={original!r} must be a positive integer")
+    if kind == "llama3":
+        for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0)):  # Llama 3.1's values
+            s[key] = float(_number(key, default if s.get(key) is None else s[key]))
+        if s["high_freq_factor"] <= s["low_freq_factor"]:
+            raise ConfigError(
+                f"extrapolation.high_freq_factor={s['high_freq_factor']} must be > "
+                f"low_freq_factor={s['low_freq_factor']}"
+            )
     if kind == "yarn":
         for key, default in (("beta_fast", 32), ("beta_slow", 1)):  # null means the default, as in HF
             s[key] = _number(key, default if s.get(key) is None else s[key])
@@ -73,7 +89,7 @@ def parse_scaling(scaling: dict | None) -> dict:
         s["truncate"] = s.get("truncate", True)
         if not isinstance(s["truncate"], bool):
             raise ConfigError(f"extrapolation.truncate={s['truncate']!r} must be true or false")
-    return s
+    return RopeScaling(s)
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -131,6 +147,21 @@ def yarn_parameters(
     return inv_freq, attention_factor
 
 
+def llama3_inv_freq(
+    head_dim: int, theta: float, factor: float, original: int, low_freq_factor: float, high_freq_factor: float
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta, "The Llama 3 Herd of Models", 2024): wavelengths shorter than
+    original / high_freq_factor keep their frequency, those longer than original / low_freq_factor are divided by
+    `factor`, and the ones between are blended by how many times they turn over the original context."""
+    inv_freq = default_inv_freq(head_dim, theta)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high_freq_factor) & (wavelen <= original / low_freq_factor)
+    return torch.where(medium, blended, scaled)
+
+
 def rope_parameters(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Return (inv_freq [head_dim//2], attention_factor) for the given scaling config. For dynamic NTK these are
     the frequencies up to the original context; RotaryEmbedding rescales them per call past it."""
@@ -140,6 +171,9 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None) -> tuple[
         return default_inv_freq(head_dim, theta), 1.0
     if kind == "linear":  # position interpolation (Chen et al. 2023, arXiv 2306.15595): position m -> m / factor
         return default_inv_freq(head_dim, theta) / s["factor"], 1.0
+    if kind == "llama3":
+        keys = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+        return llama3_inv_freq(head_dim, theta, *(s[k] for k in keys)), 1.0
     if kind == "yarn":
         return yarn_parameters(
             head_dim,

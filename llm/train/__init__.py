@@ -1,5 +1,6 @@
-"""Training: the one loop (`Trainer`) and what stands beside it — settings, objectives, optimizer and schedule,
-checkpoints, loggers, the processes of a run (`cluster`) and the wrapping of the model for them (`parallel`)."""
+"""Training: the one loop (`Trainer`) and what stands beside it — settings, objectives, optimizer and schedule, the
+parts of a step, evaluation, results and loggers. The processes of a run are in llm/dist/, checkpoints in
+llm/checkpoint/."""
 
 from llm.train.muon import MuonConfig
 from llm.train.objectives import DPO, SFT, LanguageModeling

@@ -9,7 +9,8 @@ objective of llm/train/grpo_loss.py over that batch; the trainer takes `inner_st
 
 pi_old (the policy that sampled) is the model at `prepare`: with one inner step its log-probs equal the current
 ones (taken detached, no extra forward); with more they are computed once in `prepare`. With beta > 0 a frozen
-copy of the starting model gives the reference log-probs of the KL term; with beta = 0 no reference exists.
+copy of the starting model gives the reference log-probs of the KL term (with LoRA: the policy with its adapters
+off, no copy); with beta = 0 no reference exists.
 Sampling draws from a generator seeded by (seed, step, the batch's prompt indices): a resumed run samples exactly
 what the uninterrupted run did, with no RNG state to save, and every rank (its own prompts) samples its own.
 """
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 
 from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
 from llm.data.chat import stop_token_id
+from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval.sampling import sample_completions
 from llm.model import unwrap_model
+from llm.peft import adapters_disabled, has_lora
 from llm.rewards import load_rewards, score
 from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
-from llm.train.parallel import is_fsdp
 
 ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
 STATS = "stats/"  # batch keys of per-completion statistics, turned into metrics by `loss`
@@ -98,6 +100,7 @@ class GRPO(Objective):
                 "task.rewards is empty: name at least one reward, e.g. [{_target_: llm.rewards.exact_match}]"
             )
         self.tokenizer = self.ref_model = None
+        self.base_reference = False
         self.stop_id = self.pad_id = None
 
     def setup(self, model, data) -> None:
@@ -107,18 +110,28 @@ class GRPO(Objective):
         self.tokenizer = data.tokenizer
         self.stop_id = stop_token_id(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_id
-        if self.beta:  # the KL's reference: the starting weights, frozen (setup runs before a resume restores)
-            self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)
+        self.base_reference = bool(self.beta) and has_lora(plain)  # LoRA: the base is the policy, adapters off
+        if self.beta and not self.base_reference:  # the KL's reference: the starting weights, frozen (setup runs
+            self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)  # before a resume restores)
 
     # ------------------------------------------------------------------ sampling and scoring
     def _generator(self, device, step: int, indices: list[int]) -> torch.Generator:
         seed = zlib.crc32(f"{self.seed}|{step}|{indices}".encode())
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _complete(self, model, prompt_ids, temperature, max_new_tokens, generator=None):
-        """(completion token lists, their texts without the stop token, finished flags)."""
+    def _complete(self, model, prompt_ids, temperature, max_new_tokens, generator=None, samples=1):
+        """(completions: token lists and finished flags, `samples` per prompt; their texts without the stop token)."""
         out = sample_completions(
-            model, prompt_ids, max_new_tokens, self.stop_id, self.pad_id, temperature, self.top_p, self.top_k, generator
+            model,
+            prompt_ids,
+            max_new_tokens,
+            self.stop_id,
+            self.pad_id,
+            temperature,
+            self.top_p,
+            self.top_k,
+            generator,
+            samples=samples,
         )
         texts = [
             self.tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True)
@@ -132,7 +145,12 @@ class GRPO(Objective):
         each = lambda key: [x for x in batch[key] for _ in range(G)]  # each prompt's G completions adjacent
         prompts = each("prompt_ids")
         out, texts = self._complete(
-            raw, prompts, self.temperature, self.max_new_tokens, self._generator(device, step, batch["index"])
+            raw,
+            batch["prompt_ids"],
+            self.temperature,
+            self.max_new_tokens,
+            self._generator(device, step, batch["index"]),
+            samples=G,
         )
         totals, per_reward = score(self.rewards, each("prompt"), texts, each("rows"), each("where"))
         rewards = torch.tensor(totals)
@@ -142,8 +160,10 @@ class GRPO(Objective):
         with torch.no_grad():
             if self.inner_steps > 1:  # pi_old, before the first of the inner steps changes the policy
                 new[OLD_LOGPS] = token_logps(raw, new[INPUT_IDS], new[LABELS], self.temperature)
-            if self.ref_model is not None:
-                new[REF_LOGPS] = token_logps(self.ref_model, new[INPUT_IDS], new[LABELS], self.temperature)
+            if self.ref_model is not None or self.base_reference:
+                with adapters_disabled(raw):  # a no-op without LoRA
+                    ref = self.ref_model if self.ref_model is not None else raw
+                    new[REF_LOGPS] = token_logps(ref, new[INPUT_IDS], new[LABELS], self.temperature)
         lengths = torch.tensor(out.lengths, dtype=torch.float32)
         stats = {
             "rewards": rewards,

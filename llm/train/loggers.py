@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from llm.dist.parallel import all_reduce_mean
 from llm.errors import DataError
-from llm.train import rundir
-from llm.train.parallel import all_reduce_mean
+from llm.rundir import owner as rundir
+from llm.utils.files import write_atomic
 
 
 class MetricsWindow:
@@ -121,9 +122,7 @@ class JsonlLogger:
         if self.file is not None:
             return
         if self.path.exists():  # resumed: keep the records up to its checkpoint; started over: none of them
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(self.kept), encoding="utf-8")
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(self.kept), encoding="utf-8")
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:

@@ -22,11 +22,12 @@ from llm.contract import (
     ref_logp_key,
     side_key,
 )
+from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval import bpb
 from llm.eval.exact_match import exact_match
 from llm.model import unwrap_model
-from llm.train.parallel import is_fsdp
+from llm.peft import adapters_disabled, has_lora
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,10 +41,16 @@ class LanguageModeling(Objective):
 
     The model computes it with its fused LM head + cross-entropy (`llm/model/fused_loss.py`), loss_chunk_size
     tokens at a time (0 = auto), so the [tokens, vocab] logits never exist at once.
+
+    `z_loss` > 0 adds z_loss x the mean squared log-sum-exp of the logits (PaLM's auxiliary loss: keeps the
+    softmax normaliser near 1, the logits from drifting); logged as `z_loss`, `loss` stays the NLL. It is computed
+    on the full logits (the model's plain head, not the fused one: [tokens, vocab] fp32 logits exist per
+    micro-batch); validation is unchanged.
     """
 
-    def __init__(self, loss_chunk_size: int = 0):
+    def __init__(self, loss_chunk_size: int = 0, z_loss: float = 0.0):
         self.loss_chunk_size = check_int("task.objective.loss_chunk_size", loss_chunk_size, 0)
+        self.z_loss = check_number("task.objective.z_loss", z_loss, 0)
         self.token_bytes = None  # bytes per token id, on the device, when the data has the table
 
     def setup(self, model, data) -> None:
@@ -57,8 +64,19 @@ class LanguageModeling(Objective):
         return nll, nll / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.z_loss:
+            return self._loss_with_z(model, batch)
         _, loss = self._nll(model, batch)
         return loss, {"loss": loss.detach()}
+
+    def _loss_with_z(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Mean NLL + z_loss x mean of log-sum-exp^2 over the labelled tokens, from the full fp32 logits."""
+        logits = model(batch[INPUT_IDS], **{k: batch[k] for k in MODEL_INPUTS if k in batch}).float()  # [B, T, V]
+        valid = batch[LABELS] != IGNORE_INDEX
+        lse = logits.logsumexp(-1)[valid]  # [N]
+        nll = (lse - logits.gather(-1, batch[LABELS].clamp(min=0)[..., None]).squeeze(-1)[valid]).mean()
+        z = lse.square().mean()
+        return nll + self.z_loss * z, {"loss": nll.detach(), "z_loss": z.detach()}
 
     def val_metrics(self, model, batch: dict) -> dict:
         """The loss, and with a bytes table the summed nats and bytes that `summarize` turns into `bpb`."""
@@ -135,6 +153,7 @@ class DPO(Objective):
     computed once (batched, no gradient) and stored with the samples — no second model in memory. They are
     computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
     gives the same numbers. reference=live: a frozen copy of the starting model scores each batch.
+    With LoRA (llm.peft) the reference is the policy itself with its adapters off: the base, no second copy.
     Chosen and rejected go through the policy in one concatenated forward pass.
     """
 
@@ -159,10 +178,13 @@ class DPO(Objective):
         self.beta, self.loss_type, self.label_smoothing, self.reference = beta, loss_type, label_smoothing, reference
         check_number("task.objective.sft_weight", sft_weight, 0)
         self.sft_weight, self.max_new_tokens, self.ref_batch_size = sft_weight, max_new_tokens, ref_batch_size
-        self.ref_model = None
+        self.ref_model, self.lora = None, False
 
     def setup(self, model, data) -> None:
         plain = unwrap_model(model)
+        self.lora = has_lora(plain)
+        if self.reference == "live" and self.lora:
+            return  # `_reference_logps`: the same model, adapters off
         if self.reference == "live":
             if is_fsdp(plain):  # a sharded module cannot be deep-copied (and a full copy per rank defeats sharding)
                 raise ConfigError(
@@ -174,7 +196,7 @@ class DPO(Objective):
         device = next(plain.parameters()).device
         was_training = plain.training
         plain.eval()
-        with torch.no_grad():
+        with torch.no_grad(), adapters_disabled(plain):
             for ds in (data.train, data.val):
                 for start in range(0, len(ds), self.ref_batch_size):
                     items = [ds[i] for i in range(start, min(len(ds), start + self.ref_batch_size))]
@@ -191,6 +213,9 @@ class DPO(Objective):
         if self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
+        elif self.reference == "live":  # LoRA: the base is the policy with its adapters off
+            with torch.no_grad(), adapters_disabled(unwrap_model(model)):
+                ref_chosen, ref_rejected = self._logps(model, batch)
         else:
             ref_chosen, ref_rejected = batch[ref_logp_key(CHOSEN)], batch[ref_logp_key(REJECTED)]
         loss, metrics = preference_loss(

@@ -18,7 +18,7 @@ from llm.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
+    lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8

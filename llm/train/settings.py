@@ -24,18 +24,23 @@ class LoopSettings:
     grad_clip: float | None = 1.0  # max gradient norm, > 0 (None: no clipping)
     max_consecutive_skips: int = 10  # steps with a non-finite loss/gradient are skipped; this many in a row stop
     nan_steps: tuple = ()  # testing aid: make the loss NaN at these steps
+    spike_skip: float | None = None  # skip a step whose loss is more than this many std above the window's mean
+    spike_window: int = 50  # the accepted losses spike_skip compares with
+    spike_steps: tuple = ()  # testing aid: multiply the loss by 100 at these steps
 
     def __post_init__(self):
-        for key in ("batch_size", "seq_len", "max_consecutive_skips"):
+        check_number("trainer.spike_skip", self.spike_skip, 0, low_open=True, allow_none=True)
+        for key in ("batch_size", "seq_len", "max_consecutive_skips", "spike_window"):
             check_int(f"trainer.{key}", getattr(self, key), 1)
         check_int("trainer.max_steps", self.max_steps, 0)  # 0: evaluate only
         check_int("trainer.micro_batch_size", self.micro_batch_size, 1, allow_none=True)  # null: derived
         check_number("trainer.grad_clip", self.grad_clip, 0, low_open=True, allow_none=True)  # > 0: never ascent
-        if not isinstance(self.nan_steps, (list, tuple)):
-            raise ConfigError(f"trainer.nan_steps={self.nan_steps!r} must be a list of steps")
-        for step in self.nan_steps:
-            check_int("trainer.nan_steps[]", step, 1)
-        object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
+        for key in ("nan_steps", "spike_steps"):
+            if not isinstance(getattr(self, key), (list, tuple)):
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be a list of steps")
+            for step in getattr(self, key):
+                check_int(f"trainer.{key}[]", step, 1)
+            object.__setattr__(self, key, tuple(getattr(self, key)))
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class HardwareSettings:
     compile: bool = False
     activation_checkpointing: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
-    nproc_per_node: int = 1  # read by the launcher (llm.job): worker processes on this node
+    nproc_per_node: int = 1  # read by the training entry (llm.tasks.train): worker processes on this node
     peak_flops: float = 989e12  # for MFU (H100 bf16 dense)
 
     def __post_init__(self):

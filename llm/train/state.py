@@ -25,6 +25,7 @@ class TrainerState:
     initial_eval: dict = field(default_factory=dict)  # evaluation metrics before the first step
     last_eval: dict = field(default_factory=dict)  # metrics of the latest evaluation
     log_window: dict = field(default_factory=dict)  # metric sums since the last log line (so a resumed log matches)
+    spike_window: dict = field(default_factory=dict)  # the losses trainer.spike_skip compares with (StepGuard)
     fingerprint: dict = field(default_factory=dict)  # seed, data, tokenizer, batch, seq_len (a resume must match)
 
     def to_dict(self) -> dict:

@@ -37,7 +37,7 @@ BASE = [
 SLOW_RANK = """
 import os, runpy, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-from llm.train import cluster
+from llm.dist import env as cluster
 join = cluster.prepare_launch
 def join_then_wait():
     join()

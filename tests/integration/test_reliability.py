@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-import llm.train.checkpoint as ckpt
-from llm.train.cluster import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+import llm.checkpoint.files as ckpt
+from llm.dist.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli
 
 pytestmark = pytest.mark.integration

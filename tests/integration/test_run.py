@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.checkpoint.files import latest_checkpoint, load_model_weights, read_json
 from llm.data import PretrainData, StdlibCorpus, load_pretrained
 from llm.model import GPT, GPTConfig
-from llm.train.checkpoint import latest_checkpoint, load_model_weights, read_json
 from llm.train.objectives import cross_entropy
 from tests.conftest import ROOT, SMALL, read_metrics, run_cli, run_cli_batch
 
@@ -233,6 +233,9 @@ ERRORS = [
     (["init_from=/nonexistent/run"], {}, "init_from='/nonexistent/run': no such run or checkpoint directory"),
     (["init_from=latest:nosuchtask"], {}, "latest:nosuchtask: no finished nosuchtask run"),
     (["task=dpo"], {}, "task=dpo starts from a trained model: set init_from"),
+    (["peft=lora", "peft.rank=0"], {}, "peft.rank=0 must be an integer >= 1"),
+    (["peft=lora", "peft.alpha=nan"], {}, "peft.alpha=nan must be a finite number > 0"),
+    (["peft=lora", "peft.target_modules=[qkv,attn]"], {}, "peft.target_modules: unknown module name(s) ['attn']"),
     (["hydra.run.dir=/proc/llm_run"], {}, "hydra.run.dir=/proc/llm_run: cannot write to /proc/llm_run"),
     (["hydra.run.dir={tmp}/" + "a" * 300], {}, "hydra.run.dir: the name 'aaaaaaaaaaaaaaaaaaaaaaaa...' has 300 bytes"),
     (["trainer.micro_batch_size=0"], {}, "trainer.micro_batch_size=0 must be an integer >= 1 (or null)"),

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm.checkpoint.files import latest_checkpoint, load_checkpoint_model
 from llm.data import VerifiableTasks
 from llm.data.hub import offline_reason
 from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
-from llm.job import resolve_init_from
-from llm.train.checkpoint import latest_checkpoint, load_checkpoint_model
-from tests.conftest import SMALL, compose_config, run_cli
+from llm.tasks.source import resolve_init_from
+from tests.conftest import SMALL, compose_config, run_cli, run_cli_batch
 
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
@@ -83,10 +83,14 @@ def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
         "task.objective.max_new_tokens=8",
     ]
     steps = [o for o in SMALL if not o.startswith(("model.", "trainer.max_steps"))] + ["trainer.max_steps=5"]
-    run_cli([*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp_path / 'sft'}"], cache_dir)
-    run_cli(
-        [*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"], cache_dir
+    results = run_cli_batch(  # one interpreter for both runs
+        [
+            [*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp_path / 'sft'}"],
+            [*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"],
+        ],
+        cache_dir,
     )
+    assert [r["returncode"] for r in results] == [0, 0], [r["stderr"][-3000:] for r in results]
     sft, pre = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("sft", "pre"))
     assert sft["steps"] == pre["steps"] == 5 and sft["val_loss"] < sft["initial_val_loss"] and pre["sample"]
     saved = json.loads((latest_checkpoint(tmp_path / "sft") / "model_config.json").read_text())

@@ -8,11 +8,11 @@ import json
 import numpy as np
 from hydra.utils import instantiate
 
+from llm.checkpoint.files import latest_checkpoint, load_model_weights
 from llm.contract import Data
 from llm.data.pretrain import PackedTokens
 from llm.model import build_gpt
 from llm.train import LanguageModeling, RunInfo, Trainer, trainer_settings
-from llm.train.checkpoint import latest_checkpoint, load_model_weights
 from tests.conftest import compose_config
 
 TINY = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)

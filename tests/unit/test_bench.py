@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from llm import bench  # noqa: E402
+from llm.bench import throughput as bench  # noqa: E402
 
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--device", "cpu"]
 

@@ -1,11 +1,11 @@
-"""`python -m llm.bench_data` runs end to end on a tiny corpus and reports its fields (never its timings): both
+"""`python -m llm.bench.data` runs end to end on a tiny corpus and reports its fields (never its timings): both
 sides count the same tokens, the peak RSS of the preparing process tree is measured, and nothing is left behind."""
 
 from __future__ import annotations
 
 import json
 
-import llm.bench_data as bench_data
+import llm.bench.data as bench_data
 
 
 def test_data_benchmark_reports_throughput_and_peak_rss(tiny_tokenizer, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llm import bench_recipe
+from llm.bench import recipe as bench_recipe
 
 
 def _run(name, points, rnd=1):
@@ -43,6 +43,7 @@ def test_report_files(tmp_path, monkeypatch):
     bench_recipe.main(["--b", "optim=muon trainer.max_steps=60", "--rounds", "2", "--out", str(tmp_path / "o")])
     md = (tmp_path / "o" / "recipe_bench.md").read_text()
     assert "B: `optim=muon trainer.max_steps=60`" in md and md.count("**0.48**") == 4  # 10 s / 21 s, both keys
+    assert "| 0.45 |" in md  # 45 steps x 0.2 s / (100 steps x 0.2 s)
     data = json.loads((tmp_path / "o" / "recipe_bench.json").read_text())
     assert [r["round"] for r in data["rows"]] == [1, 2] and len(data["runs"]) == 4
     assert data["rows"][0]["val_loss"]["b_steps"] == pytest.approx(45.0)

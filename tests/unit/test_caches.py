@@ -12,8 +12,8 @@ import pytest
 from loguru import logger
 
 from llm.data import FileCorpus, PretrainData, train_bpe
-from llm.data.cache import check_writable_dir
 from llm.errors import ConfigError
+from llm.rundir.writable import check_writable_dir
 from tests.conftest import SMALL, run_cli
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve".split()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import llm.train.checkpoint as ckpt
+import llm.checkpoint.files as ckpt
 from llm.model import build_gpt
 from llm.train.optim import OptimizerConfig
 from llm.train.state import capture_rng, restore_rng

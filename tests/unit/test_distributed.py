@@ -1,4 +1,4 @@
-"""The pure pieces of llm/train/cluster.py and parallel.py: SLURM / submitit environment mapping, rank-aware Hydra
+"""The pure pieces of llm/dist/ (env, launch, signals, parallel): SLURM / submitit environment mapping, rank-aware Hydra
 output subdir, the lockstep share of validation batches, strategy choice, stop signals agreed over ranks, and
 single-process no-ops."""
 
@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm import job
+from llm.checkpoint import checkpointer
+from llm.dist import env as C
+from llm.dist import launch as L
+from llm.dist import parallel as P
+from llm.dist import signals as S
 from llm.errors import ConfigError
-from llm.train import checkpointer
-from llm.train import cluster as C
-from llm.train import parallel as P
+from llm.rundir import resolvers as job
 
 SLURM_TASK = {  # task 5 of a 2-node x 4-task srun step
     "SLURM_JOB_ID": "123456",
@@ -152,7 +154,7 @@ def test_single_process_helpers_are_no_ops():
 def test_nested_launch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="trainer.nproc_per_node=2 inside an already distributed launch"):
-        C.launch(print, 2, {}, "/tmp/x")
+        L.launch(print, 2, {}, "/tmp/x")
 
 
 def _failed_save(rank: int, blocked_dir: str) -> str | None:
@@ -176,12 +178,12 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_di
     try:
         agreed = (P.rank0_succeeded(rank == 0), P.rank0_succeeded(rank != 0))  # rank 0's word, on both ranks
         failed_save = _failed_save(rank, blocked_dir)
-        quiet = C.StopSignals().agreed(2, torch.device("cpu"))
-        finish = C.StopSignals()
+        quiet = S.StopSignals().agreed(2, torch.device("cpu"))
+        finish = S.StopSignals()
         if rank == 0:
             finish.finish("pruned")  # rank 0's decision (a sweep's pruner), agreed by every rank
         finished = finish.agreed(2, torch.device("cpu"))
-        stop = C.StopSignals()
+        stop = S.StopSignals()
         if rank == signalled_rank:
             stop.received = "SIGTERM"
             stop.finish("pruned")  # a signal wins over an early finish
@@ -210,7 +212,7 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     results = sorted(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    go_on, finish, preempt = C.StopSignals.GO_ON, C.StopSignals.FINISH, C.StopSignals.PREEMPT
+    go_on, finish, preempt = S.StopSignals.GO_ON, S.StopSignals.FINISH, S.StopSignals.PREEMPT
     assert [r[:5] for r in results] == [
         (0, go_on, finish, preempt, "peer rank"),
         (1, go_on, finish, preempt, "SIGTERM"),

@@ -20,15 +20,15 @@ from loguru import logger
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
-import llm.train.checkpoint as ckpt
+import llm.checkpoint.files as ckpt
+from llm.checkpoint.checkpointer import Checkpointer
 from llm.data import FileCorpus, LocalRows, PretrainData, train_bpe
-from llm.data.cache import check_cache_dir, check_writable_dir
+from llm.dist.launch import _worker
 from llm.errors import ConfigError, DataError, LLMError, ResourceError, TrainingError
 from llm.failures import about, explain, quiet_loggers, report
-from llm.job import build
 from llm.model import build_gpt
-from llm.train.checkpointer import Checkpointer
-from llm.train.cluster import _worker
+from llm.rundir.writable import check_writable_dir
+from llm.tasks.config import build, check_cache_dir
 from llm.train.loggers import JsonlLogger
 from llm.train.optim import OptimizerConfig
 from llm.train.settings import LoopSettings
@@ -223,7 +223,7 @@ def test_a_workers_error_is_one_line_for_the_parent(tmp_path):
 
     try:
         with pytest.raises(LLMError, match="No space left on device") as raised:  # the parent knows it by class name
-            _worker(fails, {}, str(tmp_path), None)
+            _worker(fails, {}, str(tmp_path), None, {})
     finally:
         logger.remove()  # the worker's sinks (its console, train.log)
     assert type(raised.value).__name__ == "ResourceError"

@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 
+from llm.checkpoint.files import save_checkpoint, step_dir_name
 from llm.data.chat import encode_chat
 from llm.generate import Generator, main
 from llm.hf import save_hf
 from llm.model import GPT, GPTConfig
-from llm.train.checkpoint import save_checkpoint, step_dir_name
 from tests.conftest import ROOT
 
 

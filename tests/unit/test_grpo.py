@@ -178,6 +178,8 @@ def test_left_padded_batch_equals_each_prompt_alone(grpo_setup):
     batched = sample_completions(model, prompts, 8, stop_id=5, temperature=0)
     alone = [sample_completions(model, [p], 8, stop_id=5, temperature=0).ids[0] for p in prompts]
     assert batched.ids == alone
+    shared = sample_completions(model, prompts, 8, stop_id=5, temperature=0, samples=3)  # each prompt read once
+    assert shared.ids == [ids for ids in alone for _ in range(3)]
 
 
 def test_builtin_rewards():

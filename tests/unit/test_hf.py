@@ -1,7 +1,7 @@
 """Hugging Face model dirs, in-process on tiny models: our export loads in transformers and computes what we compute
 (logits at 1x and 4x the training context for every RoPE scaling, greedy generation, tokenizer ids and chat
-template); HF Llama / GPT-2 dirs built from configs import and export back bit for bit; what cannot be represented
-is a one-line error naming the field."""
+template); what cannot be represented is a one-line error naming the field. HF dirs of every family built from
+configs import and export back bit for bit in test_families.py."""
 
 from __future__ import annotations
 
@@ -138,42 +138,27 @@ def hf_dir(tokenizer, tmp_path, kind: str, **kw):
     return model, tmp_path / kind
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_import_computes_what_transformers_computes_and_exports_back(tokenizer, tmp_path, kind):
-    """An untied GQA Llama (vocabulary larger than the tokenizer) and a GPT-2: same logits, and the export of the
-    import holds the very same tensors."""
-    theirs, path = hf_dir(tokenizer, tmp_path, kind)
-    model, tok = load_hf(path)
-    assert model.config.tie_embeddings == (kind == "gpt2") and len(tok) == len(tokenizer)
-    x = torch.randint(0, len(tokenizer), (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x)[..., : theirs.config.vocab_size], theirs(x).logits, rtol=0, atol=1e-4)
-    save_hf(model, tok, tmp_path / "back")
-    before, after = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
-    before = {k: v for k, v in before.items() if not k.endswith(".attn.bias")}  # GPT-2 masks
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
 @pytest.mark.parametrize(
     "kw,field",
     [
         (
             {
                 "rope_parameters": {
-                    "rope_type": "llama3",
-                    "rope_theta": 5e5,
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [1.0] * 4,
                     "original_max_position_embeddings": 16,
                 }
             },
-            "rope_type='llama3'",
+            "rope_parameters.rope_type='longrope' is not supported",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "mlp_bias=False"),
-        ({"head_dim": 16}, "head_dim=16"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial_rotary",
+        ),
     ],
 )
 def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field):
@@ -185,8 +170,11 @@ def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field)
 def test_import_errors_name_the_culprit(tokenizer, tmp_path):
     _, path = hf_dir(tokenizer, tmp_path, "gpt2")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(ConfigError, match="model_type='mistral' is not supported"):
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))  # MoE
+    with pytest.raises(ConfigError, match="model_type='mixtral' is not supported"):
+        load_hf(path)
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))  # GPT-2's fields only
+    with pytest.raises(ConfigError, match="config.json: hidden_size is missing"):
         load_hf(path)
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": len(tokenizer) - 10}))
     with pytest.raises(DataError, match=f"the tokenizer has {len(tokenizer)} tokens"):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from llm.checkpoint.files import optimizer_from_flat, optimizer_to_flat
 from llm.contract import Data
 from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.model import build_gpt
 from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
-from llm.train.checkpoint import optimizer_from_flat, optimizer_to_flat
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from llm.checkpoint.checkpointer import check_same_run
 from llm.errors import ConfigError
-from llm.train import rundir
-from llm.train.checkpointer import check_same_run
+from llm.rundir import owner as rundir
 
 
 def test_a_fresh_run_refuses_another_runs_dir(tmp_path):

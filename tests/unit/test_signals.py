@@ -12,13 +12,13 @@ import pytest
 import torch
 from loguru import logger
 
-import llm.train.checkpoint as ckpt
-import llm.train.cluster as cluster
+import llm.checkpoint.files as ckpt
+import llm.dist.signals as cluster
+from llm.checkpoint.checkpointer import Checkpointer
+from llm.dist.signals import Interrupted, Preempted, StopSignals
 from llm.errors import TrainingError
-from llm.job import resolve_init_from
 from llm.model import build_gpt
-from llm.train.checkpointer import Checkpointer
-from llm.train.cluster import Interrupted, Preempted, StopSignals
+from llm.tasks.source import resolve_init_from
 from llm.train.optim import OptimizerConfig
 from tests.conftest import compose_config
 

@@ -10,8 +10,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from llm.errors import ConfigError
-from llm.eval.sweep import direction_of, summarize
-from llm.train.pruning import SQLITE_WAIT_S, default_storage, open_storage
+from llm.sweep.pruning import SQLITE_WAIT_S, default_storage, open_storage
+from llm.sweep.summary import direction_of, summarize
 
 
 def _job(sweep, name, overrides, results=None, error=None, checkpoint=False):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm.checkpoint.checkpointer import Checkpointer
+from llm.checkpoint.files import list_checkpoints
 from llm.contract import Data, Objective
 from llm.errors import ConfigError
 from llm.eval.length import LengthEval
 from llm.eval.sample import SampleSettings
 from llm.model import build_gpt
 from llm.train import DPO, SFT, LanguageModeling, RunInfo, Trainer, trainer_settings
-from llm.train.checkpoint import list_checkpoints
-from llm.train.checkpointer import Checkpointer
 from llm.train.loggers import MetricsWindow
 from llm.train.optim import OptimizerConfig
 from llm.train.settings import CadenceSettings, HardwareSettings, LoopSettings

@@ -1,4 +1,4 @@
-"""Every key is validated before any work: the composed config goes through `llm.job.validate` (in-process, no
+"""Every key is validated before any work: the composed config goes through `llm.tasks.config.validate` (in-process, no
 tokenizer, no data, no weights), and each bad value is one ConfigError naming the key, the value and what is
 allowed. Classes: type (counts are integers), finiteness, range, in every group."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm.errors import ConfigError, TrainingError, check_int, check_number
-from llm.job import validate
+from llm.tasks.config import validate
 from llm.train import OptimizerConfig, RunInfo, Trainer, trainer_settings
 from llm.train.objectives import LanguageModeling
 from tests.conftest import compose_config

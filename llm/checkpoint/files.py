@@ -26,6 +26,8 @@ from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError
 from llm.failures import about
 from llm.model import GPT, GPTConfig
+from llm.model.rope import parse_scaling
+from llm.utils.files import atomic_dir, fsync_dir, write_atomic
 
 MANIFEST = "manifest.json"
 
@@ -40,14 +42,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,29 +74,23 @@ def save_checkpoint(
     trainer_state: dict,
     model_config: dict,
     tokenizer=None,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint to `directory` atomically (tmp dir + rename). Returns its path.
 
     `model` is the plain module or anything with its full `state_dict()` (FSDP: gathered by
-    llm.train.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids)."""
+    llm.checkpoint.checkpointer.full_state); `optimizer` an optimizer or its full state dict (integer parameter ids);
+    `extra`: more files by name and text (a LoRA run's `adapter.json`)."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
-        raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    _fsync_dir(directory.parent)
+    with atomic_dir(directory, fsync=True) as tmp:  # a failed save (e.g. ENOSPC) leaves the older checkpoints alone
+        _write(tmp, model, optimizer, trainer_state, model_config, tokenizer, extra or {})
     return directory
 
 
-def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer) -> None:
+def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict, tokenizer, extra: dict) -> None:
     save_model(model, str(tmp / "model.safetensors"))
+    for name, text in extra.items():
+        (tmp / name).write_text(text)
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -117,7 +105,7 @@ def _write(tmp: Path, model, optimizer, trainer_state: dict, model_config: dict,
             os.fsync(f.fileno())
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def is_complete(directory: str | Path, verify: bool = True) -> bool:
@@ -273,14 +261,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
 
 def write_last_pointer(run_dir: str | Path, checkpoint: Path) -> None:
     """`checkpoints/last` names the newest complete checkpoint (written atomically)."""
-    root = Path(run_dir) / "checkpoints"
-    tmp = root / "last.tmp"
-    try:
-        tmp.write_text(checkpoint.name + "\n")
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(root / "last")
+    write_atomic(Path(run_dir) / "checkpoints" / "last", checkpoint.name + "\n")
 
 
 # Model-config keys that must match for weights to be loadable (init_from); resume compares every key.
@@ -297,13 +278,42 @@ ARCH_KEYS = (
     "bias",
     "pad_vocab_to",
     "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "head_dim",
+    "sliding_window",
+    "sliding_layers",
+    "local_rope_theta",
+    "scale_embeddings",
+    "norm_unit_offset",
+    "post_norms",
+    "query_pre_attn_scalar",
+    "logit_softcap",
 )
-DEFAULTS = {"tie_embeddings": True}  # keys added after older checkpoints were written
+# keys added after older checkpoints were written, at the value those checkpoints were trained with
+DEFAULTS = {
+    "tie_embeddings": True,
+    "qkv_bias": False,
+    "qk_norm": False,
+    "sliding_window": None,
+    "sliding_layers": None,
+    "local_rope_theta": None,
+    "scale_embeddings": False,
+    "norm_unit_offset": False,
+    "post_norms": False,
+    "query_pre_attn_scalar": None,
+    "logit_softcap": None,
+}
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:
     """Raise ConfigError naming every differing model key (checkpoint value vs configured value)."""
-    saved = {**DEFAULTS, **saved}
+    saved, now = {**DEFAULTS, **saved}, dict(now)
+    if saved.get("head_dim") is None and saved.get("d_model") and saved.get("n_head"):
+        saved["head_dim"] = saved["d_model"] // saved["n_head"]  # a checkpoint from before head_dim was a key
+    for side in (saved, now):  # compared parsed: checkpoints written before GPTConfig kept the parsed form
+        if side.get("rope_scaling") is not None:
+            side["rope_scaling"] = parse_scaling(side["rope_scaling"])
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows

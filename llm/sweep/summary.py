@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from llm.eval.length import write_table_and_plot
+from llm.utils.files import write_atomic
 
 ERROR_FILE = "error.txt"  # a failed sweep job's one-line error, in its dir
 # higher is better for these; every other metric (losses, perplexities) is minimised
@@ -132,8 +133,8 @@ def summarize(
     for row in rows:
         cells = [_fmt(c) for c in row[:-2]] + [_fmt(row[-1])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    write_atomic(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
     plot_sweep(jobs, swept, metric, sweep_dir / "sweep.png", set(log_params))
     length_jobs = {j.results.get("method", j.name): j.results for j in jobs if "ppl_by_length" in j.results}
     if length_jobs:
@@ -212,11 +213,38 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-class SweepSummary:
-    """Registered in conf/hydra/default.yaml; Hydra calls its hooks by name. After a sweep it writes the summary,
-    prints where it is, and remembers how many jobs failed (`run.py` then exits non-zero)."""
+class SweepFailed(SystemExit):
+    """How a sweep some of whose jobs failed ends: after its summary, the process exits 2 (run.py's code for an
+    error), so a script or CI sees the failures although the sweep went on past them."""
 
-    failed: int = 0
+    def __init__(self, failed: int):
+        super().__init__(2)
+        self.failed = failed
+
+
+def write_summary(config) -> int:
+    """The summary of the sweep `config` (the Hydra config of a -m run) describes, written to its sweep dir, and
+    one line saying where it is; returns how many jobs failed."""
+    sweeper = config.hydra.get("sweeper") or {}
+    metric = config.get("optimized_metric") or "val_loss"
+    spaces = {
+        **(sweeper.get("params") or {}),
+        **dict(str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)),
+    }
+    log_params = tuple(k for k, v in spaces.items() if "tag(log" in str(v).replace(" ", ""))
+    summary = summarize(Path(config.hydra.sweep.dir), metric, sweeper.get("direction"), log_params)
+    failed = summary["counts"].get("failed", 0)
+    best = summary["best"]
+    line = f"sweep summary: {Path(config.hydra.sweep.dir) / 'sweep_summary.md'} ({len(summary['jobs'])} jobs"
+    line += f"; best: job {best['name'].split('_')[0]}, {metric} {best['objective']:.4g}" if best else ""
+    line += f"; {failed} failed)" if failed else ")"
+    print(line, file=sys.stderr)
+    return failed
+
+
+class SweepSummary:
+    """Registered in conf/hydra/default.yaml; Hydra calls its hooks by name. After a sweep it writes the summary
+    and prints where it is; when jobs failed, the process then exits 2 (`SweepFailed`)."""
 
     def on_run_start(self, config, **kwargs) -> None:
         pass
@@ -234,17 +262,6 @@ class SweepSummary:
         pass
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweeper = config.hydra.get("sweeper") or {}
-        metric = config.get("optimized_metric") or "val_loss"
-        spaces = {
-            **(sweeper.get("params") or {}),
-            **dict(str(o).split("=", 1) for o in config.hydra.overrides.task if "=" in str(o)),
-        }
-        log_params = tuple(k for k, v in spaces.items() if "tag(log" in str(v).replace(" ", ""))
-        summary = summarize(Path(config.hydra.sweep.dir), metric, sweeper.get("direction"), log_params)
-        SweepSummary.failed = summary["counts"].get("failed", 0)
-        best = summary["best"]
-        line = f"sweep summary: {Path(config.hydra.sweep.dir) / 'sweep_summary.md'} ({len(summary['jobs'])} jobs"
-        line += f"; best: job {best['name'].split('_')[0]}, {metric} {best['objective']:.4g}" if best else ""
-        line += f"; {SweepSummary.failed} failed)" if SweepSummary.failed else ")"
-        print(line, file=sys.stderr)
+        failed = write_summary(config)
+        if failed:  # the last thing Hydra does for a sweep: run.py's `finally` still runs
+            raise SweepFailed(failed)

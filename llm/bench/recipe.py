@@ -2,9 +2,9 @@
 A and recipe B (each a list of `run.py` overrides), in turn, and reports for each the validation loss and bits
 per byte against wall time and steps, and the wall time each needs to reach A's final validation loss.
 
-    python -m llm.bench_recipe                                          # the default run vs optim=muon
-    python -m llm.bench_recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
-    python -m llm.bench_recipe --common "experiment=tiny_long" --eval-every 100
+    python -m llm.bench.recipe                                          # the default run vs optim=muon
+    python -m llm.bench.recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
+    python -m llm.bench.recipe --common "experiment=tiny_long" --eval-every 100
 
 Each run is `python run.py <common> <recipe> trainer.eval_every=<n> logger=none` in its own dir under --out, so
 it is exactly what a user's command does (the token cache is shared; the first run may build it: run once
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
+RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 
 
 def load_average() -> str:
@@ -109,6 +109,24 @@ def time_to(evals: list[dict], key: str, target: float) -> tuple[float | None, f
     return None, None
 
 
+def seconds_per_step(evals: list[dict], last_step: float) -> float | None:
+    """Wall seconds per step between the first evaluation and `last_step` (interpolated)."""
+    at = next((e for e in evals if e["step"] >= last_step), None)
+    if at is None or at["step"] == evals[0]["step"]:
+        return None
+    return (at["wall_seconds"] - evals[0]["wall_seconds"]) / (at["step"] - evals[0]["step"])
+
+
+def step_ratio(a: dict, b: dict, a_steps, b_steps) -> float | None:
+    """B/A as (steps to the target) x (seconds per step), both step times over the steps both recipes ran (with
+    --concurrent, the span when both ran at once: the one that finishes first leaves the other the machine)."""
+    span = min(a["evals"][-1]["step"], b["evals"][-1]["step"])
+    sa, sb = seconds_per_step(a["evals"], span), seconds_per_step(b["evals"], span)
+    if None in (sa, sb, a_steps, b_steps) or not a_steps:
+        return None
+    return b_steps * sb / (a_steps * sa)
+
+
 def compare(a: dict, b: dict) -> dict:
     """Targets: A's final val_loss and val_bpb; each recipe's time and steps to reach them, and B/A."""
     row = {"round": a.get("round"), "load": f"{a['load_before']} -> {b['load_after']}"}
@@ -125,6 +143,7 @@ def compare(a: dict, b: dict) -> dict:
             "b_seconds": tb,
             "b_steps": sb,
             "ratio": tb / ta if tb is not None and ta else None,
+            "step_ratio": step_ratio(a, b, sa, sb),
         }
     row["final"] = {
         r["name"]: {**r["evals"][-1], "steps": r["steps"], "tokens_per_s": r["tokens_per_s"]} for r in (a, b)
@@ -139,8 +158,9 @@ def table(rows: list[dict], a: list[str], b: list[str], common: list[str]) -> st
         f"B: `{shlex.join(common + b)}`",
         "",
         "| round | load (1/5/15 min) | A final val_loss / bpb (steps, s) | B final val_loss / bpb (steps, s) | "
-        "B reaches A's val_loss at (steps, s) | ratio | B reaches A's val_bpb at (steps, s) | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "B reaches A's val_loss at (steps, s) | time ratio | step x step-time ratio | "
+        "B reaches A's val_bpb at (steps, s) | time ratio | step x step-time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fa, fb = r["final"]["A"], r["final"]["B"]
@@ -152,10 +172,11 @@ def table(rows: list[dict], a: list[str], b: list[str], common: list[str]) -> st
         for key in ("val_loss", "val_bpb"):
             c = r.get(key)
             if c is None:
-                cells += ["", ""]
+                cells += ["", "", ""]
                 continue
             cells.append(f"{fmt(c['b_steps'], '.0f')}, {fmt(c['b_seconds'])}")
             cells.append(f"**{fmt(c['ratio'], '.2f')}**")
+            cells.append(fmt(c.get("step_ratio"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -204,13 +225,21 @@ def main(argv: list[str] | None = None) -> None:
         "work both then see the same load (the default runs them in turn with torch's threads)",
     )
     parser.add_argument("--out", default="recipe_bench", help="dir for the runs, the table and the plot")
+    parser.add_argument(
+        "--report",
+        metavar="JSON",
+        help="only write the table and plot again from an earlier run's recipe_bench.json (into --out)",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        runs = json.loads(Path(args.report).read_text())["runs"]
+        return report(runs, args, Path(args.out))
     common, recipes = shlex.split(args.common), {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"error: --out {out} is not empty: choose another dir or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    runs, rows = [], []
+    runs = []
     for rnd in range(1, args.rounds + 1):
         order = ["A", "B"] if rnd % 2 else ["B", "A"]
         dirs = {name: out / f"round{rnd}_{name}" for name in order}
@@ -224,9 +253,19 @@ def main(argv: list[str] | None = None) -> None:
             done[name] = run_recipe(name, common + recipes[name], dirs[name], args.eval_every, procs.get(name))
             done[name]["round"] = rnd
             runs.append(done[name])
-        rows.append(compare(done["A"], done["B"]))
-        print(table(rows[-1:], recipes["A"], recipes["B"], common), flush=True)
-    md = table(rows, recipes["A"], recipes["B"], common)
+        print(table([compare(done["A"], done["B"])], recipes["A"], recipes["B"], common), flush=True)
+    report(runs, args, out)
+
+
+def report(runs: list[dict], args, out: Path) -> None:
+    """The table (a row per round), the JSON of every run and the plot, into `out`."""
+    common, a, b = shlex.split(args.common), shlex.split(args.a), shlex.split(args.b)
+    by_round = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["name"]] = r
+    rows = [compare(pair["A"], pair["B"]) for _, pair in sorted(by_round.items())]
+    md = table(rows, a, b, common)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "recipe_bench.md").write_text(md)
     (out / "recipe_bench.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
     plot(runs, out / "recipe_bench.png")

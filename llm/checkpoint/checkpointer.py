@@ -1,7 +1,7 @@
 """A run's checkpoints as the training loop sees them: `Checkpointer` saves (every N steps, at a stop and at the
 end), restores (resume), prunes to `keep_last` and keeps the `checkpoints/last` pointer. Under FSDP the full
 state is gathered to rank 0 for saving and set back from the full files on every rank, so a checkpoint has the
-same files as a one-process run and resumes on any number of ranks. The file format is `llm.train.checkpoint`.
+same files as a one-process run and resumes on any number of ranks. The file format is `llm.checkpoint.files`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import torch
 from loguru import logger
 from safetensors.torch import load_file
 
+from llm.checkpoint import adapters
+from llm.checkpoint import files as ckpt
+from llm.dist.parallel import is_fsdp, rank0_succeeded
 from llm.errors import ConfigError, TrainingError
 from llm.failures import about, os_problem
-from llm.train import checkpoint as ckpt
-from llm.train.parallel import is_fsdp, rank0_succeeded
+from llm.peft import has_lora
 
 
 class Checkpointer:
@@ -29,6 +31,8 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path | None:
         """Write `checkpoints/step_NNNNNNN/` (atomically), point `last` at it, prune. Returns its path on rank 0."""
         model_state, optim_state = full_state(model, optimizer)  # fsdp: all ranks gather
+        if has_lora(model) and model_state is not None:  # LoRA: the adapters only (their optimizer state is all)
+            model_state = StateDictModule(adapters.saved_tensors(model, model_state.state_dict()))
         path, error = None, None
         if self.is_main:
             try:
@@ -46,7 +50,10 @@ class Checkpointer:
             raise TrainingError(f"step {step}: the weights are not finite; no checkpoint written")
         path = self.run_dir / "checkpoints" / ckpt.step_dir_name(step)
         try:
-            ckpt.save_checkpoint(path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer)
+            extra = {adapters.ADAPTER_FILE: adapters.adapter_json(model)} if has_lora(model) else None
+            ckpt.save_checkpoint(
+                path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer, extra
+            )
             ckpt.write_last_pointer(self.run_dir, path)
         except Exception as e:  # a full disk, a quota, a file-size limit (OSError, or safetensors' own error
             problem = os_problem(e, file=False)  # carrying the errno): the older checkpoints and `last` stay
@@ -83,6 +90,10 @@ class Checkpointer:
         )
         state = ckpt.read_json(path, "trainer_state.json")
         check_same_run(state.get("fingerprint"), fingerprint, resume, path)
+        if has_lora(model) or adapters.is_adapter_checkpoint(path):
+            if not has_lora(model):
+                raise ConfigError(f"resume={resume}: {path} holds LoRA adapters; resume it with peft=lora")
+            adapters.check_base(path, model, "resume")
         load_state(path, model, optimizer)  # every rank: the same full checkpoint
         logger.info(f"resumed from {path} at step {state.get('step')}")
         return state
@@ -142,7 +153,7 @@ class StateDictModule:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """What llm.train.checkpoint.save_checkpoint writes, on every rank (FSDP gathers, so all ranks call this).
+    """What llm.checkpoint.files.save_checkpoint writes, on every rank (FSDP gathers, so all ranks call this).
 
     single / ddp: the plain module and the optimizer themselves (rank 0's replica is complete).
     fsdp: full state dicts gathered to rank 0 on the CPU (empty on the other ranks), keyed like the plain model's
@@ -150,7 +161,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     checkpoint resumes on any number of ranks."""
     if not is_fsdp(model):
         return model, optimizer
-    # imported here, as FSDP itself is (llm.train.parallel.is_fsdp): it costs every other run's start ~0.7 s
+    # imported here, as FSDP itself is (llm.dist.parallel.is_fsdp): it costs every other run's start ~0.7 s
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -169,17 +180,18 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
 
 def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a (full) checkpoint into the model and optimizer on this rank; every rank reads the same files."""
+    lora = has_lora(model)
     if not is_fsdp(model):
-        ckpt.load_model_weights(directory, model)
+        adapters.load_adapters(directory, model) if lora else ckpt.load_model_weights(directory, model)
         if optimizer is not None:
             ckpt.load_optimizer(directory, optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     directory = Path(directory)
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, strict=not lora)
     with about(directory / "model.safetensors"):
-        msd = load_file(str(directory / "model.safetensors"))
+        msd = adapters.load_saved(directory, model) if lora else load_file(str(directory / "model.safetensors"))
     for names in _tied_groups(model):  # stored once
         present = [n for n in names if n in msd]
         if not present:
@@ -187,7 +199,7 @@ def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for name in names:
             msd.setdefault(name, msd[present[0]])
     expected = set(model.state_dict())
-    if set(msd) != expected:
+    if not lora and set(msd) != expected:
         raise ConfigError(
             f"checkpoint {directory}: weights do not match the model (missing "
             f"{sorted(expected - set(msd))[:5]}, unexpected {sorted(set(msd) - expected)[:5]})"

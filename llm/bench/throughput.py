@@ -13,114 +13,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
-import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from llm.bench.models import build_hf, model_kwargs
+from llm.bench.rss import PeakRSS, free_memory
 from llm.model import GPTConfig, build_gpt, flops_per_token
 from llm.train.objectives import DPO, LanguageModeling, cross_entropy
-
-PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
-GPT2_FIELDS = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
-LLAMA_FIELDS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
-
-
-def load_preset(name: str) -> dict:
-    """A preset name (`tiny`, `125m`, `1b`) or a path to a model yaml -> GPTConfig kwargs."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"no model preset {name!r} (looked for {path}); presets: "
-                         f"{sorted(p.stem for p in PRESETS.glob('*.yaml'))}")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    cfg.pop("_target_", None)
-    return cfg
-
-
-def model_kwargs(args) -> tuple[dict, str]:
-    """Our GPTConfig kwargs with the architecture fields set to match the HF counterpart, and that arch."""
-    cfg = load_preset(args.model)
-    arch = args.arch
-    if arch == "auto":
-        gpt2_like = (cfg.get("pos_emb") == "learned" or cfg.get("norm") == "layernorm" or cfg.get("mlp") == "gelu")
-        arch = "gpt2" if gpt2_like else "llama"
-    cfg.update(GPT2_FIELDS if arch == "gpt2" else LLAMA_FIELDS)
-    if arch == "gpt2":
-        cfg["n_kv_head"] = cfg["n_head"]  # GPT-2 has no grouped-query attention
-    cfg.update(dropout=0.0, rope_scaling=None)  # neither side drops out; HF has no length-scaling counterpart
-    if args.vocab_size is not None:
-        cfg["vocab_size"] = args.vocab_size
-    elif "vocab_size" not in cfg:
-        cfg["vocab_size"] = 4096 if Path(args.model).stem == "tiny" else 50304
-    return cfg, arch
-
-
-def build_hf(arch: str, c):
-    """The transformers model with the dimensions of our resolved GPTConfig `c` (tied head, SDPA, no cache)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    if arch == "llama":
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=c.padded_vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_hidden,
-            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-            max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=True,
-            attention_bias=False, mlp_bias=False, hidden_act="silu", use_cache=False,
-            bos_token_id=None, eos_token_id=None)
-    else:
-        hf_cfg = transformers.GPT2Config(
-            vocab_size=c.padded_vocab_size, n_embd=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
-            n_positions=c.max_seq_len, n_inner=c.ffn_hidden, activation_function="gelu_new", resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=c.norm_eps, use_cache=False,
-            bos_token_id=None, eos_token_id=None)
-    return transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples the resident set size every `interval` s in a background thread; `.peak` is the maximum seen."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
-def free_memory(device: torch.device) -> None:
-    """Collect garbage and hand freed heap back to the OS so the next side's RSS baseline is honest."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, device: torch.device) -> dict:
@@ -163,8 +66,12 @@ def measure(side: str, args, kwargs: dict, arch: str, window: torch.Tensor, devi
         elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if cuda else meter.peak) - base
     model = step_model = opt = None  # memory is freed at the start of the next measurement
-    return {"params": params, "tok_s": x.numel() * args.steps / elapsed,
-            "step_ms": 1000 * elapsed / args.steps, "peak_mib": peak / 2**20}
+    return {
+        "params": params,
+        "tok_s": x.numel() * args.steps / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "peak_mib": peak / 2**20,
+    }
 
 
 def measure_sft_vs_dpo(args, kwargs: dict, device: torch.device, T: int) -> dict:
@@ -187,9 +94,17 @@ def measure_sft_vs_dpo(args, kwargs: dict, device: torch.device, T: int) -> dict
     (cx, cy), (rx, ry) = seqs(), seqs()
     batches = {
         "sft": (LanguageModeling(), {"input_ids": x, "labels": y}),
-        "dpo": (DPO(), {"chosen_input_ids": cx, "chosen_labels": cy, "rejected_input_ids": rx, "rejected_labels": ry,
-                        "ref_chosen_logp": torch.full((B,), -50.0, device=device),
-                        "ref_rejected_logp": torch.full((B,), -50.0, device=device)}),
+        "dpo": (
+            DPO(),
+            {
+                "chosen_input_ids": cx,
+                "chosen_labels": cy,
+                "rejected_input_ids": rx,
+                "rejected_labels": ry,
+                "ref_chosen_logp": torch.full((B,), -50.0, device=device),
+                "ref_rejected_logp": torch.full((B,), -50.0, device=device),
+            },
+        ),
     }
     times = {"sft": [], "dpo": []}
     for i in range(args.warmup + args.steps * args.repeats):
@@ -223,27 +138,42 @@ def device_name(device: torch.device) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llm.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m llm.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="tiny", help="preset name in conf/model or a path to a model yaml")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: min(256, the preset's max_seq_len)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer size to assume (default: the preset's, else 4096 for tiny and 50304 otherwise)")
-    p.add_argument("--arch", choices=["auto", "llama", "gpt2"], default="auto",
-                   help="HF counterpart; our model's architecture fields are set to match it")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="tokenizer size to assume (default: the preset's, else 4096 for tiny and 50304 otherwise)",
+    )
+    p.add_argument(
+        "--arch",
+        choices=["auto", "llama", "gpt2"],
+        default="auto",
+        help="HF counterpart; our model's architecture fields are set to match it",
+    )
     p.add_argument("--only", choices=["ours", "hf", "both"], default="both")
     p.add_argument("--repeats", type=int, default=1, help="alternate ours/HF this many times; report medians")
     p.add_argument("--peak-flops", type=float, default=989e12, help="for MFU (default: H100 dense bf16)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--sft-vs-dpo", action="store_true",
-                   help="instead of the HF comparison: our SFT step time vs our DPO step time at equal B and T")
+    p.add_argument(
+        "--sft-vs-dpo",
+        action="store_true",
+        help="instead of the HF comparison: our SFT step time vs our DPO step time at equal B and T",
+    )
     return p.parse_args(argv)
 
 
@@ -251,19 +181,27 @@ def main(argv=None) -> dict:
     import transformers
 
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")  # autocast, both sides
     kwargs, arch = model_kwargs(args)
     T = args.seq_len or min(256, kwargs.get("max_seq_len", 256))
     if T > kwargs.get("max_seq_len", 256):
         raise SystemExit(f"--seq-len {T} exceeds the preset's max_seq_len {kwargs.get('max_seq_len', 256)}")
     if args.sft_vs_dpo:
-        res = {"device": device_name(device), "model": args.model, "batch_size": args.batch_size, "seq_len": T,
-               **measure_sft_vs_dpo(args, kwargs, device, T)}
+        res = {
+            "device": device_name(device),
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seq_len": T,
+            **measure_sft_vs_dpo(args, kwargs, device, T),
+        }
         print(f"device: {res['device']} | model {args.model}, B{args.batch_size} x T{T} (DPO: B pairs)")
-        print(f"SFT step {res['sft_step_ms']:.1f} ms | DPO step {res['dpo_step_ms']:.1f} ms | "
-              f"ratio DPO/SFT: {res['dpo_over_sft']:.2f}x")
+        print(
+            f"SFT step {res['sft_step_ms']:.1f} ms | DPO step {res['dpo_step_ms']:.1f} ms | "
+            f"ratio DPO/SFT: {res['dpo_over_sft']:.2f}x"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         return res
@@ -282,11 +220,20 @@ def main(argv=None) -> dict:
             runs[side].append(measure(side, args, kwargs, arch, window, device))
     c = GPTConfig(**kwargs)  # resolved: ffn_hidden, padded_vocab_size
     results = {
-        "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "model": args.model, "arch": arch, "batch_size": args.batch_size,
-        "seq_len": T, "vocab_size": c.vocab_size, "padded_vocab_size": c.padded_vocab_size,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "arch": arch,
+        "batch_size": args.batch_size,
+        "seq_len": T,
+        "vocab_size": c.vocab_size,
+        "padded_vocab_size": c.padded_vocab_size,
         "dtype": "bf16" if args.bf16 else "fp32",
-        "compile": args.compile, "steps": args.steps, "repeats": args.repeats,
+        "compile": args.compile,
+        "steps": args.steps,
+        "repeats": args.repeats,
         "memory": "peak allocated (CUDA)" if device.type == "cuda" else "peak RSS increase (approx.)",
     }
     for side, measured in runs.items():
@@ -297,8 +244,10 @@ def main(argv=None) -> dict:
         results[side] = r
     if args.only == "both":
         if results["ours"]["params"] != results["hf"]["params"]:
-            print(f"WARNING: parameter counts differ: ours {results['ours']['params']:,} "
-                  f"vs hf {results['hf']['params']:,}")
+            print(
+                f"WARNING: parameter counts differ: ours {results['ours']['params']:,} "
+                f"vs hf {results['hf']['params']:,}"
+            )
         results["ratio_tok_s"] = results["ours"]["tok_s"] / results["hf"]["tok_s"]
         results["ratio_mem"] = results["ours"]["peak_mib"] / max(results["hf"]["peak_mib"], 1e-9)
     report(results)
@@ -308,11 +257,15 @@ def main(argv=None) -> dict:
 
 
 def report(res: dict) -> None:
-    print(f"device: {res['device']} | torch {res['torch']} | transformers {res['transformers']} | "
-          f"threads {res['threads']}")
-    print(f"model {res['model']} (arch {res['arch']}), B{res['batch_size']} x T{res['seq_len']}, vocab "
-          f"{res['vocab_size']} (padded {res['padded_vocab_size']}), {res['dtype']}, compile={res['compile']}, "
-          f"{res['steps']} steps x {res['repeats']} repeat(s), medians")
+    print(
+        f"device: {res['device']} | torch {res['torch']} | transformers {res['transformers']} | "
+        f"threads {res['threads']}"
+    )
+    print(
+        f"model {res['model']} (arch {res['arch']}), B{res['batch_size']} x T{res['seq_len']}, vocab "
+        f"{res['vocab_size']} (padded {res['padded_vocab_size']}), {res['dtype']}, compile={res['compile']}, "
+        f"{res['steps']} steps x {res['repeats']} repeat(s), medians"
+    )
     if "hf" in res:
         print("HF loss: fp32 cross-entropy on HF logits against the same shifted targets as ours (not labels=)")
     cuda = "mfu" in res.get("ours", res.get("hf", {}))

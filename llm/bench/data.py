@@ -1,8 +1,8 @@
 """Data preparation benchmark: tokens/s of `PretrainData.prepare` against the raw `tokenizers` batch encoder on the
 same text with the same number of processes, and the peak memory of preparation at several corpus sizes.
 
-    python -m llm.bench_data                                  # 200 MB and 2 GB, 2 processes (minutes)
-    python -m llm.bench_data --sizes-mb 200 2000 --num-proc 2 --json bench_data.json
+    python -m llm.bench.data                                  # 200 MB and 2 GB, 2 processes (minutes)
+    python -m llm.bench.data --sizes-mb 200 2000 --num-proc 2 --json bench_data.json
 
 For each size it generates a corpus deterministically (Zipf-distributed pseudo-words, one document per line of
 50-700 words) in a temporary dir (removed at the end unless --keep), with one tokenizer for all sizes (--tokenizer,

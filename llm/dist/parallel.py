@@ -19,7 +19,7 @@ from loguru import logger
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llm.errors import ConfigError, check_choice
-from llm.train.cluster import DistEnv
+from llm.dist.env import DistEnv
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 

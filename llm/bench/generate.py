@@ -1,15 +1,17 @@
 """Generation throughput benchmark: our batched KV-cache sampler (the one task=grpo uses) against Hugging Face
 `generate` on the same model, in the same process, as new tokens per second and the ratio ours / HF.
 
-    python -m llm.bench_generate                                  # tiny preset, 16 prompts x 8 samples, CPU
-    python -m llm.bench_generate --prompts 16 --samples 8 --new-tokens 32 --repeats 3 --json gen.json
-    python -m llm.bench_generate --model 125m --device cuda --dtype bfloat16
+    python -m llm.bench.generate                                  # tiny preset, 16 prompts x 8 samples, CPU
+    python -m llm.bench.generate --prompts 16 --samples 8 --new-tokens 32 --repeats 3 --json gen.json
+    python -m llm.bench.generate --model 125m --device cuda --dtype bfloat16
 
 The HF model is ours exported with llm/hf (config.json and tensors of `LlamaForCausalLM`, or `GPT2LMHeadModel`
 for a GPT-2-shaped preset), so both sides compute the same function: greedy outputs are checked to be equal token
-for token first. The workload is GRPO's: `--prompts` prompts of different lengths (`--prompt-len`, +-50%), each
-repeated `--samples` times, left-padded into one batch with an attention mask, sampled at temperature 1 for
-exactly `--new-tokens` new tokens (no stop token on either side, so both generate the same number). Repeats are
+for token first. The workload is GRPO's: `--prompts` prompts of different lengths (`--prompt-len`, +-50%),
+left-padded into one batch with an attention mask, `--samples` completions each (ours: `num_samples`, each prompt
+read once and its KV cache shared by its samples; HF: `num_return_sequences`, which repeats the prompts before
+reading them), sampled at temperature 1 for exactly `--new-tokens` new tokens (no stop token on either side, so
+both generate the same number). Repeats are
 interleaved (ours, HF, ours, ...) after one warm-up each; the median per side is reported. Run by hand, never in
 the suite.
 """
@@ -29,7 +31,7 @@ from llm.eval.sampling import left_pad
 from llm.hf.convert import config_to_hf, to_hf
 from llm.model import build_gpt
 
-PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def build_models(preset: str, vocab_size: int, device: str, dtype: torch.dtype, seed: int = 0):
@@ -56,20 +58,20 @@ def build_models(preset: str, vocab_size: int, device: str, dtype: torch.dtype, 
     return ours, hf
 
 
-def workload(n_prompts: int, samples: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+def workload(n_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     prompts = [
         [rng.randrange(1, vocab_size) for _ in range(rng.randint(prompt_len // 2, prompt_len * 3 // 2))]
         for _ in range(n_prompts)
     ]
-    return [p for p in prompts for _ in range(samples)]
+    return prompts
 
 
-def _ours(model, ids, mask, new_tokens, temperature, generator):
-    return model.generate(ids, new_tokens, temperature, generator=generator, attention_mask=mask)
+def _ours(model, ids, mask, new_tokens, temperature, generator, samples=1):
+    return model.generate(ids, new_tokens, temperature, generator=generator, attention_mask=mask, num_samples=samples)
 
 
-def _hf(model, ids, mask, new_tokens, temperature, generator):
+def _hf(model, ids, mask, new_tokens, temperature, generator, samples=1):
     sample = temperature > 0
     return model.generate(
         input_ids=ids,
@@ -80,6 +82,7 @@ def _hf(model, ids, mask, new_tokens, temperature, generator):
         temperature=temperature if sample else None,
         top_k=0 if sample else None,
         top_p=1.0 if sample else None,
+        num_return_sequences=samples,
         pad_token_id=0,
         eos_token_id=None,
         use_cache=True,
@@ -91,11 +94,11 @@ def run(args) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     ours, hf = build_models(args.model, args.vocab_size, device, dtype)
-    rows = workload(args.prompts, args.samples, args.prompt_len, args.vocab_size)
-    ids, mask = left_pad(rows, 0, device)
-    check_ids, check_mask = left_pad(rows[:: args.samples][:4], 0, device)
+    prompts = workload(args.prompts, args.prompt_len, args.vocab_size)
+    ids, mask = left_pad(prompts, 0, device)
+    check_ids, check_mask = left_pad(prompts[:4], 0, device)
     same = torch.equal(_ours(ours, check_ids, check_mask, 8, 0.0, None), _hf(hf, check_ids, check_mask, 8, 0.0, None))
-    times = {"ours": [], "hf": []}
+    times, rows = {"ours": [], "hf": []}, len(prompts) * args.samples
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for repeat in range(args.repeats + 1):  # the first round warms up both
         for name, fn, model in (("ours", _ours, ours), ("hf", _hf, hf)):
@@ -103,18 +106,20 @@ def run(args) -> dict:
             torch.manual_seed(repeat)
             sync()
             start = time.perf_counter()
-            out = fn(model, ids, mask, args.new_tokens, 1.0, gen)
+            out = fn(model, ids, mask, args.new_tokens, 1.0, gen, args.samples)
             sync()
             if repeat:
                 times[name].append(time.perf_counter() - start)
-            assert out.shape == (len(rows), ids.size(1) + args.new_tokens), (name, out.shape)
-    new = len(rows) * args.new_tokens
+            assert out.shape == (rows, ids.size(1) + args.new_tokens), (name, out.shape)
+    new = rows * args.new_tokens
     result = {
         "model": args.model,
         "device": device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "rows": len(rows),
+        "prompts": len(prompts),
+        "samples": args.samples,
+        "rows": rows,
         "prompt_tokens_max": ids.size(1),
         "new_tokens": args.new_tokens,
         "greedy_equal": same,

@@ -1,0 +1,5 @@
+"""`python -m llm.bench`: the throughput benchmark (llm/bench/throughput.py)."""
+
+from llm.bench.throughput import main
+
+main()
