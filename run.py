@@ -10,13 +10,13 @@ torchrun --nproc_per_node=4 run.py             # the same through torchrun (mult
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from loguru import logger
 from omegaconf import DictConfig
@@ -26,12 +26,11 @@ from llm import job
 from llm.dist.env import env_rank, prepare_launch, shutdown
 from llm.dist.signals import INTERRUPTED_EXIT_CODE, Preempted
 from llm.errors import LLMError
+from llm.failures import explain, report
 from llm.rundir import resolvers  # importing it registers the resolvers conf/hydra/default.yaml uses
 from llm.rundir.writable import check_writable_dir
 from llm.sweep import jobs as sweep_jobs
 from llm.utils.logging import setup_logging
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the machine's state, not a bug: one line, no traceback
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -40,10 +39,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir, in_sweep = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     try:  # before train.log: a refused run writes nothing there
         lock = resolvers.claim_run_dir(cfg, run_dir, in_sweep)
-    except LLMError as e:
-        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
+    except Exception as e:  # the run dir's lock cannot be taken (another run, a read-only or too long path)
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG") or explain(e) is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e)}", file=sys.stderr)
         if in_sweep:  # another process writes this job's dir: the sweep goes on without it
             return None
         sys.exit(2)
@@ -54,19 +53,13 @@ def main(cfg: DictConfig) -> float | None:
             results = job.run(cfg, hydra_cfg)
     except Preempted as e:  # a signal (75) or Ctrl-C (130): a checkpoint was saved (or there was none to save yet);
         sys.exit(e.exit_code)  # resume=auto (or the same sweep again) continues
-    except Exception as e:
-        full_disk = isinstance(e, OSError) and e.errno in DISK_FULL
-        if (
-            cfg.get("debug")
-            or os.environ.get("LLM_DEBUG")
-            or not (in_sweep or full_disk or isinstance(e, (LLMError, ConfError)))
-        ):
-            raise  # a bug (or debug=true): the whole traceback
-        message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else f"error: {e}"
-        if full_disk:
-            message = f"error: cannot write {e.filename or 'a file of the run'}: {e.strerror}"
+    except Exception as e:  # one line on the terminal (llm.failures); the traceback in train.log, or with debug=true
+        if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
+            raise
+        logger.opt(exception=e).debug("the error's traceback")  # train.log only (the terminal shows INFO and up)
+        message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e, run_dir / "train.log")
         if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
-            logger.opt(exception=not isinstance(e, LLMError)).error(f"job failed: {message}")
+            logger.error(f"job failed: {message}")
             sweep_jobs.record_failure(run_dir, e)
             return None
         logger.remove()
@@ -75,8 +68,8 @@ def main(cfg: DictConfig) -> float | None:
     return results.get(cfg.get("optimized_metric") or "val_loss")  # what a Hydra sweeper optimises
 
 
-def check_output_dir(argv: list[str]) -> None:
-    """Fail with one line, before Hydra starts, when the run or sweep dir cannot be created."""
+def check_output_dir(argv: list[str]) -> str:
+    """Fail with one line, before Hydra starts, when the run or sweep dir cannot be created; else return it."""
     sweep = "-m" in argv or "--multirun" in argv
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     target = "multirun_outputs" if sweep else "outputs"
@@ -84,21 +77,37 @@ def check_output_dir(argv: list[str]) -> None:
         if arg.startswith(f"{key}="):
             target = arg.split("=", 1)[1]
     if "${" in target:
-        return
+        return target
     try:
         check_writable_dir(key, target, create=False)  # nothing is created: Hydra makes the dir
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    return target
+
+
+def outside_the_job(e: Exception, run_dir: str) -> int:
+    """What escaped Hydra itself (composing the config, writing .hydra/ in `run_dir` to a full disk, ...), printed
+    as one line (Hydra's own message for its config errors); the exit code."""
+    if isinstance(e, CompactHydraException):  # as Hydra prints them: its message, then the OmegaConf cause
+        cause = f"\n{e.__cause__}" if isinstance(e.__cause__, ConfError) else ""
+        print(f"{e}{cause}", file=sys.stderr)
+        return 1
+    if isinstance(e, OSError) and not e.filename:  # Hydra writing its .hydra/ files
+        e.filename = run_dir
+    print(f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e), file=sys.stderr)
+    return 2 if explain(e) is not None else 1
 
 
 if __name__ == "__main__":
-    check_output_dir(sys.argv[1:])
+    output_dir = check_output_dir(sys.argv[1:])
     prepare_launch()  # under torchrun / srun: join the group; all ranks share rank 0's run-dir stamp
+    debug = bool(os.environ.get("LLM_DEBUG") or os.environ.get("HYDRA_FULL_ERROR")) or "debug=true" in sys.argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what escapes it, instead of printing its traceback
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C before the run caught it, or a second one: stop at once
-        if os.environ.get("LLM_DEBUG") or "debug=true" in sys.argv:
+        if debug:
             raise
         print(
             "\nerror: interrupted (Ctrl-C): stopped at once without saving; resume=auto continues from the "
@@ -106,5 +115,11 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(INTERRUPTED_EXIT_CODE)
+    except Exception as e:
+        if debug:
+            raise
+        sys.exit(outside_the_job(e, output_dir))
     finally:  # a sweep with failed jobs exits 2 from its summary callback (llm.sweep.summary.SweepFailed)
+        if not debug:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
         shutdown()

@@ -24,6 +24,11 @@ class TrainingError(LLMError):
     """Training cannot go on (too many non-finite steps, a checkpoint that cannot be written)."""
 
 
+class ResourceError(LLMError):
+    """The machine refused: a full disk or quota, a file-size limit, a name too long, a read-only or unwritable
+    place, not enough memory. Not a bug and not bad input: one line saying what and where (`llm.failures`)."""
+
+
 def check_choice(key: str, value, allowed) -> None:
     """Raise ConfigError naming `key` when `value` is not one of `allowed`."""
     if value not in allowed:

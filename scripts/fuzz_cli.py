@@ -12,9 +12,13 @@ run (made once), and is judged:
   `interrupt`: exit 130 with a checkpoint (Ctrl-C); `abort`: exit 130 (a second Ctrl-C);
 - `same`   expected: exit 0 and the loss trace of the uninterrupted finished run, bit for bit (a kill -9 at a
   seeded moment of data preparation or of a checkpoint write, then the same command with resume=auto).
-`stderr_has` must appear in stderr (a warning that must not be silent).
+`stderr_has` must appear in stderr (a warning that must not be silent). `damage` spoils the copy of the finished run
+first (a metrics line that is not a JSON object, checkpoints that are corrupt, disagree with their config, hold a
+pickle or a file that is not safetensors); its files are hashed after that. Real faults: a small tmpfs that fills
+up while a checkpoint is written, a full one before the run, a file-size limit (RLIMIT_FSIZE), a complete cache on a
+read-only bind mount (mounts need root: elsewhere those cases are `skipped`, with the reason).
 Verdicts: pass, ZERO-EXIT (a failure that exited 0), TRACEBACK, DATA-LOSS (a finished run's file changed or gone),
-SILENT (an expected warning missing), UNEXPECTED (an `ok` case that failed, or a wrong exit code).
+SILENT (an expected warning missing), UNEXPECTED (an `ok` case that failed, or a wrong exit code), skipped.
 
 `python scripts/fuzz_cli.py --fault <name> <run.py args>` runs run.py in this process with a fault injected (used
 by the cases: `enospc`: the second checkpoint's weights hit a full disk; `kill9-ckpt-<k>`: SIGKILL at moment k of
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
+import resource
 import runpy
 import shutil
 import signal
@@ -72,12 +79,13 @@ class Case:
     env: dict = field(default_factory=dict)  # extra environment of the case
     stderr_has: str = ""  # must appear in stderr
     fresh_cache: bool = False  # its own cache dir under {tmp}/cache (a copy of the shared one when "copy")
+    damage: str = ""  # a DAMAGES entry applied to the copy of the finished run (before its files are hashed)
 
 
 BAD_VALUES = {  # key -> values that must each be refused with one line
     "trainer.max_steps": ["2.5", "-1", "abc", "true", "nan"],
     "trainer.batch_size": ["0", "-8", "2.5", "abc", "inf"],
-    "trainer.micro_batch_size": ["3", "-1", "1.5"],
+    "trainer.micro_batch_size": ["3", "-1", "1.5", "0"],
     "trainer.seq_len": ["0", "4096", "64.5"],
     "trainer.eval_every": ["-1", "1.5"],
     "trainer.eval_batches": ["0", "2.5"],
@@ -234,6 +242,62 @@ def cases() -> list[Case]:
             for k in random.Random(0).sample(range(len(CKPT_MOMENTS)), 3)
         ],
         Case("kill -9 during the final evaluation", [], expect="same", fault="kill9-eval"),
+        # issue 22: library errors, real faults and corrupt files, each one line; a resume never starts over
+        Case(
+            "metrics.jsonl line not an object",
+            ["resume=auto", "trainer.max_steps=6"],
+            on_finished=True,
+            damage="metrics-list",
+        ),
+        Case(
+            "metrics.jsonl not utf-8", ["resume=auto", "trainer.max_steps=6"], on_finished=True, damage="metrics-bytes"
+        ),
+        Case(
+            "resume=auto, every checkpoint corrupt",
+            ["resume=auto", "trainer.max_steps=6"],
+            on_finished=True,
+            damage="ckpt-garbage",
+        ),
+        *[
+            Case(f"{how}: {what}", [*args], on_finished=True, damage=what)
+            for what in ("ckpt-config-disagrees", "ckpt-pickle", "ckpt-not-safetensors")
+            for how, args in (
+                ("resume", ["resume=auto", "trainer.max_steps=6"]),
+                ("init_from", ["task=sft", "init_from={run}", "hydra.run.dir={tmp}/sft"]),
+            )
+        ],
+        Case("full disk while saving (a real small tmpfs)", [], fault="tmpfs", stderr_has="No space left on device"),
+        Case("full disk before the run (a full tmpfs)", [], fault="tmpfs-full", stderr_has="No space left on device"),
+        Case("file-size limit while saving (ulimit -f)", [], fault="fsize", stderr_has="File too large"),
+        Case(
+            "post_data .parquet that is not Parquet",
+            ["task=sft", "init_from={finished}", "post_data=files", "post_data.train.paths={tmp}/p.parquet"],
+            files={"p.parquet": b"PAR1 this is not parquet\n" * 20},
+        ),
+        Case(
+            "post_data.train.paths=[]",
+            ["task=sft", "init_from={finished}", "post_data=files", "post_data.train.paths=[]"],
+            stderr_has="post_data.train.paths",
+        ),
+        Case("a 300-character hydra.run.dir", ["hydra.run.dir={tmp}/" + "a" * 300]),
+        Case(
+            "model.max_seq_len=4e9, learned positions",
+            ["model.max_seq_len=4000000000", "model.pos_emb=learned"],
+            stderr_has="model.max_seq_len",
+        ),
+        Case("nproc_per_node=2, batch size of 7", ["trainer.nproc_per_node=2", "trainer.batch_size=7"]),
+        Case(
+            "nproc_per_node=2, a bad file in the workers",
+            ["trainer.nproc_per_node=2", "data=files", "data.paths={tmp}/b.jsonl"],
+            files={"b.jsonl": b'{"text": "a"}\n{oops\n'},
+        ),
+        Case("a complete cache on a read-only mount", [], expect="ok", fault="ro-cache"),
+        Case(
+            "a read-only cache without the entry",
+            ["tokenizer.vocab_size=900"],
+            fault="ro-cache",
+            stderr_has="is not in the cache",
+        ),
         Case("SIGTERM during the first evaluation", [], expect="same", fault="sigterm-eval"),
     ]
     return out
@@ -340,17 +404,103 @@ def _damage_caches(cache: Path) -> None:
         meta.write_bytes(meta.read_bytes()[:40])
 
 
+def _remanifest(step_dir: Path) -> None:
+    """A checkpoint's manifest made to match its files again: a checkpoint complete in form, wrong in content."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _damage_checkpoints(run_dir: Path, how: str) -> None:
+    for step_dir in sorted((run_dir / "checkpoints").glob("step_*")):
+        if how == "ckpt-garbage":  # every checkpoint fails its checksum
+            (step_dir / "model.safetensors").write_bytes(os.urandom(1000))
+            continue
+        if how == "ckpt-config-disagrees":
+            config = json.loads((step_dir / "model_config.json").read_text())
+            (step_dir / "model_config.json").write_text(json.dumps({**config, "vocab_size": 2048}))
+        elif how == "ckpt-pickle":  # a PyTorch pickle instead of our files
+            for path in list(step_dir.iterdir()):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            (step_dir / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00." + os.urandom(500))
+        elif how == "ckpt-not-safetensors":
+            (step_dir / "model.safetensors").write_bytes(b"\xff" * 1000)
+        _remanifest(step_dir)
+
+
+DAMAGES = {
+    "metrics-list": lambda run: run.joinpath("metrics.jsonl").open("a").write("[1, 2]\n"),
+    "metrics-bytes": lambda run: run.joinpath("metrics.jsonl").open("ab").write(b'{"step": 5, "x": "\xff"}\n'),
+    **{k: (lambda run, k=k: _damage_checkpoints(run, k)) for k in ("ckpt-garbage", "ckpt-config-disagrees")},
+    **{k: (lambda run, k=k: _damage_checkpoints(run, k)) for k in ("ckpt-pickle", "ckpt-not-safetensors")},
+}
+
+
+def _mount(target: Path, *options: str) -> str:
+    """mount(8) with `options`; '' when done, else why not (not root, no mount namespace: the case is skipped)."""
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    return "" if proc.returncode == 0 else f"cannot mount ({proc.stderr.strip() or proc.returncode})"
+
+
+def _mount_fault(case: Case, tmp: Path, finished: Path, env: dict) -> tuple[str, list[Path]]:
+    """The real filesystem a fault case runs on: a small tmpfs that fills up, a full one, a cache made read-only
+    by a bind mount. Returns (why it cannot be made, or ''; the mounts to undo)."""
+    mnt = tmp / "mnt"
+    if case.fault == "tmpfs":  # the first checkpoint fits, the second one's weights do not
+        first = sum(p.stat().st_size for p in (finished / "checkpoints" / "step_0000002").rglob("*") if p.is_file())
+        return _mount(mnt, "-t", "tmpfs", "-o", f"size={(first + 400_000) // 1024}k", "tmpfs"), [mnt]
+    if case.fault == "tmpfs-full":
+        why = _mount(mnt, "-t", "tmpfs", "-o", "size=64k", "tmpfs")
+        if not why:
+            with open(mnt / "filler", "wb") as f:
+                with contextlib.suppress(OSError):
+                    f.write(b"\0" * 100_000)
+        return why, [mnt]
+    if case.fault == "ro-cache":
+        why = _mount(mnt, "--bind", env["LLM_CACHE_DIR"]) or _mount(mnt, "-o", "remount,ro,bind")
+        env["LLM_CACHE_DIR"] = str(mnt)
+        return why, [mnt]
+    return "", []
+
+
+def _fsize_limit() -> None:  # in the child: writes past 1000 KiB fail with EFBIG (Python ignores SIGXFSZ)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
 def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, str]:
     tmp = Path(tempfile.mkdtemp(dir=base))
+    env = {**env, **case.env}
+    why, mounts = _mount_fault(case, tmp, finished, env)
+    try:
+        if why:
+            return "skipped", why
+        return _run_case(
+            case, tmp, finished, env, tmp / "mnt" / "run" if (case.fault or "").startswith("tmpfs") else None
+        )
+    finally:
+        for mnt in mounts:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _run_case(case: Case, tmp: Path, finished: Path, env: dict, run_dir: Path | None) -> tuple[str, str]:
     for name, content in case.files.items():
         (tmp / name).write_bytes(content)
-    run_dir = tmp / "run"
+    run_dir = run_dir or tmp / "run"
     before = None
     if case.on_finished:
         shutil.copytree(finished, run_dir)
+        if case.damage:
+            DAMAGES[case.damage](run_dir)
         before = _snapshot(run_dir)
-    args = [a.replace("{tmp}", str(tmp)).replace("{finished}", str(finished)) for a in case.args]
-    env = {**env, **case.env}
+    args = [
+        a.replace("{tmp}", str(tmp)).replace("{finished}", str(finished)).replace("{run}", str(run_dir))
+        for a in case.args
+    ]
     if case.fresh_cache or case.fault == "damage_cache":
         if case.fault == "damage_cache":
             shutil.copytree(env["LLM_CACHE_DIR"], tmp / "cache", ignore=shutil.ignore_patterns("*.lock"))
@@ -428,7 +578,12 @@ def run_case(case: Case, base: Path, finished: Path, env: dict) -> tuple[str, st
             )
     else:
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, text=True, capture_output=True
+            [sys.executable, str(ROOT / "run.py"), *args],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            capture_output=True,
+            preexec_fn=_fsize_limit if case.fault == "fsize" else None,
         )
     err = proc.stderr.strip().splitlines()
     last = err[-1] if err else ""
@@ -495,7 +650,7 @@ def main() -> int:
             print(f"{verdict:10s} {futures[future].name:45s} {detail[:150]}", flush=True)
     print(f"\n{len(todo)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
     shutil.rmtree(base, ignore_errors=True)
-    return 0 if set(tally) <= {"pass"} else 1
+    return 0 if set(tally) <= {"pass", "skipped"} else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ same files as a one-process run and resumes on any number of ranks. The file for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from llm.checkpoint import adapters
 from llm.checkpoint import files as ckpt
 from llm.dist.parallel import is_fsdp, rank0_succeeded
 from llm.errors import ConfigError, TrainingError
+from llm.failures import about, os_problem
 from llm.peft import has_lora
 
 
@@ -55,11 +55,14 @@ class Checkpointer:
                 path, model_state, optim_state, trainer_state, model.config.to_dict(), self.tokenizer, extra
             )
             ckpt.write_last_pointer(self.run_dir, path)
-        except OSError as e:  # a full disk, a quota: the older checkpoints and `last` stay as they were
+        except Exception as e:  # a full disk, a quota, a file-size limit (OSError, or safetensors' own error
+            problem = os_problem(e, file=False)  # carrying the errno): the older checkpoints and `last` stay
+            if problem is None:
+                raise
             previous = ckpt.latest_checkpoint(self.run_dir)
             raise TrainingError(
-                f"checkpoint {path} could not be written ({e.strerror or e}); the newest complete "
-                f"checkpoint is {previous or 'none'}"
+                f"checkpoint {path} could not be written ({problem}); the newest complete checkpoint is "
+                f"{previous or 'none'}"
             ) from e
         ckpt.prune_checkpoints(self.run_dir, self.keep_last)
         logger.info(f"checkpoint: {path}")
@@ -72,6 +75,13 @@ class Checkpointer:
         `fingerprint`: the settings an exact continuation needs (seed, data, ...); a checkpoint saved with other
         values is refused before anything is loaded."""
         path = ckpt.latest_checkpoint(self.run_dir) if resume == "auto" else ckpt.resolve_checkpoint(resume, "resume")
+        if path is None and ckpt.list_checkpoints(self.run_dir):  # never start over on its own: that is overwrite's
+            names = ", ".join(p.name for p in ckpt.list_checkpoints(self.run_dir))
+            raise ConfigError(
+                f"resume=auto: no usable checkpoint in {self.run_dir / 'checkpoints'} ({names}: incomplete or "
+                f"corrupt); nothing was changed. Resume from another one with resume=<checkpoint dir>, or start the "
+                f"run over with overwrite=true (without resume)"
+            )
         if path is None:
             logger.info(f"resume=auto: no checkpoint in {self.run_dir}; starting from scratch")
             return None
@@ -180,7 +190,8 @@ def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     directory = Path(directory)
     options = StateDictOptions(full_state_dict=True, strict=not lora)
-    msd = adapters.load_saved(directory, model) if lora else load_file(str(directory / "model.safetensors"))
+    with about(directory / "model.safetensors"):
+        msd = adapters.load_saved(directory, model) if lora else load_file(str(directory / "model.safetensors"))
     for names in _tied_groups(model):  # stored once
         present = [n for n in names if n in msd]
         if not present:
@@ -196,9 +207,9 @@ def load_state(directory, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     set_model_state_dict(model, msd, options=options)
     if optimizer is None:
         return
-    flat = ckpt.optimizer_from_flat(
-        load_file(str(directory / "optimizer.safetensors")), json.loads((directory / "optimizer.json").read_text())
-    )
+    with about(directory / "optimizer.safetensors"):
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+    flat = ckpt.optimizer_from_flat(tensors, ckpt.read_json(directory, "optimizer.json"))
     names = _param_names(model, optimizer)
     osd = {
         "state": {names[int(i)]: v for i, v in flat["state"].items()},

@@ -23,7 +23,8 @@ from loguru import logger
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llm.data.tokenizer import load_pretrained
-from llm.errors import ConfigError
+from llm.errors import ConfigError, DataError
+from llm.failures import about
 from llm.model import GPT, GPTConfig
 from llm.model.rope import parse_scaling
 from llm.utils.files import atomic_dir, fsync_dir, write_atomic
@@ -191,7 +192,11 @@ def resolve_checkpoint(path: str | Path, key: str) -> Path:
 
 
 def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
-    missing, unexpected = load_model(model, str(Path(directory) / "model.safetensors"), strict=False)
+    """The checkpoint's weights into `model`; one line naming the file when it is not safetensors or its tensors
+    do not fit the model that model_config.json describes."""
+    path = Path(directory) / "model.safetensors"
+    with about(path):
+        missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {directory}: weights do not match the model "
@@ -213,13 +218,36 @@ def load_checkpoint_model(directory: str | Path, rope_scaling: dict | None = Non
 
 def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
     directory = Path(directory)
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    meta = json.loads((directory / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+    with about(directory / "optimizer.safetensors"):
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+    meta = read_json(directory, "optimizer.json")
+    with about(directory / "optimizer.json"):
+        optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+
+
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def read_json(directory: str | Path, name: str) -> dict:
-    return json.loads((Path(directory) / name).read_text())
+    """A checkpoint's JSON file as a dict; ConfigError naming the dir when it lacks the file (not a checkpoint of
+    ours: a PyTorch pickle is never loaded, as it can run code), DataError naming the file when it is not JSON."""
+    directory = Path(directory)
+    path = directory / name
+    if not path.is_file():
+        held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        pickles = [n for n in held if n.endswith(PICKLES)]
+        hint = (
+            f"; {pickles[0]} is a PyTorch pickle, which is never loaded (it can run code): save its weights as "
+            f"safetensors, e.g. as a Hugging Face model dir"
+            if pickles
+            else ""
+        )
+        raise ConfigError(f"{directory}: not a checkpoint of this project (no {name}; it holds {held[:6]}){hint}")
+    with about(path):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return value
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:

@@ -10,12 +10,15 @@ whole; `file_lock` makes the processes that want one entry wait for the one that
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import shutil
 from pathlib import Path
 
 from loguru import logger
+
+from llm.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -28,6 +31,35 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path):
+    """`file_lock(path)` for a cache entry, yielding True; False (no lock) when the cache dir cannot be written
+    (a read-only mount of a shared cache, no permission): its complete entries are then read as they are, and a
+    missing one is an error (`missing_entry`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def missing_entry(what: str, entry: Path, why: str = "is not in the cache") -> ConfigError:
+    """The error for an entry a read-only cache lacks (or holds damaged): it cannot be made there."""
+    return ConfigError(
+        f"{what}: {entry} {why}, and the cache dir cannot be written to make it: run once with a writable "
+        f"cache_dir (or LLM_CACHE_DIR) to fill it, or point cache_dir to a writable dir"
+    )
 
 
 def read_entry_json(path: Path, what: str) -> dict | None:
@@ -46,8 +78,11 @@ def read_entry_json(path: Path, what: str) -> dict | None:
 
 def discard(entry: Path, what: str, why: str) -> None:
     """Remove a damaged cache entry (a dir or a file) with a warning that names it and why."""
+    try:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    except OSError:  # a read-only cache: the damaged entry cannot be replaced there
+        raise missing_entry(what, entry, why) from None
     logger.warning(f"{what}: cached {entry} {why}; rebuilding it")
-    if entry.is_dir():
-        shutil.rmtree(entry, ignore_errors=True)
-    else:
-        entry.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ import torch
 from loguru import logger
 
 from llm.contract import ATTN_MASK, INPUT_IDS, LABELS, POSITION_IDS, Data
-from llm.data.cache import discard, file_lock, read_entry_json
+from llm.data.cache import discard, entry_lock, missing_entry, read_entry_json
 from llm.data.documents import block_causal_mask, documents_of, eos_positions
 from llm.data.mixture import MixedWindows, Mixture
 from llm.data.shards import SPLITS, TokenShards, prepare_shards
@@ -129,11 +129,13 @@ class PretrainData(Data):
         if isinstance(self.source, Mixture):
             return self._prepare_mixture()
         path = self.cache_dir / "data" / self.cache_key()
-        with file_lock(path.with_name(path.name + ".lock")):  # one process tokenizes; the others wait and reuse
+        with entry_lock(path.with_name(path.name + ".lock")) as writable:  # one process tokenizes; others reuse
             self.meta = self._complete_meta(path)
             self.from_cache = self.meta is not None
             if self.from_cache:
                 logger.info(f"data: cached tokens from {path}")
+            elif not writable:  # a read-only shared cache that lacks this corpus
+                raise missing_entry("data", path)
             else:
                 self.meta = self._build(path)
         dtype = self.meta["dtype"]

@@ -10,13 +10,14 @@ from pathlib import Path
 from llm.data.hub import hub_call
 from llm.data.sources import FileCorpus, first_char, iter_jsonl, utf8_lines
 from llm.errors import ConfigError, DataError
+from llm.failures import about
 
 
 class LocalRows:
     """Rows of local files: `.jsonl` (one JSON object per line), `.json` (an array of objects) or `.parquet`."""
 
-    def __init__(self, paths):
-        self.files = FileCorpus(paths).files  # same path/glob checks and one-line errors as the pretraining corpus
+    def __init__(self, paths, key: str = "post_data.train.paths"):
+        self.files = FileCorpus(paths, key=key).files  # the path/glob checks and one-line errors of the corpus
         self.patterns = paths
 
     def rows(self):
@@ -26,7 +27,9 @@ class LocalRows:
             if suffix == ".parquet":
                 import pyarrow.parquet as pq
 
-                for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+                with about(path):  # not Parquet: pyarrow's ArrowInvalid, as one line naming the file
+                    table = pq.read_table(path)
+                for i, row in enumerate(table.to_pylist(), 1):
                     count += 1
                     yield f"{path}:row {i}", row
             elif suffix == ".json" and first_char(path) == "[":

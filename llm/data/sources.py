@@ -117,9 +117,12 @@ class FileCorpus:
 
     FORMATS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-    def __init__(self, paths, format: str = "auto", text_field: str = "text", sample_prompt: str = ""):
+    def __init__(
+        self, paths, format: str = "auto", text_field: str = "text", sample_prompt: str = "", key="data.paths"
+    ):
+        self.key = key  # the config key of `paths`, for errors
         if paths is None or paths == "" or paths == []:
-            raise ConfigError("data.paths is empty: give one or more files (e.g. data.paths=[corpus.txt])")
+            raise ConfigError(f"{key} is empty: give one or more files (e.g. {key}=[corpus.txt])")
         self.patterns = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths))]
         self.format, self.text_field, self.sample_prompt = format, text_field, sample_prompt or ""
         if format not in ("auto", "text", "json", "parquet"):
@@ -133,14 +136,14 @@ class FileCorpus:
             pattern = os.path.expanduser(pattern)
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if not matches:
-                raise DataError(f"data.paths: no file matches {pattern!r}")
+                raise DataError(f"{self.key}: no file matches {pattern!r}")
             for path in matches:
                 if not os.path.isfile(path):
-                    raise DataError(f"data.paths: file not found: {path}")
+                    raise DataError(f"{self.key}: file not found: {path}")
                 if not os.access(path, os.R_OK):
-                    raise DataError(f"data.paths: file is not readable: {path}")
+                    raise DataError(f"{self.key}: file is not readable: {path}")
                 if os.path.getsize(path) == 0:
-                    raise DataError(f"data.paths: file is empty: {path}")
+                    raise DataError(f"{self.key}: file is empty: {path}")
                 out.append(os.path.abspath(path))
         return out
 
@@ -173,7 +176,7 @@ class FileCorpus:
         try:
             ds = datasets.load_dataset(fmt, data_files=files, split="train")
         except Exception as e:  # datasets raises many types for unreadable input
-            raise DataError(f"data.paths: cannot read {files} as {fmt}: {str(e).splitlines()[0]}") from e
+            raise DataError(f"{self.key}: cannot read {files} as {fmt}: {str(e).splitlines()[0]}") from e
         if self.text_field not in ds.column_names:
             raise DataError(
                 f"data.text_field={self.text_field!r} is not a column of {files}; columns: {ds.column_names}"

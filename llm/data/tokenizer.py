@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from llm.data.cache import discard, file_lock, read_entry_json
+from llm.data.cache import discard, entry_lock, missing_entry, read_entry_json
 from llm.data.chat import ASSISTANT, BUILTIN_TEMPLATE, END, SYSTEM, USER
 from llm.data.hub import hub_call
 from llm.errors import ConfigError, DataError
@@ -52,11 +52,13 @@ def train_bpe(
         f"bpe-v2|{corpus.fingerprint()}|{vocab_size}|{min_frequency}|{max_train_bytes}".encode()
     ).hexdigest()[:16]
     path = _cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
-    with file_lock(path.with_name(path.name + ".lock")):  # one process trains; the others wait and load it
+    with entry_lock(path.with_name(path.name + ".lock")) as writable:  # one process trains; the others wait
         cached = _load_cached(path)
         if cached is not None:
             logger.info(f"tokenizer: cached byte-level BPE ({vocab_size}) from {path}")
             return cached
+        if not writable:  # a read-only shared cache that lacks this tokenizer
+            raise missing_entry("tokenizer", path)
         fast = _train(corpus, vocab_size, min_frequency, max_train_bytes)
         with atomic_dir(path, suffix=f".tmp{os.getpid()}") as tmp:  # replaces a damaged entry _load_cached gave up on
             fast.save_pretrained(str(tmp))  # whole or not at all: a kill leaves only a .tmp dir

@@ -18,6 +18,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from llm.dist.env import env_world_size, shutdown
 from llm.errors import ConfigError, LLMError
+from llm.failures import explain, quiet_loggers
 from llm.utils.logging import setup_logging
 
 
@@ -32,6 +33,11 @@ def _worker(fn, cfg: dict, run_dir: str, threads: int | None, kwargs: dict):
     setup_logging(run_dir, rank=int(os.environ.get("RANK", 0)))
     try:
         return fn(cfg, run_dir, **kwargs)
+    except Exception as e:  # the parent reports it once, as one line (llm.failures); the traceback: this rank's log
+        logger.opt(exception=e).debug("the error's traceback")
+        if cfg.get("debug") or explain(e) in (None, e):
+            raise
+        raise explain(e) from None
     finally:
         shutdown()
 
@@ -78,8 +84,11 @@ def launch(
         config.shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 300))
     threads = max(1, (os.cpu_count() or 1) // nproc) if not torch.cuda.is_available() else None
     logger.info(f"launching {nproc} worker processes (elastic launcher, one process group)")
+    quiet = not (cfg.get("debug") or os.environ.get("LLM_DEBUG"))
     try:
-        results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads, kwargs or {})
+        # the launcher's own lines (a failed worker's whole traceback) off: the caller reports it once, in one line
+        with quiet_loggers(("torch.distributed.elastic", "torch.multi"), quiet):
+            results = elastic_launch(config, _worker)(fn, cfg, run_dir, threads, kwargs or {})
     except SignalException as e:
         if on_signal is None:
             raise

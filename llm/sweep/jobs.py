@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, open_dict
 
-from llm.checkpoint.files import latest_checkpoint
+from llm.checkpoint.files import list_checkpoints
 from llm.errors import ConfigError
 from llm.rundir import owner
 from llm.sweep.pruning import default_storage
@@ -30,7 +30,7 @@ def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
             )
         logger.info(f"sweep job already finished ({results_file}): skipped")
         return results
-    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+    if not cfg.resume and list_checkpoints(run_dir):  # none usable: resume=auto refuses (the job is marked failed)
         logger.info("sweep job was interrupted: resume=auto")
         with open_dict(cfg):
             cfg.resume = "auto"

@@ -5,6 +5,7 @@ errors) and `validate` (every key checked before any work); what a task's entry 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm.dist.signals import StopSignals
 from llm.errors import ConfigError, LLMError, check_int, check_number, check_seed
+from llm.failures import explain, too_big_model
 from llm.model import gpt_config
 from llm.rundir.writable import check_writable_dir
 
@@ -51,6 +53,9 @@ def build(node: DictConfig, what: str, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        known = too_big_model(e.__cause__ or e, {**node, **kwargs}) if what == "model" else explain(e.__cause__ or e)
+        if known is not None:  # a library's or the machine's error (llm.failures): one line naming what
+            raise known from e
         if isinstance(e.__cause__, TypeError) or isinstance(e, OmegaConfBaseException):
             raise ConfigError(f"{what} ({node._target_}): {str(e.__cause__ or e).splitlines()[0]}") from e
         raise
@@ -124,17 +129,30 @@ def validate(cfg: DictConfig) -> dict:
     return built
 
 
+def check_cache_dir(key: str, value, hint: str = "") -> bool:
+    """A cache dir this run can use: True when it can be written; False (logged) when it exists but cannot be
+    written (a read-only shared cache: its complete entries are used as they are). ConfigError naming `key`
+    when it is a file, lies under a file, or does not exist and cannot be made."""
+    path = Path(os.path.expanduser(str(value))).absolute()
+    try:
+        check_writable_dir(key, value, hint=hint)
+        return True
+    except ConfigError:
+        if not path.is_dir():
+            raise
+    logger.info(f"{key}={value} cannot be written: its complete entries are used as they are (read-only)")
+    return False
+
+
 def check_cache_dirs(plain: dict) -> None:
-    """The cache dirs this run will write (the BPE's unless init_from brings a tokenizer, the token cache's) are
-    directories it can write: else one line naming the key (`cache_dir` when the group takes the top-level one)."""
+    """The cache dirs this run uses (the BPE's unless init_from brings a tokenizer, the token cache's) are
+    directories: else one line naming the key (`cache_dir` when the group takes the top-level one). One that exists
+    but cannot be written (a read-only shared cache) is read as it is; only an entry it lacks is an error."""
     used = {"task.data.cache_dir": (plain["task"].get("data") or {}).get("cache_dir")}
     if not plain.get("init_from"):
         used["tokenizer.cache_dir"] = (plain.get("tokenizer") or {}).get("cache_dir")
-    for key, value in used.items():
-        if value is not None:
-            check_writable_dir(
-                "cache_dir" if value == plain.get("cache_dir") else key, value, hint=" (or LLM_CACHE_DIR)"
-            )
+    for path, key in {v: k for k, v in reversed(used.items()) if v is not None}.items():  # each dir once
+        check_cache_dir("cache_dir" if path == plain.get("cache_dir") else key, path, hint=" (or LLM_CACHE_DIR)")
 
 
 def read_overrides(run_dir: Path) -> list[str]:

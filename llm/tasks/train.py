@@ -23,6 +23,7 @@ from llm.sweep.jobs import trial_settings
 from llm.sweep.pruning import TrialPruner
 from llm.tasks.config import JobInfo, build, read_overrides, validate
 from llm.tasks.source import EXTRA_KEYS, ModelSource, open_source
+from llm.train.steps import split_batch
 from llm.train.trainer import RunInfo, Trainer
 from llm.utils import git_commit, seed_everything
 
@@ -38,7 +39,8 @@ def run(cfg: DictConfig, job: JobInfo) -> dict:
             cfg.trial = trial_settings(cfg, job.hydra)
     nproc = check_int("trainer.nproc_per_node", cfg.trainer.get("nproc_per_node") or 1, 1)
     if nproc > 1:
-        parts = validate(cfg)  # here, once, before any worker starts
+        parts = validate(cfg)  # here, once, before any worker starts (the batch split over the ranks too)
+        split_batch(cfg.trainer.batch_size, cfg.trainer.get("micro_batch_size"), nproc)
         return launch(
             train,
             nproc,

@@ -18,6 +18,7 @@ import torch
 from loguru import logger
 
 from llm.dist.parallel import all_reduce_mean
+from llm.errors import DataError
 from llm.rundir import owner as rundir
 from llm.utils.files import write_atomic
 
@@ -77,12 +78,31 @@ def _plain(value):
     return value
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one metrics.jsonl line; None for a blank or torn line (a crash in the middle of a write)."""
-    try:
-        return json.loads(line).get("step", 0) if line.endswith("\n") else None
-    except ValueError:
-        return None
+def kept_records(path: Path, start_step: int) -> list[str]:
+    """The lines of a metrics.jsonl up to `start_step` (a resume keeps them; started over, none): a blank or torn
+    last line (a crash in the middle of a write) is dropped; any other line that is not a JSON object in UTF-8 is
+    DataError naming the file and line, before anything is changed (a resume never drops records it cannot read)."""
+    kept = []
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        if not start_step or not raw.strip() or not raw.endswith(b"\n"):
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            why = f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        except ValueError as e:
+            why = f"not valid JSON ({e})"
+        else:
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                if record.get("step", 0) <= start_step:
+                    kept.append(raw.decode("utf-8"))
+                continue
+            why = "not a JSON object with an integer step"
+        raise DataError(
+            f"{path}:{number}: {why}; each line of metrics.jsonl is one step's record: fix or delete that line, then "
+            f"resume again (nothing was changed), or start the run over with overwrite=true"
+        )
+    return kept
 
 
 class JsonlLogger:
@@ -95,18 +115,14 @@ class JsonlLogger:
         self.path = Path(run_dir) / filename
         self.start_step = start_step
         self.file = None
+        self.kept = kept_records(self.path, start_step) if self.path.exists() else []  # checked before any work
 
     def open(self) -> None:
         """Trim and open the file (the first `log` does it; a run that ends without logging calls it itself)."""
         if self.file is not None:
             return
         if self.path.exists():  # resumed: keep the records up to its checkpoint; started over: none of them
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if self.start_step and _step_of(line) is not None and _step_of(line) <= self.start_step
-            ]
-            write_atomic(self.path, "".join(kept), encoding="utf-8")
+            write_atomic(self.path, "".join(self.kept), encoding="utf-8")
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:

@@ -33,8 +33,7 @@ class LoopSettings:
         for key in ("batch_size", "seq_len", "max_consecutive_skips", "spike_window"):
             check_int(f"trainer.{key}", getattr(self, key), 1)
         check_int("trainer.max_steps", self.max_steps, 0)  # 0: evaluate only
-        if self.micro_batch_size != 0:  # None or 0: derived
-            check_int("trainer.micro_batch_size", self.micro_batch_size, 1, allow_none=True)
+        check_int("trainer.micro_batch_size", self.micro_batch_size, 1, allow_none=True)  # null: derived
         check_number("trainer.grad_clip", self.grad_clip, 0, low_open=True, allow_none=True)  # > 0: never ascent
         for key in ("nan_steps", "spike_steps"):
             if not isinstance(getattr(self, key), (list, tuple)):

@@ -21,6 +21,8 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     of None is each rank's whole share."""
     per_rank = batch_size // world_size
     micro = micro_batch_size or max(1, per_rank)
+    if batch_size % (micro * world_size) and micro_batch_size is None:
+        raise ConfigError(f"trainer.batch_size={batch_size} must be a multiple of the number of ranks, {world_size}")
     if batch_size % (micro * world_size):
         raise ConfigError(
             f"trainer.batch_size={batch_size} must be a multiple of trainer.micro_batch_size="

@@ -3,6 +3,7 @@ exact resume, sweeps, loggers and one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -238,6 +239,15 @@ ERRORS = [
     (["peft=lora", "peft.alpha=nan"], {}, "peft.alpha=nan must be a finite number > 0"),
     (["peft=lora", "peft.target_modules=[qkv,attn]"], {}, "peft.target_modules: unknown module name(s) ['attn']"),
     (["hydra.run.dir=/proc/llm_run"], {}, "hydra.run.dir=/proc/llm_run: cannot write to /proc/llm_run"),
+    (["hydra.run.dir={tmp}/" + "a" * 300], {}, "hydra.run.dir: the name 'aaaaaaaaaaaaaaaaaaaaaaaa...' has 300 bytes"),
+    (["trainer.micro_batch_size=0"], {}, "trainer.micro_batch_size=0 must be an integer >= 1 (or null)"),
+    (["model.pos_emb=learned", "model.max_seq_len=4000000000"], {}, "model.max_seq_len=4000000000 with learned"),
+    (["task=sft", "post_data=files", "post_data.train.paths=[]"], {}, "post_data.train.paths is empty"),
+    (
+        ["task=sft", "post_data=files", "post_data.train.paths={tmp}/rows.parquet"],
+        {"rows.parquet": "PAR1 not parquet\n"},
+        "{tmp}/rows.parquet: cannot be read (Could not open Parquet input source",
+    ),
 ]
 
 
@@ -248,10 +258,37 @@ def _ids(errors):
     return [f"{i}-{e[0][-1].split('/')[0][:40]}" for i, e in enumerate(errors)]
 
 
+def _damage(run_dir: Path, how: str) -> None:
+    if how.startswith("metrics"):
+        line = b"[1, 2]\n" if how == "metrics-list" else b'{"step": 7, "x": "\xff"}\n'
+        (run_dir / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes() + line)
+    for step_dir in (run_dir / "checkpoints").glob("step_*"):
+        if how == "checkpoints-corrupt":  # each fails its checksum
+            (step_dir / "model.safetensors").write_bytes(b"\0" * (step_dir / "model.safetensors").stat().st_size)
+        elif how == "not-safetensors":  # a consistent manifest, a file that is not safetensors
+            (step_dir / "model.safetensors").write_bytes(b"\xff" * 100)
+            manifest = json.loads((step_dir / "manifest.json").read_text())
+            manifest["model.safetensors"] = {"size": 100, "sha256": hashlib.sha256(b"\xff" * 100).hexdigest()}
+            (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _files(run_dir: Path) -> dict:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in ("train.log", ".lock")}
+
+
+DAMAGED = [  # (damage, run.py arguments besides SMALL, the one line's start after "error: ")
+    ("metrics-list", ["resume=auto"], "{run}/metrics.jsonl:6: not a JSON object with an integer step"),
+    ("metrics-bytes", ["resume=auto"], "{run}/metrics.jsonl:6: not UTF-8 text (byte 0xff"),
+    ("checkpoints-corrupt", ["resume=auto"], "resume=auto: no usable checkpoint in {run}/checkpoints"),
+    ("not-safetensors", ["task=sft", "init_from={run}"], "{run}/checkpoints/step_0000020/model.safetensors: not a"),
+]
+
+
 @pytest.fixture(scope="module")
-def bad_input_runs(cache_dir, tmp_path_factory) -> list[tuple[dict, Path]]:
-    """Every row of ERRORS through run.py, in one interpreter (run_cli_batch): (its result, its tmp dir)."""
-    arg_lists, dirs = [], []
+def bad_input_runs(cache_dir, tmp_path_factory, small_run) -> dict:
+    """Every row of ERRORS, then every DAMAGED copy of the small run, through run.py in one interpreter
+    (run_cli_batch): {"table": [(result, tmp dir)], "damaged": [(result, run dir, its files before)]}."""
+    arg_lists, dirs, damaged = [], [], []
     for overrides, files, _ in ERRORS:
         tmp = tmp_path_factory.mktemp("bad_input")
         for name, content in files.items():
@@ -262,14 +299,25 @@ def bad_input_runs(cache_dir, tmp_path_factory) -> list[tuple[dict, Path]]:
         run_dir = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [f"hydra.run.dir={tmp / 'run'}"]
         arg_lists.append([*base, *overrides, *run_dir])
         dirs.append(tmp)
-    return list(zip(run_cli_batch(arg_lists, cache_dir), dirs))
+    for how, args, _ in DAMAGED:
+        tmp = tmp_path_factory.mktemp("damaged")
+        shutil.copytree(small_run, tmp / "run")
+        _damage(tmp / "run", how)
+        out = tmp / ("new" if how == "not-safetensors" else "run")  # init_from writes a new run
+        arg_lists.append([*SMALL, *[a.replace("{run}", str(tmp / "run")) for a in args], f"hydra.run.dir={out}"])
+        damaged.append((tmp / "run", _files(tmp / "run")))
+    results = run_cli_batch(arg_lists, cache_dir)
+    return {
+        "table": list(zip(results, dirs)),
+        "damaged": [(r, run, before) for r, (run, before) in zip(results[len(ERRORS) :], damaged)],
+    }
 
 
 @pytest.mark.xdist_group("bad_input")  # one worker runs the batch
 @pytest.mark.parametrize("case", range(len(ERRORS)), ids=_ids(ERRORS))
 def test_bad_input_is_a_one_line_error(case, bad_input_runs):
     """The bad-input table: one line naming the culprit, exit code 2, no traceback."""
-    result, tmp = bad_input_runs[case]
+    result, tmp = bad_input_runs["table"][case]
     message = ERRORS[case][2].replace("{tmp}", str(tmp))
     assert result["returncode"] == 2, result["stderr"][-2000:]
     last = result["stderr"].strip().splitlines()[-1]
@@ -290,6 +338,19 @@ def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
     proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
     assert proc.returncode == 2 and "d_model: checkpoint 64 vs model 96" in proc.stderr
     assert {p: p.read_bytes() for p in watched} == before
+
+
+@pytest.mark.xdist_group("bad_input")
+@pytest.mark.parametrize("case", range(len(DAMAGED)), ids=[d[0] for d in DAMAGED])
+def test_damaged_runs_are_refused_in_one_line_untouched(case, bad_input_runs):
+    """A resume or init_from on a run whose files are damaged (a metrics line that is not a record, every
+    checkpoint corrupt, a weights file that is not safetensors): one line naming it, exit 2, no traceback, and not
+    a byte of the run changed (a resume never starts over on its own)."""
+    result, run, before = bad_input_runs["damaged"][case]
+    last = result["stderr"].strip().splitlines()[-1]
+    assert result["returncode"] == 2 and last.startswith("error: " + DAMAGED[case][2].replace("{run}", str(run))), last
+    assert "Traceback" not in result["stderr"]
+    assert _files(run) == before
 
 
 @pytest.mark.parametrize(

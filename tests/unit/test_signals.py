@@ -70,7 +70,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_last(tmp_pat
                 saver.save(4, model, opt, {"step": 4})
         path = tmp_path / "checkpoints" / "step_0000004"
         assert str(info.value) == (
-            f"checkpoint {path} could not be written (No space left on device); the newest "
+            f"checkpoint {path} could not be written (No space left on device: free some space there, or write "
+            f"somewhere else); the newest "
             f"complete checkpoint is {good if target == 'save_model' else path}"
         )
         assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step_0000002"
