@@ -355,7 +355,7 @@ def fault_run(fault: str, argv: list[str]) -> None:
     wrap("save_model", "model.safetensors", before=fault == "enospc")
     wrap("save_file", "optimizer.safetensors")
     wrap("_sha256", "trainer_state.json")  # the manifest's checksums: every file is written
-    wrap("_fsync_dir", "manifest", before=True)  # the manifest written, before the rename
+    wrap("fsync_dir", "manifest", before=True)  # the manifest written, before the rename
     wrap("write_last_pointer", "rename", before=True)
     wrap("write_last_pointer", "last")
     sys.argv = [str(ROOT / "run.py"), *argv]
