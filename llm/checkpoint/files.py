@@ -11,6 +11,7 @@ A checkpoint is written into `step_NNNNNNN.tmp/`, flushed, then renamed into pla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -290,20 +291,22 @@ ARCH_KEYS = (
     "query_pre_attn_scalar",
     "logit_softcap",
 )
-# keys added after older checkpoints were written, at the value those checkpoints were trained with
-DEFAULTS = {
-    "tie_embeddings": True,
-    "qkv_bias": False,
-    "qk_norm": False,
-    "sliding_window": None,
-    "sliding_layers": None,
-    "local_rope_theta": None,
-    "scale_embeddings": False,
-    "norm_unit_offset": False,
-    "post_norms": False,
-    "query_pre_attn_scalar": None,
-    "logit_softcap": None,
-}
+# keys added after older checkpoints were written, at the value those checkpoints were trained with: GPTConfig's
+# own defaults (every option added since is off by default)
+_ADDED = (
+    "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "sliding_window",
+    "sliding_layers",
+    "local_rope_theta",
+    "scale_embeddings",
+    "norm_unit_offset",
+    "post_norms",
+    "query_pre_attn_scalar",
+    "logit_softcap",
+)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in _ADDED}
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:

@@ -8,7 +8,7 @@ what sets them apart is which biases they carry, QK-norm, and how they declare s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from llm.errors import ConfigError
 from llm.hf.rope import legacy_rope, rope_from_hf, rope_to_hf
@@ -17,20 +17,25 @@ from llm.model import GPTConfig
 # Our model options with the value that means "off": a family that does not list an option in `frees` or set it
 # in `needs` requires it off. (pos_emb / norm / mlp / bias are fixed per family the same way.)
 OFF = {
-    "pos_emb": "rope",
-    "norm": "rmsnorm",
-    "mlp": "swiglu",
-    "bias": False,
-    "qkv_bias": False,
-    "qk_norm": False,
-    "sliding_window": None,
-    "sliding_layers": None,
-    "local_rope_theta": None,
-    "scale_embeddings": False,
-    "norm_unit_offset": False,
-    "post_norms": False,
-    "query_pre_attn_scalar": None,
-    "logit_softcap": None,
+    f.name: f.default
+    for f in fields(GPTConfig)
+    if f.name
+    in (
+        "pos_emb",
+        "norm",
+        "mlp",
+        "bias",
+        "qkv_bias",
+        "qk_norm",
+        "sliding_window",
+        "sliding_layers",
+        "local_rope_theta",
+        "scale_embeddings",
+        "norm_unit_offset",
+        "post_norms",
+        "query_pre_attn_scalar",
+        "logit_softcap",
+    )
 }
 
 
