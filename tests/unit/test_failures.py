@@ -229,6 +229,11 @@ def test_a_workers_error_is_one_line_for_the_parent(tmp_path):
     assert type(raised.value).__name__ == "ResourceError"
     assert "SafetensorError" in (tmp_path / "train.log").read_text()  # its traceback, in the rank's log
     elastic = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    with quiet_loggers(("torch.distributed.elastic",)):
-        assert elastic.disabled
-    assert not elastic.disabled
+    was = elastic.disabled  # another test in this process may have left it disabled (Hydra's logging config does)
+    elastic.disabled = False
+    try:
+        with quiet_loggers(("torch.distributed.elastic",)):
+            assert elastic.disabled
+        assert not elastic.disabled  # restored as it was before the block
+    finally:
+        elastic.disabled = was
