@@ -1,5 +1,5 @@
-"""Hugging Face model directories on disk: write one from our model and tokenizer (`save_hf`), read one into our
-model (`load_hf`, or its parts for `init_from`).
+"""Hugging Face model directories on disk: write one from our model and tokenizer (`save_hf`), read one's parts
+(`read_hf_config`, `load_hf_tokenizer`, `load_hf_weights`: llm.tasks.source.ModelSource puts them together).
 
 A written directory holds `config.json`, `model.safetensors` (HF names, the checkpoint's dtype or the one asked
 for), the tokenizer files with its special tokens and chat template, and `generation_config.json`; it loads with
@@ -21,7 +21,7 @@ from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
 from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
 from llm.utils.files import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,14 +153,3 @@ def load_hf_tokenizer(path: str | Path, vocab_size: int, key: str = "init_from")
             f"(config.json vocab_size) only {vocab_size}"
         )
     return tokenizer
-
-
-def load_hf(path: str | Path, rope_scaling: dict | None = None, key: str = "init_from") -> tuple[GPT, object]:
-    """(our model, tokenizer) from an HF model dir; `rope_scaling` replaces the config's own when given."""
-    kwargs = read_hf_config(path, key)
-    if rope_scaling is not None:
-        kwargs["rope_scaling"] = rope_scaling
-    tokenizer = load_hf_tokenizer(path, kwargs["vocab_size"], key)
-    model = GPT(GPTConfig(**kwargs))
-    load_hf_weights(path, model, key)
-    return model.eval(), tokenizer
