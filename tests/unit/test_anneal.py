@@ -15,7 +15,7 @@ from llm.model import build_gpt
 from llm.train import LanguageModeling, RunInfo, Trainer, trainer_settings
 from tests.conftest import compose_config
 
-TINY = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+TINY = dict(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
 
 
 class _Pattern(Data):

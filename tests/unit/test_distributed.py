@@ -162,7 +162,7 @@ def _failed_save(rank: int, blocked_dir: str) -> str | None:
     from llm.errors import TrainingError
     from llm.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
+    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, d_model=8, max_seq_len=8))
     saver = checkpointer.Checkpointer(blocked_dir, None, None, is_main=rank == 0)
     try:
         saver.save(1, model, None, {"step": 1})

@@ -36,7 +36,7 @@ from llm.train.settings import LoopSettings
 
 def _model_and_optimizer():
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     return model, OptimizerConfig(lr=1e-2).build(model, "cpu")
 
 
@@ -159,7 +159,7 @@ def test_checkpoints_that_are_not_ours_are_named(tmp_path):
         ConfigError, match="no model_config.json.*pytorch_model.bin is a PyTorch pickle, which is never"
     ):
         ckpt.read_json(pickled, "model_config.json")
-    other = build_gpt(vocab_size=100, n_layer=1, n_head=2, d_model=16, max_seq_len=16)  # what a wrong config builds
+    other = build_gpt(vocab_size=100, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)  # a wrong config
     with pytest.raises(ConfigError, match=r"model.safetensors: the weights do not fit .*\[64, 16\] in the file, \[128"):
         ckpt.load_model_weights(path, other)
     (path / "model.safetensors").write_bytes(b"\xff" * 64)
@@ -206,6 +206,7 @@ def test_names_too_long_and_a_model_too_big_are_named(tmp_path):
             "_target_": "llm.model.build_gpt",
             "n_layer": 1,
             "n_head": 2,
+            "n_kv_head": 2,
             "d_model": 64,
             "pos_emb": "learned",
             "max_seq_len": 4_000_000_000,

@@ -36,7 +36,7 @@ SCALINGS = {
         "truncate": True,
     },
 }
-GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "n_kv_head": 4}
 
 
 @pytest.fixture

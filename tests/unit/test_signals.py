@@ -55,7 +55,7 @@ def test_a_signal_before_the_first_step_stops_at_the_next_check(signum, exceptio
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_last(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     opt = OptimizerConfig(lr=1e-2).build(model, "cpu")
     saver = Checkpointer(tmp_path)
     good = saver.save(2, model, opt, {"step": 2})

@@ -13,7 +13,7 @@ from llm.train import LanguageModeling
 
 def test_z_loss_against_a_hand_computation():
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=40, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=40, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     ids = torch.randint(0, 40, (2, 9))
     labels = ids[:, 1:].clone()
     labels[0, :3] = -100  # ignored tokens take no part
