@@ -20,6 +20,7 @@ from llm.data.chat import reserved_chat_template, stop_token_id
 from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
+from llm.failures import about
 from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
 from llm.model import GPT
 from llm.utils.files import atomic_dir
@@ -121,7 +122,8 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
     """Fill `model` with the weights of an HF model dir (one safetensors file or an index of shards)."""
     path = Path(path)
     if (path / INDEX).is_file():
-        files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        with about(path / INDEX):
+            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
@@ -132,7 +134,7 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
         )
     tensors = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
+        with about(path / name), safe_open(str(path / name), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     dtype = next(model.parameters()).dtype
     from_hf(model, {k: v.to(dtype) for k, v in tensors.items()}, f"{key}={str(path)!r}")

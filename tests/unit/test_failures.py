@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
 import llm.checkpoint.files as ckpt
+from llm.checkpoint.adapters import check_base, load_adapted
 from llm.checkpoint.checkpointer import Checkpointer
 from llm.data import FileCorpus, LocalRows, PretrainData, train_bpe
 from llm.dist.launch import _worker
@@ -165,6 +166,17 @@ def test_checkpoints_that_are_not_ours_are_named(tmp_path):
     (path / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(DataError, match=f"^{path / 'model.safetensors'}: not a readable safetensors file"):
         ckpt.load_model_weights(path, model)
+
+
+def test_a_damaged_lora_record_is_named(tmp_path):
+    """A LoRA checkpoint's adapter.json that is not JSON, or not the record of the adapters: one line naming it
+    (export, generate and a later init_from read it; so does a resume's base check)."""
+    (tmp_path / "adapter.json").write_text('{"rank": 4, "base": ')  # torn
+    with pytest.raises(DataError, match=f"^{tmp_path / 'adapter.json'}: not valid JSON"):
+        load_adapted(tmp_path, load_base=None)
+    (tmp_path / "adapter.json").write_text('{"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all"}')
+    with pytest.raises(DataError, match=f"^{tmp_path / 'adapter.json'}: not the record of a LoRA run's .*no base"):
+        check_base(tmp_path, None, "resume")
 
 
 @pytest.mark.parametrize("line", [b"[1, 2]\n", b'{"step": 5, "x": "\xff"}\n', b"{oops\n", b'{"step": "5"}\n'])
