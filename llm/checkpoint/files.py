@@ -204,13 +204,18 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer(directory: str | Path) -> dict:
+    """A checkpoint's optimizer state dict (state under integer ids, param_groups as saved)."""
     directory = Path(directory)
     with about(directory / "optimizer.safetensors"):
         tensors = load_file(str(directory / "optimizer.safetensors"))
-    meta = read_json(directory, "optimizer.json")
-    with about(directory / "optimizer.json"):
-        optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+    return optimizer_from_flat(tensors, read_json(directory, "optimizer.json"))
+
+
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    state = read_optimizer(directory)
+    with about(Path(directory) / "optimizer.json"):
+        optimizer.load_state_dict(state)
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -29,6 +29,7 @@ class OptimizerConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (before it: the peak lr)
     decay_shape: str = "linear"  # wsd: linear | 1-sqrt
     fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device
+    init_state: str = "fresh"  # fresh | checkpoint: start from init_from's optimizer state (llm.train.branch)
 
     def __post_init__(self):
         check_number("optim.lr", self.lr, 0, low_open=True)
@@ -39,6 +40,7 @@ class OptimizerConfig:
         check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
         check_choice("optim.decay_shape", self.decay_shape, set(DECAY_SHAPES))
+        check_choice("optim.init_state", self.init_state, {"fresh", "checkpoint"})
         if self.fused is not None:
             check_bool("optim.fused", self.fused)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
