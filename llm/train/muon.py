@@ -140,10 +140,14 @@ class MuonWithAdamW:
 class MuonConfig(OptimizerConfig):
     """`optim.lr`, `optim.weight_decay`: Muon's, for the block matrices; `optim.adam_lr`, `optim.betas`,
     `optim.eps`: AdamW's, for the embedding, the LM head, norms and biases (no weight decay on them but an untied
-    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both."""
+    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both. The
+    defaults are conf/optim/muon.yaml's (tests/unit/test_config.py compares them)."""
 
-    lr: float = 3e-3
-    adam_lr: float = 3e-3
+    lr: float = 6e-3
+    schedule: str = "wsd"  # warmup-stable-decay
+    decay_fraction: float = 0.3
+    min_lr_ratio: float = 0.0
+    adam_lr: float = 6e-3
     adam_weight_decay: float = 0.0
     momentum: float = 0.95
     nesterov: bool = True

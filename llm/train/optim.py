@@ -2,7 +2,8 @@
 
 No weight decay on norms, biases and embeddings (every parameter with fewer than 2 dims, plus embeddings).
 Every group has its own peak lr (its `lr` as built); the schedule's factor of the step multiplies them all, so
-a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class.
+a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class. The defaults are
+conf/optim/adamw.yaml's (tests/unit/test_config.py compares them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (before it: the peak lr)

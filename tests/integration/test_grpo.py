@@ -24,7 +24,7 @@ def _fit(tokenizer, run_dir, steps=6, save_every=0, resume=None):
         VerifiableTasks(tasks=["count"], num_examples=64),
         VerifiableTasks(split="heldout", tasks=["count"], num_examples=8),
     )
-    model = build_gpt(vocab_size=len(tokenizer) + 4, n_layer=1, n_head=2, d_model=32, max_seq_len=64)
+    model = build_gpt(vocab_size=len(tokenizer) + 4, n_layer=1, n_head=2, n_kv_head=2, d_model=32, max_seq_len=64)
     objective = GRPO(rewards=REWARD, group_size=8, max_new_tokens=4, seed=3)
     settings = trainer_settings(
         max_steps=steps, batch_size=4, seq_len=64, eval_every=steps, log_every=1, save_every=save_every, progress=False

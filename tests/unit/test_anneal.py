@@ -20,7 +20,7 @@ from llm.train import LanguageModeling, MuonConfig, OptimizerConfig, RunInfo, Tr
 from llm.train.branch import continue_optimizer
 from tests.conftest import compose_config
 
-TINY = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+TINY = dict(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
 
 
 class _Pattern(Data):
@@ -80,7 +80,7 @@ def test_a_branch_can_continue_the_checkpoints_optimizer_state(tmp_path):
     own hyper-parameters kept), and its step count goes on from there; fresh starts at 0; another optim or a dir
     without optimizer state is refused in one line."""
     data = _Pattern(tmp_path / "t.bin")
-    _fit(tmp_path / "stable", data, OptimizerConfig(lr=0.01, schedule="constant"), 4)
+    _fit(tmp_path / "stable", data, OptimizerConfig(lr=0.01, warmup_steps=0, schedule="constant"), 4)
     checkpoint = latest_checkpoint(tmp_path / "stable")
     saved = read_optimizer(checkpoint)
     model = build_gpt(**TINY)
@@ -93,7 +93,7 @@ def test_a_branch_can_continue_the_checkpoints_optimizer_state(tmp_path):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # this run's, not the checkpoint's 0.1
     for init_state, step in (("checkpoint", 4 + 2), ("fresh", 2)):
         branch = tmp_path / init_state
-        _fit(branch, data, OptimizerConfig(lr=0.01, init_state=init_state), 2, init_from=checkpoint)
+        _fit(branch, data, OptimizerConfig(lr=0.01, warmup_steps=0, init_state=init_state), 2, init_from=checkpoint)
         assert read_optimizer(latest_checkpoint(branch))["state"][0]["step"] == step
     with pytest.raises(ConfigError, match=r"has parameter groups \[\('decay', \d+\), \('no_decay', \d+\)\], this"):
         continue_optimizer(str(checkpoint), model, MuonConfig().build(model, "cpu"))

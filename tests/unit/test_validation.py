@@ -92,7 +92,12 @@ def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
         max_steps=2, batch_size=4, seq_len=8, eval_batches=1, log_every=5, progress=False, nan_steps=[1, 2]
     )
     trainer = Trainer(
-        _tiny_model(), _Data(), LanguageModeling(), OptimizerConfig(lr=1e-2), settings, RunInfo(str(tmp_path))
+        _tiny_model(),
+        _Data(),
+        LanguageModeling(),
+        OptimizerConfig(lr=1e-2, warmup_steps=0),
+        settings,
+        RunInfo(str(tmp_path)),
     )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(TrainingError, match="all 2 steps had a non-finite loss or gradient norm"):

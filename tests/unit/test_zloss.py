@@ -33,7 +33,7 @@ def _unfused(model, batch, z_loss):
 
 
 def test_z_loss_against_a_hand_computation():
-    model = build_gpt(vocab_size=40, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=40, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     batch = _batch()
     loss, metrics = LanguageModeling(z_loss=0.1).loss(model, batch)
     labels = batch["labels"]
@@ -55,7 +55,9 @@ def test_z_loss_against_a_hand_computation():
 def test_z_loss_equals_autograd_on_the_full_logits(softcap):
     torch.manual_seed(0)
     kw = {"logit_softcap": softcap} if softcap else {}
-    model = build_gpt(vocab_size=40, n_layer=1, n_head=2, d_model=16, max_seq_len=16, tie_embeddings=False, **kw)
+    model = build_gpt(
+        vocab_size=40, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16, tie_embeddings=False, **kw
+    )
     batch = _batch()
     loss, metrics = LanguageModeling(loss_chunk_size=5, z_loss=0.3).loss(model, batch)  # 16 tokens: 4 chunks
     got = torch.autograd.grad(loss, list(model.parameters()))
