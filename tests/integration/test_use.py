@@ -143,6 +143,7 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     resolved = cfg(llama)
     open_source(resolved, set())
     assert resolved.model.n_kv_head == 2 and resolved.model.rope_theta == 5e4 and resolved.init_from == str(llama)
+    assert resolved.model.qk_norm is False  # the preset's QK-norm gives way to a family without it
 
 
 def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
