@@ -28,9 +28,9 @@ def test_export_a_run(small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "export"
     run_cli(["task=export", f"init_from={small_run}", f"hydra.run.dir={run_dir}"], cache_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["task"] == "export" and results["architecture"] == "LlamaForCausalLM"
+    assert results["task"] == "export" and results["architecture"] == "Qwen3ForCausalLM"  # QK-norm
     assert results["out_dir"] == str(run_dir / "hf") and "model.safetensors" in results["files"]
-    assert (run_dir / ".hydra" / "config.yaml").is_file() and "exported LlamaForCausalLM" in (
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and "exported Qwen3ForCausalLM" in (
         run_dir / "train.log"
     ).read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
