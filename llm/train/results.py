@@ -16,25 +16,16 @@ from llm.train.state import TrainerState
 from llm.utils.files import write_atomic
 
 
-def log_plan(
-    run,
-    env: DistEnv,
-    trainable: dict,
-    max_steps: int,
-    settings: TrainerSettings,
-    accum_steps: int,
-    micro_batch_size: int,
-) -> None:
+def log_plan(run, env: DistEnv, trainable: dict, max_steps: int, settings: TrainerSettings, step: str) -> None:
     """The trainer's line before the first step: the task (`run.task`), device and ranks, the model (`trainable`:
-    its parameters, those trained and their share), the batch."""
+    its parameters, those trained and their share), what each step consumes (`step`: the objective's words)."""
     where = f"{run.task} on {env.device} ({env.world_size} rank(s)), model {params_line(trainable)}"
     if not max_steps:
         logger.info(f"trainer: {where}, evaluation only (no training step)")
         return
-    loop, hw = settings.loop, settings.hardware
+    hw = settings.hardware
     logger.info(
-        f"trainer: {where}, {max_steps} steps x {loop.batch_size} sequences x {loop.seq_len} "
-        f"tokens ({accum_steps} micro-batch(es) of {micro_batch_size} per rank), "
+        f"trainer: {where}, {max_steps} steps of {step}, "
         f"{'bf16 autocast' if hw.bf16(env.device.type) else 'fp32'}{', compiled' if hw.compile else ''}"
     )
 
