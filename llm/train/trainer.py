@@ -29,7 +29,7 @@ from llm.dist.signals import StopSignals
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
 from llm.peft import trainable_report
-from llm.train.branch import branch_origin
+from llm.train.branch import branch_origin, continue_optimizer
 from llm.train.evaluation import evaluate
 from llm.train.guard import StepGuard
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
@@ -122,6 +122,8 @@ class Trainer:
             self.state = TrainerState.from_dict(saved)
             self.sampler.load_state_dict(self.state.sampler)
             restore_rng(self.state.rng)
+        elif self.optimizer is not None and self.optim.init_state == "checkpoint":  # an anneal branch's moments
+            continue_optimizer(self.run.config.get("init_from"), self.raw_model, self.optimizer)
         if self.env.is_main:  # resumed: loggers drop what was logged after the checkpoint; overwrite: the old run
             self.loggers = open_loggers(
                 self.run_dir, self.logger_factories, self.run.config, self.state.step, replace=self.run.overwrite

@@ -28,7 +28,9 @@ def _model(tokenizer, stop_logit: float):
     completions end at different lengths: the final norm's bias becomes a unit vector orthogonal to every
     normalised hidden state (they have zero mean) and the stop token's head row gets stop_logit times it."""
     norm = {"norm": "layernorm", "bias": True} if stop_logit else {}
-    model = build_gpt(vocab_size=len(tokenizer) + 4, n_layer=1, n_head=2, d_model=32, max_seq_len=64, **norm)
+    model = build_gpt(
+        vocab_size=len(tokenizer) + 4, n_layer=1, n_head=2, n_kv_head=2, d_model=32, max_seq_len=64, **norm
+    )
     if stop_logit:
         with torch.no_grad():
             model.norm_f.bias.fill_(32**-0.5)

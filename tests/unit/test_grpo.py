@@ -160,7 +160,7 @@ def grpo_setup(tiny_tokenizer):
     rows = VerifiableTasks(tasks=["count"], num_examples=8)
     held = VerifiableTasks(split="heldout", tasks=["count"], num_examples=4)
     data = PromptData(tiny_tokenizer, rows, held).prepare()
-    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=2, d_model=32, max_seq_len=128)
+    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=2, n_kv_head=2, d_model=32, max_seq_len=128)
     return model, data
 
 
