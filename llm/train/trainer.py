@@ -134,9 +134,8 @@ class Trainer:
         self.window = MetricsWindow(self.device, self.state.log_window)
         flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
         self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
-        step = self.objective.describe_step(
-            self.loop.batch_size, self.loop.seq_len, self.micro_batch_size, self.accum_steps
-        )
+        loop, micro = self.loop, self.micro_batch_size
+        step = self.objective.describe_step(loop.batch_size, loop.seq_len, micro, self.accum_steps)
         log_plan(self.run, self.env, self.trainable, self.max_steps, self.settings, step)
 
     # ------------------------------------------------------------------ steps
@@ -154,7 +153,6 @@ class Trainer:
             for m in range(self.accum_steps):
                 batch = self._batch(indices[m * micro : (m + 1) * micro], self.data.train)
                 batches.append(self.objective.prepare(self.model, batch, self.state.step))
-            batches = self.objective.prepare_step(batches)  # what needs the whole step (grpo's dapo normaliser)
         prepared, tokens = time.perf_counter(), sum(batch_tokens(b) for b in batches)
         step = self.state.step + 1  # testing aids: trainer.nan_steps, trainer.spike_steps
         aid = float("nan") if step in self.loop.nan_steps else 100.0 if step in self.loop.spike_steps else None

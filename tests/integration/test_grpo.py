@@ -116,24 +116,36 @@ DDP_STEPS = 3
 DDP = {"steps": DDP_STEPS, "lr": 0.02, "stop_logit": 3.0}  # completions of 1-4 tokens: ranks' token counts differ
 
 
-def _ddp_worker(rank: int, port: int, tokenizer, root, out):
-    """One rank: the three loss types' runs in turn, in one process group; puts (rank, {loss_type: metrics})."""
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "LLM_DIST_TIMEOUT_MIN": "1",  # a failing rank must not leave the other waiting for 30 minutes
+    }
+
+
+def _ddp_runs(tokenizer, root) -> dict:
+    """This rank's runs, the three loss types in turn in one process group: {loss_type: metrics (rank 0)}."""
     from llm.dist.env import shutdown
 
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["LLM_DIST_TIMEOUT_MIN"] = "1"  # a failing rank must not leave the other waiting for 30 minutes
-    torch.set_num_threads(1)
     try:
-        runs = {}
-        for loss_type in LOSS_TYPES:
-            _, runs[loss_type] = _fit(tokenizer, root / loss_type, save_every=2, loss_type=loss_type, **DDP)
-        out.put((rank, runs))
-    except Exception as e:  # the test reports it rather than waiting for a result that never comes
-        out.put((rank, f"{type(e).__name__}: {e}"))
+        return {lt: _fit(tokenizer, root / lt, save_every=2, loss_type=lt, **DDP)[1] for lt in LOSS_TYPES}
     finally:
         shutdown()
+
+
+def _peer(port: int, tokenizer, root, out) -> None:
+    """Rank 1, in a spawned process (rank 0 is the test's own: one process to start instead of two)."""
+    os.environ.update(_rank_env(1, port))
+    torch.set_num_threads(1)
+    try:
+        _ddp_runs(tokenizer, root)
+        out.put("ok")
+    except Exception as e:  # the test reports it rather than waiting for a result that never comes
+        out.put(f"{type(e).__name__}: {e}")
 
 
 def _comparable(metrics: list[dict]) -> list[dict]:
@@ -147,7 +159,7 @@ def _comparable(metrics: list[dict]) -> list[dict]:
     ]  # tokens: the trainer counts rank 0's padded batch x ranks, and the ranks pad their completions differently
 
 
-def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path):
+def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -155,16 +167,24 @@ def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, port, tiny_tokenizer, tmp_path / "ddp", out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    ranks = dict(out.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-    assert all(isinstance(r, dict) for r in ranks.values()), ranks
+    peer = ctx.Process(target=_peer, args=(port, tiny_tokenizer, tmp_path / "ddp", out))
+    peer.start()
+    for key, value in _rank_env(0, port).items():
+        monkeypatch.setenv(key, value)
+    ddp, error = {}, None
+    try:
+        ddp = _ddp_runs(tiny_tokenizer, tmp_path / "ddp")
+    except Exception as e:  # reported with rank 1's word below
+        error = f"{type(e).__name__}: {e}"
+    peer.join(timeout=60)
+    if peer.is_alive():
+        peer.kill()
+    assert (error, out.get(timeout=5) if peer.exitcode == 0 else f"exit code {peer.exitcode}") == (None, "ok")
+    for key in _rank_env(0, port):
+        monkeypatch.delenv(key)  # the one-process runs
     for loss_type in LOSS_TYPES:
         _, single = _fit(tiny_tokenizer, tmp_path / "one" / loss_type, micro_batch_size=2, loss_type=loss_type, **DDP)
-        a, b = _comparable(single), _comparable(ranks[0][loss_type])  # metrics.jsonl as rank 0 wrote it
+        a, b = _comparable(single), _comparable(ddp[loss_type])
         assert [sorted(m) for m in a] == [sorted(m) for m in b]
         for x, y in zip(a, b):
             assert x == pytest.approx(y, rel=TOL, abs=TOL), (loss_type, x, y)
@@ -174,4 +194,4 @@ def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path):
     # the 2 ranks' checkpoint of step 2 resumed in one process: step 3 samples and trains as the 2 ranks did
     step_2 = str(tmp_path / "ddp" / "grpo" / "checkpoints" / "step_0000002")
     _, resumed = _fit(tiny_tokenizer, tmp_path / "resumed", resume=step_2, micro_batch_size=2, **DDP)
-    assert _comparable(resumed)[-1] == pytest.approx(_comparable(ranks[0]["grpo"])[-1], rel=TOL, abs=TOL)
+    assert _comparable(resumed)[-1] == pytest.approx(_comparable(ddp["grpo"])[-1], rel=TOL, abs=TOL)
