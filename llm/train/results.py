@@ -61,8 +61,13 @@ def write_results(run_dir: Path, results: dict, objective, sample: str | None) -
 
 
 def log_done(state: TrainerState, max_steps: int, run_dir: Path) -> None:
+    """The closing line: steps and time, the validation loss before -> after; a task without one (task=grpo) shows
+    its own evaluation's numbers (exact match, reward) before -> after instead."""
     done = f"{state.step} steps in {state.seconds:.1f}s" if max_steps else f"evaluation in {state.seconds:.1f}s"
-    logger.info(
-        f"done: {done}, val_loss {state.initial_val_loss} -> {state.last_val_loss}; "
-        f"results in {run_dir / 'results.json'}"
-    )
+    change = f"val_loss {state.initial_val_loss} -> {state.last_val_loss}"
+    if max_steps and state.initial_val_loss is None and state.last_val_loss is None:
+        before, after = state.initial_eval, state.last_eval
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        own = [f"{k} {before[k]:.4g} -> {v:.4g}" for k, v in after.items() if number(v) and number(before.get(k))]
+        change = ", ".join(own) or change
+    logger.info(f"done: {done}, {change}; results in {run_dir / 'results.json'}")

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from loguru import logger
 
 from llm.data import PromptData, VerifiableTasks
 from llm.errors import ConfigError
@@ -18,6 +19,8 @@ from llm.rewards import exact_match, format_check, load_rewards, numeric_match, 
 from llm.rewards.scoring import RewardError
 from llm.train.grpo import GRPO, token_logps
 from llm.train.grpo_loss import group_advantages, policy_loss
+from llm.train.results import log_done
+from llm.train.state import TrainerState
 
 ROWS = [{"answer": "3"}, {"answer": "12"}, {"answer": "7"}]
 
@@ -283,9 +286,20 @@ def test_reward_errors_are_one_line_naming_the_function_and_the_row(fn, message)
     assert "\n" not in str(e.value)
 
 
-def test_the_plan_line_says_what_a_step_is():
+def test_the_plan_line_says_what_a_step_is_and_the_closing_line_what_it_did(tmp_path):
     objective = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=8, max_new_tokens=32, inner_steps=2)
     assert objective.describe_step(batch_size=4, seq_len=128, micro_batch_size=1, accum_steps=2) == (
         "4 prompts x 8 completions = 32 samples of at most 32 new tokens (temperature 1) and 2 optimizer steps on "
         "them (2 micro-batch(es) of 1 prompts per rank, each prompt's group on one rank)"
     )
+    lines = []
+    handler = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:  # no validation loss: the closing line shows the evaluation's own numbers, before -> after
+        grpo = TrainerState(step=3, initial_eval={"exact_match": 0.1, "reward": 0.2})
+        grpo.last_eval = {"exact_match": 0.35, "reward": 0.5, "note": "text"}
+        log_done(grpo, 3, tmp_path)
+        log_done(TrainerState(step=3, initial_val_loss=4.5, last_val_loss=3.25), 3, tmp_path)
+    finally:
+        logger.remove(handler)
+    assert "3 steps in 0.0s, exact_match 0.1 -> 0.35, reward 0.2 -> 0.5; results in" in lines[0]
+    assert "val_loss 4.5 -> 3.25" in lines[1]
