@@ -134,9 +134,9 @@ class Trainer:
         self.window = MetricsWindow(self.device, self.state.log_window)
         flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
         self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
-        log_plan(
-            self.run, self.env, self.trainable, self.max_steps, self.settings, self.accum_steps, self.micro_batch_size
-        )
+        loop, micro = self.loop, self.micro_batch_size
+        step = self.objective.describe_step(loop.batch_size, loop.seq_len, micro, self.accum_steps)
+        log_plan(self.run, self.env, self.trainable, self.max_steps, self.settings, step)
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
