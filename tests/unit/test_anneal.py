@@ -56,17 +56,19 @@ def _fit(run_dir, data, optim, steps, init_from=None):
     return Trainer(model, data, LanguageModeling(), optim, settings, run).fit()
 
 
-def test_branch_ends_below_its_checkpoint(tmp_path):
+@pytest.mark.parametrize(("optim", "floor"), [("muon", 0.0), ("adamw", 0.1)])  # the default, and AdamW
+def test_branch_ends_below_its_checkpoint(tmp_path, optim, floor):
     data = _Pattern(tmp_path / "t.bin")
     stable = instantiate(
-        compose_config(["optim=adamw", "optim.schedule=constant", "optim.warmup_steps=2", "optim.lr=0.01"]).optim,
+        compose_config([f"optim={optim}", "optim.schedule=constant", "optim.warmup_steps=2", "optim.lr=0.01"]).optim,
         _convert_="all",
     )
     _fit(tmp_path / "stable", data, stable, 12)
     checkpoint = latest_checkpoint(tmp_path / "stable")
-    anneal = instantiate(compose_config(["optim=adamw", "experiment=anneal", "optim.lr=0.01"]).optim, _convert_="all")
+    branch = compose_config([f"optim={optim}", "experiment=anneal", "optim.lr=0.01"])
+    anneal = instantiate(branch.optim, _convert_="all")
     assert (anneal.schedule, anneal.decay_fraction) == ("wsd", 1.0)
-    assert anneal.lr_factor(4, 20) == 1.0 > anneal.lr_factor(5, 20) and anneal.lr_factor(19, 20) == 0.1
+    assert anneal.lr_factor(4, 20) == 1.0 > anneal.lr_factor(5, 20) and anneal.lr_factor(19, 20) == floor
     results = _fit(tmp_path / "branch", data, anneal, 12, init_from=checkpoint)
     origin = json.loads((checkpoint / "trainer_state.json").read_text())["last_val_loss"]
     assert results["initial_val_loss"] == origin  # the branch starts where its checkpoint ended
