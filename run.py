@@ -23,14 +23,14 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException as ConfError
 
 from llm import job
-from llm.dist.env import env_rank, prepare_launch, shutdown
+from llm.dist.env import env_rank, first_to_report, prepare_launch, shutdown
 from llm.dist.signals import INTERRUPTED_EXIT_CODE, Preempted
 from llm.errors import LLMError
 from llm.failures import explain, report
 from llm.rundir import resolvers  # importing it registers the resolvers conf/hydra/default.yaml uses
 from llm.rundir.writable import check_writable_dir
 from llm.sweep import jobs as sweep_jobs
-from llm.utils.logging import setup_logging
+from llm.utils.logging import log_file, setup_logging
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as e:  # the run dir's lock cannot be taken (another run, a read-only or too long path)
         if cfg.get("debug") or os.environ.get("LLM_DEBUG") or explain(e) is None:
             raise
-        print(f"error: {explain(e)}", file=sys.stderr)
+        say(f"error: {explain(e)}")
         if in_sweep:  # another process writes this job's dir: the sweep goes on without it
             return None
         sys.exit(2)
@@ -57,15 +57,23 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.get("debug") or os.environ.get("LLM_DEBUG"):
             raise
         logger.opt(exception=e).debug("the error's traceback")  # train.log only (the terminal shows INFO and up)
-        message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e, run_dir / "train.log")
+        log = log_file(run_dir, env_rank())
+        message = f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e, log)
         if in_sweep:  # one bad job never stops the sweep: it is marked failed in the summary
             logger.error(f"job failed: {message}")
             sweep_jobs.record_failure(run_dir, e)
             return None
         logger.remove()
-        print(message, file=sys.stderr)
+        say(message)
         sys.exit(2)
     return results.get(cfg.get("optimized_metric") or "val_loss")  # what a Hydra sweeper optimises
+
+
+def say(line: str) -> None:
+    """The line that ends a run, on stderr: under torchrun / srun, once per machine however many ranks end with it
+    (llm.dist.env.first_to_report)."""
+    if first_to_report(line):
+        print(line, file=sys.stderr)
 
 
 def check_output_dir(argv: list[str]) -> str:
@@ -81,7 +89,7 @@ def check_output_dir(argv: list[str]) -> str:
     try:
         check_writable_dir(key, target, create=False)  # nothing is created: Hydra makes the dir
     except LLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         sys.exit(2)
     return target
 
@@ -91,11 +99,11 @@ def outside_the_job(e: Exception, run_dir: str) -> int:
     as one line (Hydra's own message for its config errors); the exit code."""
     if isinstance(e, CompactHydraException):  # as Hydra prints them: its message, then the OmegaConf cause
         cause = f"\n{e.__cause__}" if isinstance(e.__cause__, ConfError) else ""
-        print(f"{e}{cause}", file=sys.stderr)
+        say(f"{e}{cause}")
         return 1
     if isinstance(e, OSError) and not e.filename:  # Hydra writing its .hydra/ files
         e.filename = run_dir
-    print(f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e), file=sys.stderr)
+    say(f"error: {e}".splitlines()[0] if isinstance(e, ConfError) else report(e))
     return 2 if explain(e) is not None else 1
 
 
@@ -109,10 +117,9 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before the run caught it, or a second one: stop at once
         if debug:
             raise
-        print(
+        say(
             "\nerror: interrupted (Ctrl-C): stopped at once without saving; resume=auto continues from the "
-            "newest checkpoint, if any",
-            file=sys.stderr,
+            "newest checkpoint, if any"
         )
         sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as e:

@@ -81,6 +81,19 @@ class Objective:
         the identity, except for an objective that samples from the model (without gradient) to build it."""
         return batch
 
+    def describe_step(self, batch_size: int, seq_len: int, micro_batch_size: int, accum_steps: int) -> str:
+        """What one training step consumes, in words, for the plan line the trainer logs before the first step."""
+        return (
+            f"{batch_size} sequences x {seq_len} tokens ({accum_steps} micro-batch(es) of {micro_batch_size} per rank)"
+        )
+
+    def prepare_step(self, batches: list[dict]) -> list[dict]:
+        """The step's prepared micro-batches (this rank's, in order) together, before any gradient: for what
+        depends on the whole step rather than one micro-batch (task=grpo's dapo normaliser, the step's completion
+        tokens over every micro-batch and rank). Called on every rank each step (it may hold a collective); the
+        default returns them as they are."""
+        return batches
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss to minimise, metrics as 0-d tensors on the device). Also run on validation batches."""
         raise NotImplementedError

@@ -14,16 +14,30 @@ import torch
 from loguru import logger
 from safetensors.torch import load_file
 
+from llm.checkpoint.files import read_json
 from llm.data.tokenizer import load_pretrained
-from llm.errors import ConfigError
+from llm.errors import ConfigError, DataError
 from llm.peft import LoRAConfig, adapter_state, apply_lora, base_sha256
 
 ADAPTER_FILE = "adapter.json"
 GROWN = ("tok_emb.weight", "lm_head.weight")  # base tensors a vocabulary growth changed (kept with the adapters)
+RECORD_KEYS = ("rank", "alpha", "dropout", "target_modules", "base")  # what adapter.json holds
 
 
 def is_adapter_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / ADAPTER_FILE).is_file()
+
+
+def read_adapter_record(directory: str | Path) -> dict:
+    """A LoRA checkpoint's adapter.json; DataError naming the file when it is not JSON or not such a record."""
+    info = read_json(directory, ADAPTER_FILE)
+    missing = [k for k in RECORD_KEYS if k not in info]
+    if missing or not isinstance(info["base"], dict):
+        raise DataError(
+            f"{Path(directory) / ADAPTER_FILE}: not the record of a LoRA run's adapters (no "
+            f"{missing[0] if missing else 'base object'}): the checkpoint is damaged; use another one"
+        )
+    return info
 
 
 def saved_tensors(model: torch.nn.Module, full: dict | None = None) -> dict[str, torch.Tensor]:
@@ -47,7 +61,7 @@ def check_base(path: Path, model: torch.nn.Module, key: str) -> None:
     """The checkpoint at `path` and the run resuming it have LoRA on the same base with the same settings."""
     if not is_adapter_checkpoint(path):
         raise ConfigError(f"{key}={str(path)!r} holds full weights, not LoRA adapters: resume it without peft=lora")
-    saved = json.loads((path / ADAPTER_FILE).read_text())
+    saved = read_adapter_record(path)
     now = model.peft_config
     if saved["base"].get("sha256") != now["base"].get("sha256"):
         raise ConfigError(
@@ -99,7 +113,7 @@ def load_adapted(directory: str | Path, load_base, rope_scaling: dict | None = N
     rope_scaling) -> (model, tokenizer)`, its vocabulary grown as in training, its digest checked, the adapters
     loaded. The tokenizer is the checkpoint's own."""
     directory = Path(directory)
-    info = json.loads((directory / ADAPTER_FILE).read_text())
+    info = read_adapter_record(directory)
     base = info["base"]
     if not base.get("init_from"):
         raise ConfigError(
@@ -107,7 +121,7 @@ def load_adapted(directory: str | Path, load_base, rope_scaling: dict | None = N
             f"is not saved anywhere; train LoRA from a saved model (init_from=...)"
         )
     model, _ = load_base(base["init_from"], rope_scaling)
-    saved_cfg = json.loads((directory / "model_config.json").read_text())
+    saved_cfg = read_json(directory, "model_config.json")
     if saved_cfg["vocab_size"] > model.config.vocab_size:
         model.resize_vocab(saved_cfg["vocab_size"])
     config = LoRAConfig(

@@ -23,10 +23,9 @@ import torch
 from loguru import logger
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError
 from llm.failures import about
-from llm.model import GPT, GPTConfig
+from llm.model import GPTConfig
 from llm.model.rope import parse_scaling
 from llm.utils.files import atomic_dir, fsync_dir, write_atomic
 
@@ -205,25 +204,18 @@ def load_model_weights(directory: str | Path, model: torch.nn.Module) -> None:
         )
 
 
-def load_checkpoint_model(directory: str | Path, rope_scaling: dict | None = None) -> tuple[GPT, object]:
-    """(the model in eval mode, its tokenizer) of a complete checkpoint dir, outside any run (export, generate);
-    `rope_scaling` replaces the one it was trained with when given."""
-    directory = Path(directory)
-    config = read_json(directory, "model_config.json")
-    if rope_scaling is not None:
-        config["rope_scaling"] = rope_scaling
-    model = GPT(GPTConfig(**config))
-    load_model_weights(directory, model)
-    return model.eval(), load_pretrained(str(directory / "tokenizer"))
-
-
-def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer(directory: str | Path) -> dict:
+    """A checkpoint's optimizer state dict (state under integer ids, param_groups as saved)."""
     directory = Path(directory)
     with about(directory / "optimizer.safetensors"):
         tensors = load_file(str(directory / "optimizer.safetensors"))
-    meta = read_json(directory, "optimizer.json")
-    with about(directory / "optimizer.json"):
-        optimizer.load_state_dict(optimizer_from_flat(tensors, meta))
+    return optimizer_from_flat(tensors, read_json(directory, "optimizer.json"))
+
+
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    state = read_optimizer(directory)
+    with about(Path(directory) / "optimizer.json"):
+        optimizer.load_state_dict(state)
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

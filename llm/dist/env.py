@@ -9,11 +9,14 @@ gloo for CPU objects), gloo on CPU; joined once per run. This room does not impo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -109,6 +112,26 @@ def env_rank(environ: dict | None = None) -> int:
 def env_world_size(environ: dict | None = None) -> int:
     environ = os.environ if environ is None else environ
     return int(environ.get("WORLD_SIZE") or cluster_env(environ).get("WORLD_SIZE") or 1)
+
+
+def first_to_report(line: str, environ: dict | None = None) -> bool:
+    """Whether this process prints `line`, the one line that ends its run. Under torchrun / srun every rank
+    usually fails alike (a bad key, a missing file): of the ranks on this machine, only the first to end with that
+    line prints it (a marker file in the temp dir, named by the launch and the line; the first, as the launcher
+    stops the others once one has failed); a rank ending with another line prints its own. Outside a distributed
+    launch: always."""
+    environ = os.environ if environ is None else environ
+    if env_world_size(environ) <= 1:
+        return True
+    launch = f"{os.getppid()}|{environ.get('LLM_RUN_STAMP', '')}|{environ.get('TORCHELASTIC_RUN_ID', '')}"
+    marker = Path(tempfile.gettempdir()) / f"llm-error-{hashlib.sha256(f'{launch}|{line}'.encode()).hexdigest()[:24]}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # no marker to be had: print it rather than stay silent
+        return True
+    return True
 
 
 def resolve_device(device: str) -> torch.device:

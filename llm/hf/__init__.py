@@ -1,11 +1,10 @@
-"""Hugging Face model directories: export our model (`save_hf`), import Llama / GPT-2 ones (`load_hf`, or a hub
-name through `fetch_hub_model`). Imports model and data only."""
+"""Hugging Face model directories: export our model (`save_hf`), read the parts of one (config, tokenizer,
+weights; a hub name through `fetch_hub_model`) for llm.tasks.source.ModelSource. Imports model and data only."""
 
 from llm.hf.adapters import save_peft_dir
 from llm.hf.files import (
     fetch_hub_model,
     is_hf_model_dir,
-    load_hf,
     load_hf_tokenizer,
     load_hf_weights,
     looks_like_hub_name,
@@ -16,7 +15,6 @@ from llm.hf.files import (
 __all__ = [
     "fetch_hub_model",
     "is_hf_model_dir",
-    "load_hf",
     "load_hf_tokenizer",
     "load_hf_weights",
     "looks_like_hub_name",

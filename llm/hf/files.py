@@ -1,5 +1,5 @@
-"""Hugging Face model directories on disk: write one from our model and tokenizer (`save_hf`), read one into our
-model (`load_hf`, or its parts for `init_from`).
+"""Hugging Face model directories on disk: write one from our model and tokenizer (`save_hf`), read one's parts
+(`read_hf_config`, `load_hf_tokenizer`, `load_hf_weights`: llm.tasks.source.ModelSource puts them together).
 
 A written directory holds `config.json`, `model.safetensors` (HF names, the checkpoint's dtype or the one asked
 for), the tokenizer files with its special tokens and chat template, and `generation_config.json`; it loads with
@@ -20,8 +20,9 @@ from llm.data.chat import reserved_chat_template, stop_token_id
 from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
+from llm.failures import about
 from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
-from llm.model import GPT, GPTConfig
+from llm.model import GPT
 from llm.utils.files import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,7 +122,8 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
     """Fill `model` with the weights of an HF model dir (one safetensors file or an index of shards)."""
     path = Path(path)
     if (path / INDEX).is_file():
-        files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        with about(path / INDEX):
+            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
@@ -132,7 +134,7 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
         )
     tensors = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
+        with about(path / name), safe_open(str(path / name), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     dtype = next(model.parameters()).dtype
     from_hf(model, {k: v.to(dtype) for k, v in tensors.items()}, f"{key}={str(path)!r}")
@@ -153,14 +155,3 @@ def load_hf_tokenizer(path: str | Path, vocab_size: int, key: str = "init_from")
             f"(config.json vocab_size) only {vocab_size}"
         )
     return tokenizer
-
-
-def load_hf(path: str | Path, rope_scaling: dict | None = None, key: str = "init_from") -> tuple[GPT, object]:
-    """(our model, tokenizer) from an HF model dir; `rope_scaling` replaces the config's own when given."""
-    kwargs = read_hf_config(path, key)
-    if rope_scaling is not None:
-        kwargs["rope_scaling"] = rope_scaling
-    tokenizer = load_hf_tokenizer(path, kwargs["vocab_size"], key)
-    model = GPT(GPTConfig(**kwargs))
-    load_hf_weights(path, model, key)
-    return model.eval(), tokenizer

@@ -18,7 +18,7 @@ are off by default, so a config without them builds the same model bit for bit:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from llm.model.rope import parse_scaling
@@ -29,7 +29,9 @@ class GPTConfig:
     vocab_size: int = 4096  # real tokenizer size; the embedding is padded up to `pad_vocab_to`
     n_layer: int = 4
     n_head: int = 6
-    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
+    # no default: every model says (the presets do); None = n_head (multi-head), fewer = grouped-query attention.
+    # A default of the tiny preset's 2 would turn any model built in code with another n_head into GQA.
+    n_kv_head: int | None = field(kw_only=True)
     d_model: int = 192
     ffn_hidden: int | None = None  # None: 4*D for GELU, 8/3*D rounded up to a multiple of 64 if gated
     max_seq_len: int = 128  # the training context; learned positions cannot go past it
@@ -129,4 +131,14 @@ def gpt_config(**kwargs) -> GPTConfig:
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ConfigError(f"unknown model key(s) {unknown}; known keys: {sorted(known)}")
+    for f in fields(GPTConfig):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs:
+            raise ConfigError(f"model.{f.name} is not set: {REQUIRED[f.name]}")
     return GPTConfig(**kwargs)
+
+
+# the keys every model states (no default), and what to set them to
+REQUIRED = {
+    "n_kv_head": "null for as many key/value heads as model.n_head (multi-head attention), fewer for grouped-query "
+    "attention (model.n_head must be divisible by it)"
+}

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from llm.errors import ConfigError
 from llm.model.attention import causal_mask, sliding_mask
 from llm.model.config import GPTConfig, gpt_config
-from llm.model.fused_loss import linear_cross_entropy
+from llm.model.fused_loss import linear_cross_entropy, logits_cross_entropy
 from llm.model.generation import KVCache, stream
 from llm.model.rope import RotaryEmbedding, apply_rotary
 
@@ -210,12 +210,14 @@ class GPT(nn.Module):
         labels=None,
         reduction: str = "sum",
         loss_chunk_size: int = 0,
+        z_loss: float = 0.0,
     ):
         """input_ids [B, T] -> logits [B, T, V_padded].
 
         With labels [B, T] (-100 = no loss) it returns the fp32 negative log-likelihood instead of logits, through
         the fused head + cross-entropy of `fused_loss.py` (full logits never exist): summed to a scalar
-        (reduction="sum") or per token [B, T] (reduction="none").
+        (reduction="sum") or per token [B, T] (reduction="none"). z_loss > 0 (reduction="sum"): the triple
+        (NLL + z_loss x Σ lse^2, NLL, Σ lse^2) over the labelled tokens, the last two detached (`fused_loss.py`).
         position_ids [B, T] (optional) restart positions for packed sequences; attn_mask (optional) is a bool
         [B, 1, T, T_keys] mask, True where attention is allowed; without it attention is causal.
         """
@@ -249,11 +251,10 @@ class GPT(nn.Module):
         x = self.norm_f(x)  # [B, T, D]
         cap = self.config.logit_softcap
         if labels is not None and cap is None:  # NLL: scalar, or [B, T]
-            return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size)
+            return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size, z_loss)
         logits = self.lm_head(x) if cap is None else cap * torch.tanh(self.lm_head(x) / cap)  # [B, T, V]
         if labels is not None:  # soft-capped logits: the plain loss over full logits
-            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-            return nll.sum() if reduction == "sum" else nll
+            return logits_cross_entropy(logits, labels, reduction, z_loss)
         return logits
 
     def _local_layers(self, position_ids, past, T, attn_mask, x, seq_len, rope):

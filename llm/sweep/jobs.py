@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from llm.checkpoint.files import list_checkpoints
 from llm.errors import ConfigError
+from llm.failures import about
 from llm.rundir import owner
 from llm.sweep.pruning import default_storage
 from llm.sweep.summary import ERROR_FILE
@@ -22,7 +23,8 @@ def continue_sweep_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> 
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
     results_file = run_dir / "results.json"
     if results_file.is_file():
-        results = json.loads(results_file.read_text())
+        with about(results_file):
+            results = json.loads(results_file.read_text())
         if results.get("overrides", list(overrides)) != list(overrides):
             raise ConfigError(
                 f"{run_dir} holds a finished run of other overrides ({' '.join(results['overrides'])});"

@@ -117,6 +117,8 @@ def validate(cfg: DictConfig) -> dict:
         "optim": build(cfg.optim, "optimizer"),
         "objective": build(cfg.task.objective, "objective"),
     }
+    if built["optim"].init_state == "checkpoint" and not cfg.get("init_from"):
+        raise ConfigError("optim.init_state=checkpoint takes init_from's optimizer state: set init_from=<checkpoint>")
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     built["peft"] = build(cfg.peft, "peft") if cfg.get("peft") else None  # LoRA's settings, checked
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}

@@ -16,11 +16,10 @@ from pathlib import Path
 from loguru import logger
 from omegaconf import DictConfig, open_dict
 
-from llm.checkpoint.adapters import is_adapter_checkpoint
+from llm.checkpoint.adapters import is_adapter_checkpoint, load_adapted
 from llm.checkpoint.files import ARCH_KEYS, load_model_weights, read_json, resolve_checkpoint
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
-from llm.export import load_source, load_weights
 from llm.hf import (
     fetch_hub_model,
     is_hf_model_dir,
@@ -30,6 +29,7 @@ from llm.hf import (
     read_hf_config,
 )
 from llm.model import GPT, GPTConfig
+from llm.peft import merge_lora
 
 CARRIED_KEYS = (*ARCH_KEYS, "max_seq_len", "rope_theta")  # model preset keys the source's values replace
 # keys a model preset may not carry (an imported model's family options, untied head, norm eps, ...): the source's
@@ -79,20 +79,26 @@ class ModelSource:
         if self.hf:
             load_hf_weights(self.path, model, self.key)
         elif self.lora:
-            load_weights(self.path, model)
+            model.load_state_dict(self.load()[0].state_dict())
         else:
             load_model_weights(self.path, model)
 
-    def load(self, rope_scaling: dict | None = None) -> tuple[GPT, object]:
+    def load(self, rope_scaling: dict | None = None, merge: bool = True) -> tuple[GPT, object]:
         """(the model in eval mode, its tokenizer), outside a run (export, lm_eval, generate); `rope_scaling`
-        replaces the source's own when given."""
-        if self.lora:  # the base from its own source, the adapters applied and merged
-            return load_source(self.path, rope_scaling, key=self.key)
+        replaces the source's own when given. A LoRA run's checkpoint: its base loaded from the base's own source,
+        the adapters applied and merged into the weights (`merge=False`: kept as adapters, for a PEFT export)."""
+        if self.lora:
+            model, tokenizer = load_adapted(self.path, self._load_base, rope_scaling)
+            return (merge_lora(model) if merge else model).eval(), tokenizer
         config = {**self.config, "rope_scaling": rope_scaling} if rope_scaling is not None else self.config
         tokenizer = self.tokenizer()
         model = GPT(GPTConfig(**config))
         self.load_weights(model)
         return model.eval(), tokenizer
+
+    def _load_base(self, init_from: str, rope_scaling: dict | None) -> tuple[GPT, object]:
+        """A LoRA checkpoint's base (the init_from its adapters were trained on), loaded as a source of its own."""
+        return ModelSource.resolve(init_from, key=f"{self.path}: base").load(rope_scaling)
 
     def __getstate__(self) -> dict:  # to worker processes: the tokenizer is loaded again there
         return {**self.__dict__, "_tokenizer": None}
@@ -131,9 +137,3 @@ def open_source(cfg: DictConfig, explicit: set[str]) -> ModelSource | None:
             cfg.extrapolation = saved.get("rope_scaling") or {"type": "none"}
         cfg.init_from = str(source.path)
     return source
-
-
-def resolve_init_from(cfg: DictConfig, explicit: set[str]) -> DictConfig:
-    """`open_source` for a caller that wants only the resolved config."""
-    open_source(cfg, explicit)
-    return cfg

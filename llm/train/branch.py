@@ -1,10 +1,17 @@
 """Where a run started from, for results.json: an anneal branch (`experiment=anneal`) or a fine-tune names the
-checkpoint its weights came from and that checkpoint's step, so one long run's branches can be told apart."""
+checkpoint its weights came from and that checkpoint's step, so one long run's branches can be told apart. And
+`optim.init_state=checkpoint`: a branch's optimizer continues the checkpoint's state."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+
+from llm.checkpoint.files import read_optimizer
+from llm.dist.parallel import is_fsdp
+from llm.errors import ConfigError
 
 
 def branch_origin(init_from: str | None) -> dict:
@@ -22,3 +29,46 @@ def branch_origin(init_from: str | None) -> dict:
         "init_from_step": state.get("step"),
         "init_from_val_loss": state.get("last_val_loss"),
     }
+
+
+def continue_optimizer(init_from: str | None, model, optimizer) -> None:
+    """optim.init_state=checkpoint: the optimizer starts from the state saved in init_from's checkpoint (AdamW's
+    moments and step count, Muon's momentum) instead of afresh, as OLMo-core's anneals continue theirs; the
+    hyper-parameters (lr, betas, weight decay, momentum, ...) stay this run's. ConfigError in one line when the
+    checkpoint holds no optimizer state, or its parameter groups (names, sizes, shapes) are not this optimizer's."""
+    if not init_from:
+        raise ConfigError("optim.init_state=checkpoint takes init_from's optimizer state: set init_from=<checkpoint>")
+    path = Path(init_from)
+    if not (path / "optimizer.safetensors").is_file():
+        raise ConfigError(
+            f"optim.init_state=checkpoint: init_from={path} holds no optimizer state (optimizer.safetensors): give "
+            f"a training checkpoint of ours, or use optim.init_state=fresh"
+        )
+    if is_fsdp(model):
+        raise ConfigError("optim.init_state=checkpoint is not built for trainer.strategy=fsdp: use ddp or single")
+    saved, params = read_optimizer(path), [p for g in optimizer.param_groups for p in g["params"]]
+    theirs, ours = _layout(saved["param_groups"]), _layout(optimizer.param_groups)
+    if theirs != ours or not _shapes_match(saved, params):
+        what = f"parameter groups {theirs}, this run's {ours}" if theirs != ours else "state shaped for another model"
+        raise ConfigError(
+            f"optim.init_state=checkpoint: the optimizer state in {path} has {what}: the branch needs the optim and "
+            f"model of the run that saved it, or optim.init_state=fresh"
+        )
+    own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, hyper in zip(optimizer.param_groups, own):  # the loaded groups carry the saved run's values
+        group.update(hyper)
+
+
+def _layout(groups: list[dict]) -> list[tuple]:
+    """(name, number of parameters) of each group."""
+    return [(g.get("name"), len(g["params"])) for g in groups]
+
+
+def _shapes_match(saved: dict, params: list) -> bool:
+    """Every saved state tensor but scalars (a step count) is shaped like its parameter (ids: the params' order)."""
+    return all(
+        i < len(params) and (not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[i].shape)
+        for i, state in saved["state"].items()
+        for v in state.values()
+    )

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
 from llm.data.chat import stop_token_id
-from llm.dist.parallel import is_fsdp
+from llm.dist.parallel import is_fsdp, reduce_sums
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval.sampling import sample_completions
 from llm.model import unwrap_model
@@ -34,6 +34,7 @@ from llm.rewards import load_rewards, score
 from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
 
 ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
+TOKEN_COUNT = "token_count"  # dapo: the step's completion tokens per micro-batch (over all micro-batches and ranks)
 STATS = "stats/"  # batch keys of per-completion statistics, turned into metrics by `loss`
 
 
@@ -114,6 +115,15 @@ class GRPO(Objective):
         if self.beta and not self.base_reference:  # the KL's reference: the starting weights, frozen (setup runs
             self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)  # before a resume restores)
 
+    def describe_step(self, batch_size: int, seq_len: int, micro_batch_size: int, accum_steps: int) -> str:
+        """A step samples group_size completions of each of batch_size prompts, then trains on them."""
+        updates = "1 optimizer step" if self.inner_steps == 1 else f"{self.inner_steps} optimizer steps"
+        return (
+            f"{batch_size} prompts x {self.group_size} completions = {batch_size * self.group_size} samples of at "
+            f"most {self.max_new_tokens} new tokens (temperature {self.temperature:g}) and {updates} on them "
+            f"({accum_steps} micro-batch(es) of {micro_batch_size} prompts per rank, each prompt's group on one rank)"
+        )
+
     # ------------------------------------------------------------------ sampling and scoring
     def _generator(self, device, step: int, indices: list[int]) -> torch.Generator:
         seed = zlib.crc32(f"{self.seed}|{step}|{indices}".encode())
@@ -175,6 +185,17 @@ class GRPO(Objective):
         new.update({STATS + k: v.to(device) for k, v in stats.items()})
         return new
 
+    def prepare_step(self, batches: list[dict]) -> list[dict]:
+        """dapo's token mean is over the whole step: each micro-batch's loss divides its token sum by the step's
+        completion tokens per micro-batch (summed over this rank's micro-batches and every rank, one collective),
+        so that the trainer's mean over micro-batches and the ranks' mean gradient give the step's token mean."""
+        if self.loss_type != "dapo":
+            return batches  # grpo, dr_grpo: normalisers that are the same in every micro-batch (policy_loss)
+        tokens = sum((b[LABELS] != IGNORE_INDEX).sum() for b in batches).float()
+        sums, count = reduce_sums({"tokens": tokens}, len(batches))  # over ranks
+        per_batch = sums["tokens"] / count
+        return [{**b, TOKEN_COUNT: per_batch} for b in batches]
+
     # ------------------------------------------------------------------ loss and evaluation
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = token_logps(model, batch[INPUT_IDS], batch[LABELS], self.temperature)
@@ -191,6 +212,7 @@ class GRPO(Objective):
             self.beta,
             batch.get(REF_LOGPS),
             self.max_new_tokens,
+            batch.get(TOKEN_COUNT),
         )
         return loss, {**metrics, **self.batch_metrics(batch)}
 

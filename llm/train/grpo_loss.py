@@ -41,6 +41,7 @@ def policy_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     max_tokens: int | None = None,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate (PPO's, per token) with group advantages, as a loss to minimise.
 
@@ -49,6 +50,12 @@ def policy_loss(
     grpo:    mean over completions of (sum of l over its tokens / its length)           (DeepSeekMath)
     dr_grpo: sum of l over all tokens / (N x max_tokens), a constant                    (Dr. GRPO, Liu et al. 2025)
     dapo:    sum of l over all tokens / number of tokens: the token-level mean          (DAPO, Yu et al. 2025)
+    This batch may be one micro-batch of the step's (gradient accumulation, ranks), whose losses the trainer
+    averages. grpo and dr_grpo divide by a count that is the same in every micro-batch (its completions), so
+    their mean over micro-batches is the whole batch's loss. dapo's token count differs between micro-batches:
+    `token_count` is then the step's completion tokens per micro-batch (all of them over all micro-batches and
+    ranks, divided by how many micro-batches), so that the mean over micro-batches is the step's token mean; None:
+    this batch's own count (the batch is the whole step).
     Metrics: clip_fraction (tokens whose clipped term was the one taken), kl (beta > 0), loss."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     m = mask.to(logps.dtype)
@@ -65,7 +72,8 @@ def policy_loss(
     elif loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (m.size(0) * (max_tokens or m.size(1)))
     elif loss_type == "dapo":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+        count = m.sum() if token_count is None else torch.as_tensor(token_count, dtype=m.dtype, device=m.device)
+        loss = (per_token * m).sum() / count.clamp(min=1)
     else:
         raise ValueError(f"loss_type={loss_type!r}; choose one of {LOSS_TYPES}")
     clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))

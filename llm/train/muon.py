@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.optim._muon import muon as muon_update  # torch's update of a list of matrices (what Muon.step calls)
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from llm.train.optim import OptimizerConfig
@@ -34,12 +35,57 @@ def muon_matrices(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
 
 
+class SkippingMuon(torch.optim.Muon):
+    """torch's Muon that skips a step on the device, as the fused AdamW does: with `found_inf` set (a 0-d tensor,
+    1.0 = skip), each matrix gets torch's own update (`torch.optim._muon.muon`) on a copy of itself and of its
+    momentum, and the copies are kept only where found_inf is 0 — no host sync, one matrix's copies at a time. A
+    step that is kept is bit for bit torch's (tested); a skipped one leaves weights and momentum as they were.
+    Without found_inf it is torch's step."""
+
+    found_inf: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.found_inf is None:
+            return super().step(closure)
+        if closure is not None:
+            raise ValueError("SkippingMuon: a closure does not go with found_inf")
+        keep = self.found_inf == 0
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            has_complex = self._init_group(group, params, grads, bufs)
+            for param, grad, buf in zip(params, grads, bufs):
+                new_param, new_buf = param.clone(), buf.clone()
+                muon_update(
+                    [new_param],
+                    [grad],
+                    [new_buf],
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    nesterov=group["nesterov"],
+                    ns_coefficients=group["ns_coefficients"],
+                    eps=group["eps"],
+                    ns_steps=group["ns_steps"],
+                    adjust_lr_fn=group["adjust_lr_fn"],
+                    has_complex=has_complex,
+                )
+                torch.where(keep, new_param, param, out=param)
+                torch.where(keep, new_buf, buf, out=buf)
+        return None
+
+
 class MuonWithAdamW:
-    """One optimizer over two: Muon's groups first, then AdamW's. Steps, zeroes, saves and loads both."""
+    """One optimizer over two: Muon's groups first, then AdamW's. Steps, zeroes, saves and loads both.
+
+    A SkippingMuon (MuonConfig builds one on an accelerator) with a fused AdamW skips a step on the device: the
+    loop sets `found_inf` (as on a fused AdamW) and both honour it, which `defaults["fused"]` tells the loop;
+    otherwise the loop reads its skip flag on the host and does not call `step`."""
 
     def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
-        self.defaults = {"fused": False}  # no on-device skip: the loop checks a non-finite norm on the host
+        self.defaults = {"fused": isinstance(muon, SkippingMuon) and bool(adamw.defaults.get("fused"))}
+        self.found_inf: torch.Tensor | None = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -50,6 +96,8 @@ class MuonWithAdamW:
         return {**self.muon.state, **self.adamw.state}
 
     def step(self) -> None:
+        if self.defaults["fused"]:
+            self.muon.found_inf = self.adamw.found_inf = self.found_inf
         self.muon.step()
         self.adamw.step()
 
@@ -92,10 +140,14 @@ class MuonWithAdamW:
 class MuonConfig(OptimizerConfig):
     """`optim.lr`, `optim.weight_decay`: Muon's, for the block matrices; `optim.adam_lr`, `optim.betas`,
     `optim.eps`: AdamW's, for the embedding, the LM head, norms and biases (no weight decay on them but an untied
-    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both."""
+    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both. The
+    defaults are conf/optim/muon.yaml's (tests/unit/test_config.py compares them)."""
 
-    lr: float = 3e-3
-    adam_lr: float = 3e-3
+    lr: float = 6e-3
+    schedule: str = "wsd"  # warmup-stable-decay
+    decay_fraction: float = 0.3
+    min_lr_ratio: float = 0.0
+    adam_lr: float = 6e-3
     adam_weight_decay: float = 0.0
     momentum: float = 0.95
     nesterov: bool = True
@@ -137,10 +189,12 @@ class MuonConfig(OptimizerConfig):
         return [g for g in groups if g["params"] or g["name"] != "adam"]
 
     def build(self, model: nn.Module, device_type: str) -> MuonWithAdamW:
+        """On an accelerator Muon is a SkippingMuon (a skipped step costs no host sync); on the CPU, where reading
+        the flag costs nothing and the copies would (~15% of Muon's step), torch's Muon."""
         groups = self.param_groups(model)
         if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
             raise ConfigError(MUON_FSDP)
-        muon = torch.optim.Muon(
+        muon = (torch.optim.Muon if device_type == "cpu" else SkippingMuon)(
             groups[:1],
             lr=self.lr,
             weight_decay=self.weight_decay,

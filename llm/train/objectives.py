@@ -42,10 +42,11 @@ class LanguageModeling(Objective):
     The model computes it with its fused LM head + cross-entropy (`llm/model/fused_loss.py`), loss_chunk_size
     tokens at a time (0 = auto), so the [tokens, vocab] logits never exist at once.
 
-    `z_loss` > 0 adds z_loss x the mean squared log-sum-exp of the logits (PaLM's auxiliary loss: keeps the
-    softmax normaliser near 1, the logits from drifting); logged as `z_loss`, `loss` stays the NLL. It is computed
-    on the full logits (the model's plain head, not the fused one: [tokens, vocab] fp32 logits exist per
-    micro-batch); validation is unchanged.
+    `z_loss` > 0 adds z_loss x the mean squared log-sum-exp of the logits over the labelled tokens (PaLM's auxiliary
+    loss: keeps the softmax normaliser near 1, the logits from drifting); logged as `z_loss`, `loss` stays the NLL.
+    The fused head computes it in the same chunked pass (its gradient folded into the one it forms), so it costs no
+    logits' memory; a head that is not fused (soft-capped logits) computes it on its full logits. Validation is
+    unchanged.
     """
 
     def __init__(self, loss_chunk_size: int = 0, z_loss: float = 0.0):
@@ -70,13 +71,14 @@ class LanguageModeling(Objective):
         return loss, {"loss": loss.detach()}
 
     def _loss_with_z(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Mean NLL + z_loss x mean of log-sum-exp^2 over the labelled tokens, from the full fp32 logits."""
-        logits = model(batch[INPUT_IDS], **{k: batch[k] for k in MODEL_INPUTS if k in batch}).float()  # [B, T, V]
-        valid = batch[LABELS] != IGNORE_INDEX
-        lse = logits.logsumexp(-1)[valid]  # [N]
-        nll = (lse - logits.gather(-1, batch[LABELS].clamp(min=0)[..., None]).squeeze(-1)[valid]).mean()
-        z = lse.square().mean()
-        return nll + self.z_loss * z, {"loss": nll.detach(), "z_loss": z.detach()}
+        """Mean NLL + z_loss x mean lse^2 of the labelled tokens, from the model's loss pass (fused if its head is)."""
+        kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        labels = batch[LABELS]
+        total, nll, z = model(
+            batch[INPUT_IDS], labels=labels, loss_chunk_size=self.loss_chunk_size, z_loss=self.z_loss, **kwargs
+        )
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total / count, {"loss": nll / count, "z_loss": z / count}
 
     def val_metrics(self, model, batch: dict) -> dict:
         """The loss, and with a bytes table the summed nats and bytes that `summarize` turns into `bpb`."""

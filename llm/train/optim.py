@@ -2,7 +2,8 @@
 
 No weight decay on norms, biases and embeddings (every parameter with fewer than 2 dims, plus embeddings).
 Every group has its own peak lr (its `lr` as built); the schedule's factor of the step multiplies them all, so
-a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class.
+a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class. The defaults are
+conf/optim/adamw.yaml's (tests/unit/test_config.py compares them).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant | wsd (after warmup)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (before it: the peak lr)
     decay_shape: str = "linear"  # wsd: linear | 1-sqrt
     fused: bool | None = None  # None: the fused kernel (CPU and CUDA); it also skips non-finite steps on the device
+    init_state: str = "fresh"  # fresh | checkpoint: start from init_from's optimizer state (llm.train.branch)
 
     def __post_init__(self):
         check_number("optim.lr", self.lr, 0, low_open=True)
@@ -38,6 +40,7 @@ class OptimizerConfig:
         check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
         check_choice("optim.decay_shape", self.decay_shape, set(DECAY_SHAPES))
+        check_choice("optim.init_state", self.init_state, {"fresh", "checkpoint"})
         if self.fused is not None:
             check_bool("optim.fused", self.fused)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:

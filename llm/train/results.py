@@ -16,25 +16,16 @@ from llm.train.state import TrainerState
 from llm.utils.files import write_atomic
 
 
-def log_plan(
-    run,
-    env: DistEnv,
-    trainable: dict,
-    max_steps: int,
-    settings: TrainerSettings,
-    accum_steps: int,
-    micro_batch_size: int,
-) -> None:
+def log_plan(run, env: DistEnv, trainable: dict, max_steps: int, settings: TrainerSettings, step: str) -> None:
     """The trainer's line before the first step: the task (`run.task`), device and ranks, the model (`trainable`:
-    its parameters, those trained and their share), the batch."""
+    its parameters, those trained and their share), what each step consumes (`step`: the objective's words)."""
     where = f"{run.task} on {env.device} ({env.world_size} rank(s)), model {params_line(trainable)}"
     if not max_steps:
         logger.info(f"trainer: {where}, evaluation only (no training step)")
         return
-    loop, hw = settings.loop, settings.hardware
+    hw = settings.hardware
     logger.info(
-        f"trainer: {where}, {max_steps} steps x {loop.batch_size} sequences x {loop.seq_len} "
-        f"tokens ({accum_steps} micro-batch(es) of {micro_batch_size} per rank), "
+        f"trainer: {where}, {max_steps} steps of {step}, "
         f"{'bf16 autocast' if hw.bf16(env.device.type) else 'fp32'}{', compiled' if hw.compile else ''}"
     )
 
@@ -70,8 +61,13 @@ def write_results(run_dir: Path, results: dict, objective, sample: str | None) -
 
 
 def log_done(state: TrainerState, max_steps: int, run_dir: Path) -> None:
+    """The closing line: steps and time, the validation loss before -> after; a task without one (task=grpo) shows
+    its own evaluation's numbers (exact match, reward) before -> after instead."""
     done = f"{state.step} steps in {state.seconds:.1f}s" if max_steps else f"evaluation in {state.seconds:.1f}s"
-    logger.info(
-        f"done: {done}, val_loss {state.initial_val_loss} -> {state.last_val_loss}; "
-        f"results in {run_dir / 'results.json'}"
-    )
+    change = f"val_loss {state.initial_val_loss} -> {state.last_val_loss}"
+    if max_steps and state.initial_val_loss is None and state.last_val_loss is None:
+        before, after = state.initial_eval, state.last_eval
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        own = [f"{k} {before[k]:.4g} -> {v:.4g}" for k, v in after.items() if number(v) and number(before.get(k))]
+        change = ", ".join(own) or change
+    logger.info(f"done: {done}, {change}; results in {run_dir / 'results.json'}")

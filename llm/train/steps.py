@@ -62,10 +62,12 @@ def train_on(
     aid: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The optimizer steps of one training step over its micro-batches (`objective.inner_steps` of them over the
-    same batches: 1 but for task=grpo's option), each on the gradients of their mean loss (reduced over the ranks
-    on the last micro-batch only). `guard` (a StepGuard) judges the first pass's loss for a spike. Returns the
-    metrics' means (device tensors), the last gradient norm, and 1.0 when any update was skipped. `aid`: multiply
-    the loss by it (testing aids: NaN for trainer.nan_steps, 100 for trainer.spike_steps)."""
+    same batches: 1 but for task=grpo's option; `objective.prepare_step` sees the batches together first), each on
+    the gradients of their mean loss (reduced over the ranks on the last micro-batch only). `guard` (a StepGuard)
+    judges the first pass's loss for a spike. Returns the metrics' means (device tensors), the last gradient norm,
+    and 1.0 when any update was skipped. `aid`: multiply the loss by it (testing aids: NaN for trainer.nan_steps,
+    100 for trainer.spike_steps)."""
+    batches = objective.prepare_step(batches)  # what needs the whole step first (grpo's dapo normaliser)
     sums: dict[str, torch.Tensor] = {}
     n, inner = len(batches), objective.inner_steps
     bad = torch.zeros((), device=next(raw_model.parameters()).device)
@@ -88,9 +90,10 @@ def train_on(
 
 def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
     """Clip, step and zero the gradients; returns (the gradient norm, 1.0 if the update was skipped: a non-finite
-    norm, or `skip` set, a loss spike). Without a host sync: a fused AdamW skips the whole update when found_inf
-    is set. A non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank
-    agrees."""
+    norm, or `skip` set, a loss spike). Without a host sync where the optimizer takes found_inf (`defaults["fused"]`:
+    the fused AdamW, and optim=muon on an accelerator with it: llm.train.muon.SkippingMuon); otherwise the flag is
+    read on the host.
+    A non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
     bad = (~torch.isfinite(grad_norm)).float()
     if skip is not None:

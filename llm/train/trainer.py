@@ -29,7 +29,7 @@ from llm.dist.signals import StopSignals
 from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
 from llm.peft import trainable_report
-from llm.train.branch import branch_origin
+from llm.train.branch import branch_origin, continue_optimizer
 from llm.train.evaluation import evaluate
 from llm.train.guard import StepGuard
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
@@ -122,6 +122,8 @@ class Trainer:
             self.state = TrainerState.from_dict(saved)
             self.sampler.load_state_dict(self.state.sampler)
             restore_rng(self.state.rng)
+        elif self.optimizer is not None and self.optim.init_state == "checkpoint":  # an anneal branch's moments
+            continue_optimizer(self.run.config.get("init_from"), self.raw_model, self.optimizer)
         if self.env.is_main:  # resumed: loggers drop what was logged after the checkpoint; overwrite: the old run
             self.loggers = open_loggers(
                 self.run_dir, self.logger_factories, self.run.config, self.state.step, replace=self.run.overwrite
@@ -132,9 +134,9 @@ class Trainer:
         self.window = MetricsWindow(self.device, self.state.log_window)
         flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
         self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
-        log_plan(
-            self.run, self.env, self.trainable, self.max_steps, self.settings, self.accum_steps, self.micro_batch_size
-        )
+        loop, micro = self.loop, self.micro_batch_size
+        step = self.objective.describe_step(loop.batch_size, loop.seq_len, micro, self.accum_steps)
+        log_plan(self.run, self.env, self.trainable, self.max_steps, self.settings, step)
 
     # ------------------------------------------------------------------ steps
     def _batch(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:

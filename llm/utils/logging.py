@@ -25,5 +25,9 @@ def setup_logging(run_dir: str | Path | None, rank: int = 0, level: str = "INFO"
         logger.add(_console_sink, level=level, format=CONSOLE_FORMAT, colorize=sys.stderr.isatty())
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        name = "train.log" if rank == 0 else f"train_rank{rank}.log"
-        logger.add(str(Path(run_dir) / name), level="DEBUG", format=FILE_FORMAT, enqueue=False)
+        logger.add(str(log_file(run_dir, rank)), level="DEBUG", format=FILE_FORMAT, enqueue=False)
+
+
+def log_file(run_dir: str | Path, rank: int = 0) -> Path:
+    """A rank's log in the run dir (everything at DEBUG and up, an error's traceback included)."""
+    return Path(run_dir) / ("train.log" if rank == 0 else f"train_rank{rank}.log")

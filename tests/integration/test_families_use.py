@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-from llm.checkpoint.files import latest_checkpoint, load_checkpoint_model
+from llm.checkpoint.files import latest_checkpoint
 from llm.hf import save_hf
+from llm.tasks.source import ModelSource
 from tests.conftest import SMALL, run_cli_batch
 from tests.unit.test_families import CLASSES, GEMMA_TEMPLATE, KINDS, hf_model_dir
 
@@ -61,13 +62,11 @@ def test_sft_and_export_every_family(small_run, cache_dir, tmp_path):
         if kind == "gemma3_text":
             written = json.loads((gemma_export / "results.json").read_text())
         else:  # what task=export does
-            written = save_hf(
-                *load_checkpoint_model(latest_checkpoint(tmp_path / f"sft_{kind}")), tmp_path / kind / "out"
-            )
+            written = save_hf(*ModelSource.resolve(tmp_path / f"sft_{kind}").load(), tmp_path / kind / "out")
         assert sft["steps"] == 3 and written["architecture"] == CLASSES[kind], kind
         exported = transformers.AutoModelForCausalLM.from_pretrained(written["out_dir"], attn_implementation="eager")
         assert type(exported).__name__ == CLASSES[kind]
-        model, tokenizer = load_checkpoint_model(latest_checkpoint(tmp_path / f"sft_{kind}"))
+        model, tokenizer = ModelSource.resolve(tmp_path / f"sft_{kind}").load()
         assert model.config.family == kind
         x = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(i))
         with torch.no_grad():

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from llm.checkpoint.files import latest_checkpoint
 from llm.errors import ConfigError
-from llm.export import export_model, load_source, load_weights
 from llm.model import GPT, GPTConfig
-from llm.tasks.source import resolve_init_from
+from llm.tasks.export import export_model
+from llm.tasks.source import ModelSource, open_source
 from llm.tasks.train import train
 from tests.conftest import SMALL, compose_config, read_metrics
 
@@ -35,8 +35,9 @@ POST = [
 
 def _run(small_run, run_dir, *extra):
     overrides = [*SMALL, *STEPS, *POST, "logger=none", "peft=lora", "peft.rank=4", f"init_from={small_run}", *extra]
-    cfg = resolve_init_from(compose_config(overrides), {o.split("=")[0] for o in overrides})
-    return train(cfg, run_dir)
+    cfg = compose_config(overrides)
+    source = open_source(cfg, {o.split("=")[0] for o in overrides})
+    return train(cfg, run_dir, source=source)
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +85,18 @@ def test_resume_after_a_kill_is_bit_identical(lora_run, small_run, tmp_path):
 def test_export_merged_and_as_peft_dir(lora_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     run_dir, _ = lora_run
-    adapted, tokenizer = load_source(run_dir, merge=False)
-    written = export_model(run_dir, None, tmp_path / "merged", None)
+    source = ModelSource.resolve(run_dir)
+    adapted, tokenizer = source.load(merge=False)
+    written = export_model(source, None, tmp_path / "merged", None)
     assert written["merged_lora"] and written["architecture"] == "LlamaForCausalLM"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([tokenizer("sort: pear apple fig")["input_ids"]])
     later = GPT(GPTConfig(**json.loads((latest_checkpoint(run_dir) / "model_config.json").read_text())))
-    load_weights(latest_checkpoint(run_dir), later)  # init_from=<this LoRA run> (e.g. DPO after it): merged
+    source.load_weights(later)  # init_from=<this LoRA run> (e.g. DPO after it): merged
     with torch.no_grad():
         assert (hf(ids).logits - adapted(ids)[..., : len(tokenizer)]).abs().max() < 1e-5
         assert (later.eval()(ids) - adapted(ids)).abs().max() < 1e-5
-    written = export_model(run_dir, None, tmp_path / "adapter", None, False)
+    written = export_model(source, None, tmp_path / "adapter", None, False)
     assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= set(written["files"])
     assert written["base_model"] == str(tmp_path / "adapter" / "base")
     assert (tmp_path / "adapter" / "base" / "model.safetensors").is_file()  # the base, for PeftModel

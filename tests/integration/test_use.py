@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.checkpoint.files import latest_checkpoint, load_checkpoint_model
+from llm.checkpoint.files import latest_checkpoint
 from llm.data import VerifiableTasks
 from llm.data.hub import offline_reason
 from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
-from llm.tasks.source import resolve_init_from
+from llm.tasks.source import ModelSource, open_source
 from tests.conftest import SMALL, compose_config, run_cli, run_cli_batch
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def test_export_a_run(small_run, cache_dir, tmp_path):
     ).read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
-    model, ours_tok = load_checkpoint_model(latest_checkpoint(small_run))
+    model, ours_tok = ModelSource.resolve(small_run).load()
     text = "def main():\n    return 0\n"
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     assert ids[0].tolist() == ours_tok(text)["input_ids"]
@@ -96,7 +96,7 @@ def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
     saved = json.loads((latest_checkpoint(tmp_path / "sft") / "model_config.json").read_text())
     assert (saved["tie_embeddings"], saved["n_kv_head"], saved["rope_theta"], saved["d_model"]) == (False, 2, 5e4, 64)
     assert "init_from:" in (tmp_path / "sft" / "train.log").read_text()
-    save_hf(*load_checkpoint_model(latest_checkpoint(tmp_path / "sft")), tmp_path / "sft_hf")  # as task=export does
+    save_hf(*ModelSource.resolve(tmp_path / "sft").load(), tmp_path / "sft_hf")  # as task=export does
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft_hf")
     assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.num_key_value_heads == 2
     assert not exported.config.tie_word_embeddings
@@ -117,7 +117,7 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     cfg = lambda path: compose_config(["task=sft", f"init_from={path}"])
     (tmp_path / "notes").mkdir()
     with pytest.raises(ConfigError, match=f"init_from='{tmp_path / 'notes'}': no complete checkpoint"):
-        resolve_init_from(cfg(tmp_path / "notes"), set())
+        open_source(cfg(tmp_path / "notes"), set())
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # owner/name: the hub (offline here)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline_reason.cache_clear()  # asked again, with the variable set
@@ -126,21 +126,22 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
         match="init_from=nobody/no-such-model: not in the local Hugging Face cache and "
         r"the hub is offline \(HF_HUB_OFFLINE=1\)",
     ):
-        resolve_init_from(cfg("nobody/no-such-model"), set())
+        open_source(cfg("nobody/no-such-model"), set())
     offline_reason.cache_clear()
     llama = hf_model_dir(small_run, tmp_path / "llama", "llama")
     config = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     with pytest.raises(ConfigError, match=r"init_from='.*llama': config.json: model_type='bert' is not supported"):
-        resolve_init_from(cfg(llama), set())
+        open_source(cfg(llama), set())
     (llama / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     with pytest.raises(ConfigError, match="mlp_bias=False is not supported"):
-        resolve_init_from(cfg(llama), set())
+        open_source(cfg(llama), set())
     (llama / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
     with pytest.raises(DataError, match="tokens but the model's vocabulary \\(config.json vocab_size\\) only 300"):
-        resolve_init_from(cfg(llama), set())
+        open_source(cfg(llama), set())
     (llama / "config.json").write_text(json.dumps(config))
-    resolved = resolve_init_from(cfg(llama), set())
+    resolved = cfg(llama)
+    open_source(resolved, set())
     assert resolved.model.n_kv_head == 2 and resolved.model.rope_theta == 5e4 and resolved.init_from == str(llama)
 
 
@@ -180,7 +181,7 @@ def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
         json.loads(line)
         for line in (run_dir / "lm_eval" / "samples" / "llm_builtin_gen.jsonl").read_text().splitlines()
     ]
-    model, tokenizer = load_checkpoint_model(latest_checkpoint(small_run))
+    model, tokenizer = ModelSource.resolve(small_run).load()
     rows = VerifiableTasks(split="heldout", num_examples=4).rows()
     replies = generate_replies(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for _, r in rows], 8)
     assert [s["resps"][0][0] for s in samples] == replies

@@ -1,21 +1,26 @@
 """An anneal branch (experiment=anneal): from a checkpoint of a constant-lr run, the branch decays the lr over its
-own steps and ends below the validation loss of the checkpoint it started from; results.json names it."""
+own steps and ends below the validation loss of the checkpoint it started from; results.json names it. With
+optim.init_state=checkpoint it continues the checkpoint's optimizer state."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
+import torch
 from hydra.utils import instantiate
 
-from llm.checkpoint.files import latest_checkpoint, load_model_weights
+from llm.checkpoint.files import latest_checkpoint, load_model_weights, read_optimizer
 from llm.contract import Data
 from llm.data.pretrain import PackedTokens
+from llm.errors import ConfigError
 from llm.model import build_gpt
-from llm.train import LanguageModeling, RunInfo, Trainer, trainer_settings
+from llm.train import LanguageModeling, MuonConfig, OptimizerConfig, RunInfo, Trainer, trainer_settings
+from llm.train.branch import continue_optimizer
 from tests.conftest import compose_config
 
-TINY = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+TINY = dict(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
 
 
 class _Pattern(Data):
@@ -67,3 +72,29 @@ def test_branch_ends_below_its_checkpoint(tmp_path):
     assert results["val_loss"] < origin
     assert (results["init_from"], results["init_from_step"]) == (str(checkpoint), 12)
     assert results["init_from_val_loss"] == origin
+
+
+def test_a_branch_can_continue_the_checkpoints_optimizer_state(tmp_path):
+    """optim.init_state=checkpoint: the branch's optimizer starts with the checkpoint's moments and step count (its
+    own hyper-parameters kept), and its step count goes on from there; fresh starts at 0; another optim or a dir
+    without optimizer state is refused in one line."""
+    data = _Pattern(tmp_path / "t.bin")
+    _fit(tmp_path / "stable", data, OptimizerConfig(lr=0.01, warmup_steps=0, schedule="constant"), 4)
+    checkpoint = latest_checkpoint(tmp_path / "stable")
+    saved = read_optimizer(checkpoint)
+    model = build_gpt(**TINY)
+    optim = OptimizerConfig(lr=0.01, weight_decay=0.05, init_state="checkpoint")
+    opt = optim.build(model, "cpu")
+    continue_optimizer(str(checkpoint), model, opt)
+    state = opt.state_dict()["state"]
+    assert sorted(state) == sorted(saved["state"]) and saved["state"][0]["step"] == 4
+    assert all(torch.equal(state[i][k], v) for i in saved["state"] for k, v in saved["state"][i].items())
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # this run's, not the checkpoint's 0.1
+    for init_state, step in (("checkpoint", 4 + 2), ("fresh", 2)):
+        branch = tmp_path / init_state
+        _fit(branch, data, OptimizerConfig(lr=0.01, warmup_steps=0, init_state=init_state), 2, init_from=checkpoint)
+        assert read_optimizer(latest_checkpoint(branch))["state"][0]["step"] == step
+    with pytest.raises(ConfigError, match=r"has parameter groups \[\('decay', \d+\), \('no_decay', \d+\)\], this"):
+        continue_optimizer(str(checkpoint), model, MuonConfig().build(model, "cpu"))
+    with pytest.raises(ConfigError, match="holds no optimizer state"):
+        continue_optimizer(str(tmp_path), model, opt)

@@ -66,7 +66,7 @@ def _hand_bpb(model, tokenizer, ids) -> tuple[float, float]:
 def test_val_bpb_is_summed_nats_over_utf8_bytes_in_bits(tokenizer, tmp_path):
     data = _Data(tokenizer, tmp_path / "val.bin")
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=len(tokenizer), n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    model = build_gpt(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=64)
     _, before = _hand_bpb(model, tokenizer, data.ids)
     # one step: the evaluation before it and the final one after it, which goes to every logger
     settings = trainer_settings(max_steps=1, batch_size=1, seq_len=len(data.ids) - 1, progress=False)

@@ -16,7 +16,7 @@ from llm.train.state import capture_rng, restore_rng
 
 def _trained(steps=3):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     opt = OptimizerConfig(lr=1e-2).build(model, "cpu")
     x = torch.randint(0, 50, (2, 9))
     for _ in range(steps):

@@ -50,37 +50,41 @@ def _code_defaults(target: str) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-# Known differences, not yet one source: n_kv_head None means "as many as n_head" (multi-head attention) where the
-# tiny preset chooses grouped-query attention; OptimizerConfig's warmup_steps stays 0 because the schedule's tests
-# build it without warmup (conf/optim/adamw.yaml: 30)
-NOT_A_DEFAULT = {("llm.model.GPTConfig", "n_kv_head"), ("llm.train.OptimizerConfig", "warmup_steps")}
+def _check_defaults(node: dict) -> int:
+    """Every key of a config node (one with a `_target_`) that the code also gives a default has the same value in
+    both; the number of keys compared."""
+    target = node["_target_"]
+    defaults = _code_defaults("llm.model.GPTConfig" if target == "llm.model.build_gpt" else target)
+    checked = 0
+    for key, value in node.items():
+        if key.startswith("_") or key not in defaults:
+            continue
+        if isinstance(value, str) and "${" in value:  # interpolated: another group's value
+            continue
+        code = defaults[key]
+        assert code == (tuple(value) if isinstance(code, tuple) else value), f"{target}.{key}: {code!r} vs {value!r}"
+        checked += 1
+    return checked
 
 
 @pytest.mark.parametrize("task", group_options("task"))
 def test_code_defaults_are_the_yaml_defaults(task):
     """One source of defaults: every key the default config sets that the code also gives a default has the same
-    value in both (the optimizer, the model, the trainer, the task's objective and data, tokenizer, corpus)."""
+    value in both (the model, the trainer, the task's objective and data, tokenizer, corpus). A key the presets
+    always set may have no default in the code (model.n_kv_head)."""
     plain = OmegaConf.to_container(compose_config([f"task={task}"]), resolve=False)
-    nodes = [plain["optim"], plain["model"], plain["trainer"], plain["tokenizer"], plain["data"]]
+    nodes = [plain["model"], plain["trainer"], plain["tokenizer"], plain["data"]]
     nodes += [plain["task"].get("objective") or {}, plain["task"].get("data") or {}]
-    checked = 0
-    for node in nodes:
-        target = node.get("_target_")
-        if not target:
-            continue
-        target = "llm.model.GPTConfig" if target == "llm.model.build_gpt" else target
-        defaults = _code_defaults(target)
-        for key, value in node.items():
-            if key.startswith("_") or key not in defaults or (target, key) in NOT_A_DEFAULT:
-                continue
-            if isinstance(value, str) and "${" in value:  # interpolated: another group's value
-                continue
-            code = defaults[key]
-            assert code == (tuple(value) if isinstance(code, tuple) else value), (
-                f"{target}.{key}: {code!r} vs {value!r}"
-            )
-            checked += 1
-    assert checked > 10
+    assert sum(_check_defaults(node) for node in nodes if node.get("_target_")) > 10
+
+
+@pytest.mark.parametrize("option", group_options("optim"))
+def test_each_optimizer_yaml_is_its_class_defaults(option):
+    """Each optimizer's yaml (whichever one config.yaml selects) sets exactly its class's defaults, every key."""
+    node = OmegaConf.to_container(compose_config([f"optim={option}"]).optim, resolve=False)
+    keys = {k for k in node if not k.startswith("_")}
+    assert keys <= set(_code_defaults(node["_target_"])), keys - set(_code_defaults(node["_target_"]))
+    assert _check_defaults(node) == len(keys)
 
 
 def test_default_config():
@@ -162,7 +166,9 @@ def test_presets_take_the_family_options():
     assert model.num_params() == expected_params(12, 768, 50304, 2048) + extra
     assert [model.config.is_sliding(i) for i in range(4)] == [True, True, True, False]
     with pytest.raises(ConfigError, match=r"model.sliding_layers=\[12\] must list distinct layer indices in \[0, 11\]"):
-        gpt_config(n_layer=12, sliding_window=256, sliding_layers=[12])
+        gpt_config(n_layer=12, n_kv_head=None, sliding_window=256, sliding_layers=[12])
+    with pytest.raises(ConfigError, match="model.n_kv_head is not set: null for as many key/value heads as"):
+        gpt_config(n_layer=2)  # no default: a preset's GQA never reaches a model built with another n_head
 
 
 def test_tiny_is_a_few_million():

@@ -162,7 +162,7 @@ def _failed_save(rank: int, blocked_dir: str) -> str | None:
     from llm.errors import TrainingError
     from llm.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
+    model = GPT(GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, d_model=8, max_seq_len=8))
     saver = checkpointer.Checkpointer(blocked_dir, None, None, is_main=rank == 0)
     try:
         saver.save(1, model, None, {"step": 1})
@@ -219,3 +219,15 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     ]
     assert [r[5] for r in results] == [(True, False), (True, False)]
     assert "could not be written" in results[0][6] and "rank 0 could not write the checkpoint" in results[1][6]
+
+
+def test_each_error_line_printed_once_per_machine(tmp_path, monkeypatch):
+    """Under torchrun / srun every rank usually ends with the same line: the first rank of this launch on this
+    machine to end with it prints it; another line is printed too; one process alone always prints."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the markers
+    ranks = {"WORLD_SIZE": "2", "LLM_RUN_STAMP": "2026-01-01/00-00-00"}
+    assert C.first_to_report("error: model.n_head=0", ranks)
+    assert not C.first_to_report("error: model.n_head=0", ranks)  # the other rank, same line
+    assert C.first_to_report("error: out of memory", ranks)  # its own line
+    assert C.first_to_report("error: model.n_head=0", {**ranks, "LLM_RUN_STAMP": "2026-01-01/00-00-09"})  # next launch
+    assert C.first_to_report("error: x", {}) and C.first_to_report("error: x", {})  # no launch: always

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
 import llm.checkpoint.files as ckpt
+from llm.checkpoint.adapters import check_base, load_adapted
 from llm.checkpoint.checkpointer import Checkpointer
 from llm.data import FileCorpus, LocalRows, PretrainData, train_bpe
 from llm.dist.launch import _worker
@@ -36,7 +37,7 @@ from llm.train.settings import LoopSettings
 
 def _model_and_optimizer():
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     return model, OptimizerConfig(lr=1e-2).build(model, "cpu")
 
 
@@ -159,12 +160,23 @@ def test_checkpoints_that_are_not_ours_are_named(tmp_path):
         ConfigError, match="no model_config.json.*pytorch_model.bin is a PyTorch pickle, which is never"
     ):
         ckpt.read_json(pickled, "model_config.json")
-    other = build_gpt(vocab_size=100, n_layer=1, n_head=2, d_model=16, max_seq_len=16)  # what a wrong config builds
+    other = build_gpt(vocab_size=100, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)  # a wrong config
     with pytest.raises(ConfigError, match=r"model.safetensors: the weights do not fit .*\[64, 16\] in the file, \[128"):
         ckpt.load_model_weights(path, other)
     (path / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(DataError, match=f"^{path / 'model.safetensors'}: not a readable safetensors file"):
         ckpt.load_model_weights(path, model)
+
+
+def test_a_damaged_lora_record_is_named(tmp_path):
+    """A LoRA checkpoint's adapter.json that is not JSON, or not the record of the adapters: one line naming it
+    (export, generate and a later init_from read it; so does a resume's base check)."""
+    (tmp_path / "adapter.json").write_text('{"rank": 4, "base": ')  # torn
+    with pytest.raises(DataError, match=f"^{tmp_path / 'adapter.json'}: not valid JSON"):
+        load_adapted(tmp_path, load_base=None)
+    (tmp_path / "adapter.json").write_text('{"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all"}')
+    with pytest.raises(DataError, match=f"^{tmp_path / 'adapter.json'}: not the record of a LoRA run's .*no base"):
+        check_base(tmp_path, None, "resume")
 
 
 @pytest.mark.parametrize("line", [b"[1, 2]\n", b'{"step": 5, "x": "\xff"}\n', b"{oops\n", b'{"step": "5"}\n'])
@@ -206,6 +218,7 @@ def test_names_too_long_and_a_model_too_big_are_named(tmp_path):
             "_target_": "llm.model.build_gpt",
             "n_layer": 1,
             "n_head": 2,
+            "n_kv_head": 2,
             "d_model": 64,
             "pos_emb": "learned",
             "max_seq_len": 4_000_000_000,

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from llm.data.chat import encode_chat, stop_token_id
 from llm.errors import ConfigError
-from llm.hf import load_hf, save_hf
+from llm.hf import save_hf
 from llm.model import GPT, GPTConfig
+from llm.tasks.source import ModelSource
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -100,7 +101,7 @@ def logits(model, x):
 @pytest.mark.parametrize("kind", KINDS)
 def test_family_in_and_out(tiny_tokenizer, tmp_path, kind):
     theirs, path = hf_model_dir(kind, tiny_tokenizer, tmp_path / "hf")
-    model, tok = load_hf(path)
+    model, tok = ModelSource.resolve(path).load()
     assert model.config.family == kind and len(tok) <= model.config.vocab_size
     if kind in ("mistral", "qwen2", "qwen3", "gemma3_text"):
         assert model.config.sliding_window == WINDOW < CTX
@@ -137,9 +138,9 @@ def test_families_refuse_what_they_lack(tiny_tokenizer, tmp_path):
     ]:
         (path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ConfigError, match=match):
-            load_hf(path)
+            ModelSource.resolve(path).load()
     (path / "config.json").write_text(json.dumps(config))
-    model, tok = load_hf(path)
+    model, tok = ModelSource.resolve(path).load()
     model.config.qkv_bias = True
     with pytest.raises(ConfigError, match="model.qkv_bias=true: Qwen3ForCausalLM needs model.qkv_bias=false"):
         save_hf(model, tok, tmp_path / "out")

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from loguru import logger
 
 from llm.data import PromptData, VerifiableTasks
 from llm.errors import ConfigError
@@ -18,6 +19,8 @@ from llm.rewards import exact_match, format_check, load_rewards, numeric_match, 
 from llm.rewards.scoring import RewardError
 from llm.train.grpo import GRPO, token_logps
 from llm.train.grpo_loss import group_advantages, policy_loss
+from llm.train.results import log_done
+from llm.train.state import TrainerState
 
 ROWS = [{"answer": "3"}, {"answer": "12"}, {"answer": "7"}]
 
@@ -106,6 +109,48 @@ def test_each_variant_equals_hand_computed_values(beta):
         assert "kl" not in metrics
 
 
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_two_micro_batches_give_the_whole_batch_loss_and_gradient(variant):
+    """The trainer averages the losses of a step's micro-batches (and DDP the ranks' gradients). A batch of 4
+    completions (9 tokens) split in two micro-batches of 4 and 5 tokens: the mean of their losses and its gradient
+    equal the whole batch's, computed by hand. grpo: the mean of per-sequence means (2 sequences in each half);
+    dr_grpo: token sum / (4 x max_tokens); dapo: token sum / 9, which needs the step's token count (GRPO.prepare_step
+    sets it: 9 tokens / 2 micro-batches = 4.5 per micro-batch); its own count would give (s1 / 4 + s2 / 5) / 2."""
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -1.5, -3.0], [-0.7, -0.3, -1.1], [-2.2, -0.4, -0.9]])
+    old = torch.tensor([[-1.5, -1.9, -0.5], [-0.1, -1.0, -3.0], [-0.8, -0.3, -1.0], [-2.0, -0.6, -0.9]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -0.5, 0.3, -2.0])
+    per_token = _hand_per_token(logps.tolist(), old.tolist(), logps.tolist(), adv.tolist(), 0.2, 0.0)
+    sums = [sum(x * k for x, k in zip(row, keep)) for row, keep in zip(per_token, mask.tolist())]
+    lengths = mask.sum(1).tolist()
+    hand = {
+        "grpo": sum(s / n for s, n in zip(sums, lengths)) / 4,
+        "dr_grpo": sum(sums) / (4 * 8),
+        "dapo": sum(sums) / 9,
+    }[variant]
+    whole = logps.clone().requires_grad_(True)
+    loss, _ = policy_loss(whole, old, adv, mask, variant, 0.2, max_tokens=8)
+    (grad,) = torch.autograd.grad(loss, whole)
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+    objective = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], loss_type=variant)
+    labels = torch.where(mask.bool(), 1, -100)
+    halves = objective.prepare_step([{"labels": labels[:2]}, {"labels": labels[2:]}])
+    parts = logps.clone().requires_grad_(True)
+    rows = lambda x, i: x[i : i + 2]
+    micro = [
+        policy_loss(rows(parts, i), rows(old, i), rows(adv, i), rows(mask, i), variant, max_tokens=8, token_count=n)[0]
+        for i, n in zip((0, 2), (half.get("token_count") for half in halves))
+    ]
+    mean = (micro[0] + micro[1]) / 2
+    (micro_grad,) = torch.autograd.grad(mean, parts)
+    assert mean.item() == pytest.approx(hand, rel=1e-6) and torch.allclose(micro_grad, grad, atol=1e-7)
+    if variant == "dapo":
+        assert halves[0]["token_count"].item() == 4.5
+        own = [policy_loss(rows(logps, i), rows(old, i), rows(adv, i), rows(mask, i), variant)[0] for i in (0, 2)]
+        assert (own[0] + own[1]).item() / 2 == pytest.approx((sums[0] + sums[1]) / 4 / 2 + (sums[2] + sums[3]) / 5 / 2)
+        assert (own[0] + own[1]).item() / 2 != pytest.approx(hand, rel=1e-3)  # the per-micro-batch mean is not it
+
+
 def test_clip_higher_widens_only_the_upper_bound():
     logps, old, ref, mask, adv = _loss_case()
     _, wide = policy_loss(logps, old, adv, mask, "dapo", 0.2, epsilon_high=0.7)  # e^0.5 = 1.65 < 1.7: not clipped
@@ -118,7 +163,7 @@ def grpo_setup(tiny_tokenizer):
     rows = VerifiableTasks(tasks=["count"], num_examples=8)
     held = VerifiableTasks(split="heldout", tasks=["count"], num_examples=4)
     data = PromptData(tiny_tokenizer, rows, held).prepare()
-    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=2, d_model=32, max_seq_len=128)
+    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=2, n_head=2, n_kv_head=2, d_model=32, max_seq_len=128)
     return model, data
 
 
@@ -239,3 +284,22 @@ def test_reward_errors_are_one_line_naming_the_function_and_the_row(fn, message)
     with pytest.raises(RewardError, match=message) as e:
         score(rewards, ["p"] * 3, ["a", "b", "c"], ROWS, [f"file.jsonl:{i}" for i in (1, 2, 3)])
     assert "\n" not in str(e.value)
+
+
+def test_the_plan_line_says_what_a_step_is_and_the_closing_line_what_it_did(tmp_path):
+    objective = GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=8, max_new_tokens=32, inner_steps=2)
+    assert objective.describe_step(batch_size=4, seq_len=128, micro_batch_size=1, accum_steps=2) == (
+        "4 prompts x 8 completions = 32 samples of at most 32 new tokens (temperature 1) and 2 optimizer steps on "
+        "them (2 micro-batch(es) of 1 prompts per rank, each prompt's group on one rank)"
+    )
+    lines = []
+    handler = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    try:  # no validation loss: the closing line shows the evaluation's own numbers, before -> after
+        grpo = TrainerState(step=3, initial_eval={"exact_match": 0.1, "reward": 0.2})
+        grpo.last_eval = {"exact_match": 0.35, "reward": 0.5, "note": "text"}
+        log_done(grpo, 3, tmp_path)
+        log_done(TrainerState(step=3, initial_val_loss=4.5, last_val_loss=3.25), 3, tmp_path)
+    finally:
+        logger.remove(handler)
+    assert "3 steps in 0.0s, exact_match 0.1 -> 0.35, reward 0.2 -> 0.5; results in" in lines[0]
+    assert "val_loss 4.5 -> 3.25" in lines[1]

@@ -47,7 +47,7 @@ class _Pattern(Data):
 
 def _fit(run_dir, steps, **kw):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     settings = trainer_settings(
         max_steps=steps,
         batch_size=4,
@@ -61,7 +61,7 @@ def _fit(run_dir, steps, **kw):
         spike_window=3,
         **kw,
     )
-    optim = OptimizerConfig(lr=1e-2, schedule="constant")
+    optim = OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="constant")
     return Trainer(
         model, _Pattern(run_dir.parent / "t.bin"), LanguageModeling(), optim, settings, RunInfo(str(run_dir))
     ).fit()

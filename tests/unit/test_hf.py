@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from llm.errors import ConfigError, DataError
-from llm.hf import is_hf_model_dir, load_hf, save_hf
+from llm.hf import is_hf_model_dir, save_hf
 from llm.model import GPT, GPTConfig
+from llm.tasks.source import ModelSource
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -35,7 +36,7 @@ SCALINGS = {
         "truncate": True,
     },
 }
-GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+GPT2_ARCH = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "n_kv_head": 4}
 
 
 @pytest.fixture
@@ -164,7 +165,7 @@ def hf_dir(tokenizer, tmp_path, kind: str, **kw):
 def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field):
     _, path = hf_dir(tokenizer, tmp_path, "llama", **kw)
     with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
-        load_hf(path)
+        ModelSource.resolve(path).load()
 
 
 def test_import_errors_name_the_culprit(tokenizer, tmp_path):
@@ -172,18 +173,18 @@ def test_import_errors_name_the_culprit(tokenizer, tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))  # MoE
     with pytest.raises(ConfigError, match="model_type='mixtral' is not supported"):
-        load_hf(path)
+        ModelSource.resolve(path).load()
     (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))  # GPT-2's fields only
     with pytest.raises(ConfigError, match="config.json: hidden_size is missing"):
-        load_hf(path)
+        ModelSource.resolve(path).load()
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": len(tokenizer) - 10}))
     with pytest.raises(DataError, match=f"the tokenizer has {len(tokenizer)} tokens"):
-        load_hf(path)
+        ModelSource.resolve(path).load()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (path / name).unlink()
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(DataError, match="no tokenizer files"):
-        load_hf(path)
+        ModelSource.resolve(path).load()
 
 
 def test_export_refuses_what_hf_cannot_represent(tokenizer, tmp_path):

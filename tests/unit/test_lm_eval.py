@@ -33,7 +33,15 @@ def exported(tiny_tokenizer, tmp_path_factory):
     tokenizer = reserved_chat_template(copy.deepcopy(tiny_tokenizer))
     torch.manual_seed(0)
     model = GPT(
-        GPTConfig(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64, tie_embeddings=False)
+        GPTConfig(
+            vocab_size=len(tokenizer),
+            n_layer=2,
+            n_head=4,
+            n_kv_head=4,
+            d_model=32,
+            max_seq_len=64,
+            tie_embeddings=False,
+        )
     )
     with torch.no_grad():
         for p in model.parameters():

@@ -165,7 +165,7 @@ def test_fused_loss_under_bf16_autocast_matches_plain(reduction):
 
 def test_model_loss_path_equals_logits_path():
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=100, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
+    model = build_gpt(vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, d_model=32, max_seq_len=16)
     x = torch.randint(0, 100, (3, 16))
     labels = x.roll(-1, 1)
     labels[:, -1] = -100
@@ -177,7 +177,7 @@ def test_model_loss_path_equals_logits_path():
 
 
 def test_init_scales_residual_projections():
-    model = build_gpt(vocab_size=512, n_layer=8, n_head=4, d_model=256)
+    model = build_gpt(vocab_size=512, n_layer=8, n_head=4, n_kv_head=4, d_model=256)
     std = model.blocks[0].attn.proj.weight.std().item()
     assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8)
     assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002

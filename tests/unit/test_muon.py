@@ -1,6 +1,7 @@
 """optim=muon: which parameters Muon trains, one step against a hand-computed update (Newton-Schulz of the
 Nesterov momentum, the same lr scaling, decoupled weight decay), a resume that continues bit for bit, two DDP
-ranks against one process, and FSDP refused in one line."""
+ranks against one process, FSDP refused in one line, and the on-device skip of a non-finite step (torch's step
+bit for bit when kept, nothing changed when skipped, no host sync)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.model import build_gpt
 from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
+from llm.train.muon import SkippingMuon
+from llm.train.steps import optimizer_step
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
 
@@ -212,3 +215,60 @@ def test_two_ddp_ranks_match_one_process():
         opt.zero_grad()
         halves = [ranks[0][1][step], ranks[1][1][step]]
         assert sum(halves) / 2 == pytest.approx(loss.item(), abs=1e-5)  # the mean of the ranks' halves
+
+
+def _muon_pair(**kw):
+    """torch's Muon and ours on two copies of the same model (nesterov off, to see both momentum forms)."""
+    a, b = _model(), _model()
+    params = lambda m: [p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2]  # noqa: E731
+    return a, b, torch.optim.Muon(params(a), **kw), SkippingMuon(params(b), **kw)
+
+
+@pytest.mark.parametrize("kw", [{"lr": 0.02}, {"lr": 0.05, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}])
+def test_skipping_muon_is_torchs_step_bit_for_bit_and_skips_on_the_device(kw):
+    torch_model, ours, torch_opt, opt = _muon_pair(**kw)
+    for seed in range(4):
+        for m in (torch_model, ours):
+            _loss(m, seed).backward()
+        before = [p.clone() for p in opt.param_groups[0]["params"]]
+        momenta = [opt.state[p]["momentum_buffer"].clone() for p in opt.param_groups[0]["params"] if opt.state.get(p)]
+        if seed == 2:  # a skipped step: NaN gradients, found_inf set; weights and momentum stay as they were
+            for p in opt.param_groups[0]["params"]:
+                p.grad.fill_(float("nan"))
+            opt.found_inf = torch.tensor(1.0)
+            opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(opt.param_groups[0]["params"], before))
+            assert momenta and all(
+                torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(opt.param_groups[0]["params"], momenta)
+            )
+            torch_opt.zero_grad()  # the reference never sees that step
+        else:
+            opt.found_inf = torch.tensor(0.0)
+            opt.step()
+            torch_opt.step()
+        opt.zero_grad()
+        torch_opt.zero_grad()
+        for a, b in zip(torch_model.parameters(), ours.parameters()):
+            assert torch.equal(a, b)
+        for a, b in zip(torch_opt.param_groups[0]["params"], opt.param_groups[0]["params"]):
+            assert torch.equal(torch_opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+
+
+def test_the_loop_skips_a_muon_step_without_a_host_sync(monkeypatch):
+    """optimizer_step with optim=muon on an accelerator (fused AdamW): found_inf goes to both optimizers, nothing is
+    read on the host; a non-finite gradient leaves every weight as it was, and a finite one trains."""
+    model = _model()
+    opt = MuonConfig(lr=0.02).build(model, "cuda")  # an accelerator's build (it works on CPU tensors too)
+    assert opt.defaults["fused"] and not MuonConfig(fused=False).build(_model(), "cuda").defaults["fused"]
+    assert not MuonConfig().build(_model(), "cpu").defaults["fused"]  # CPU: torch's Muon, the flag read on the host
+    _loss(model).backward()  # a first step: AdamW's and Muon's state exist
+    opt.step()
+    opt.zero_grad()
+    before = [p.clone() for p in model.parameters()]
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host sync in the optimizer step"))
+    (_loss(model) * float("nan")).backward()
+    _, bad = optimizer_step(opt, model.parameters(), 1.0)
+    assert bad == 1 and all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    _loss(model).backward()
+    _, bad = optimizer_step(opt, model.parameters(), 1.0)
+    assert bad == 0 and all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))

@@ -152,7 +152,9 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, tmp_path, pos_emb):
     packed = _sft(tokenizer, tmp_path, rows, seq_len=64, packing=True)
     assert len(packed.train) < len(plain.train)
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64, pos_emb=pos_emb)
+    model = build_gpt(
+        vocab_size=len(tokenizer), n_layer=2, n_head=4, n_kv_head=4, d_model=32, max_seq_len=64, pos_emb=pos_emb
+    )
     objective = LanguageModeling()
     a, _ = objective.loss(model, plain.train.collate(list(plain.train)))
     b, _ = objective.loss(model, packed.train.collate(list(packed.train)))
@@ -233,7 +235,7 @@ def _pref(tokenizer):
 
 def test_precomputed_reference_equals_live_and_dpo_starts_at_log2(tokenizer):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64)
+    model = build_gpt(vocab_size=len(tokenizer), n_layer=2, n_head=4, n_kv_head=4, d_model=32, max_seq_len=64)
     data = _pref(tokenizer)
     pre, live = DPO(reference="precomputed", ref_batch_size=7), DPO(reference="live")
     pre.setup(model, data)
@@ -253,7 +255,7 @@ def test_precomputed_reference_equals_live_and_dpo_starts_at_log2(tokenizer):
 
 def test_dpo_training_moves_preferences(tokenizer):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=len(tokenizer), n_layer=2, n_head=4, d_model=32, max_seq_len=64)
+    model = build_gpt(vocab_size=len(tokenizer), n_layer=2, n_head=4, n_kv_head=4, d_model=32, max_seq_len=64)
     data = _pref(tokenizer)
     objective = DPO(beta=0.5)
     objective.setup(model, data)
@@ -269,7 +271,7 @@ def test_dpo_training_moves_preferences(tokenizer):
 
 def test_resize_vocab_keeps_existing_logits():
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=60, n_layer=1, n_head=2, d_model=16).eval()
+    model = build_gpt(vocab_size=60, n_layer=1, n_head=2, n_kv_head=2, d_model=16).eval()
     x = torch.randint(0, 60, (1, 5))
     before = model(x)[..., :60]
     model.resize_vocab(62)  # fits in the 64 padded rows

@@ -38,7 +38,8 @@ def test_older_schedules_unchanged():
     opt = OptimizerConfig(lr=2.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert opt.lr_at(0, 110) == pytest.approx(0.2) and opt.lr_at(10, 110) == pytest.approx(2.0)
     assert opt.lr_at(60, 110) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5)) and opt.lr_at(110, 110) == pytest.approx(0.2)
-    assert OptimizerConfig(lr=2.0, schedule="linear", min_lr_ratio=0.0).lr_at(5, 10) == pytest.approx(1.0)
+    linear = OptimizerConfig(lr=2.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert linear.lr_at(5, 10) == pytest.approx(1.0)
     assert OptimizerConfig(lr=2.0, schedule="constant", warmup_steps=2).lr_at(7, 10) == 2.0
 
 

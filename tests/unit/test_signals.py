@@ -18,7 +18,7 @@ from llm.checkpoint.checkpointer import Checkpointer
 from llm.dist.signals import Interrupted, Preempted, StopSignals
 from llm.errors import TrainingError
 from llm.model import build_gpt
-from llm.tasks.source import resolve_init_from
+from llm.tasks.source import open_source
 from llm.train.optim import OptimizerConfig
 from tests.conftest import compose_config
 
@@ -55,7 +55,7 @@ def test_a_signal_before_the_first_step_stops_at_the_next_check(signum, exceptio
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_last(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
     opt = OptimizerConfig(lr=1e-2).build(model, "cpu")
     saver = Checkpointer(tmp_path)
     good = saver.save(2, model, opt, {"step": 2})
@@ -85,11 +85,11 @@ def test_sft_without_init_from_warns_loudly_unless_on_purpose():
     seen = []
     handler = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
     try:
-        resolve_init_from(compose_config(["task=sft"]), set())
+        open_source(compose_config(["task=sft"]), set())
         assert len(seen) == 1 and "task=sft without init_from trains from RANDOM weights" in seen[0]
         assert "init_from=" in seen[0] and "task.allow_scratch=true" in seen[0]
-        resolve_init_from(compose_config(["task=sft", "task.allow_scratch=true"]), set())
-        resolve_init_from(compose_config(["task=pretrain"]), set())
+        open_source(compose_config(["task=sft", "task.allow_scratch=true"]), set())
+        open_source(compose_config(["task=pretrain"]), set())
         assert len(seen) == 1
     finally:
         logger.remove(handler)

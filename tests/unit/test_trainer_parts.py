@@ -77,7 +77,7 @@ def test_metrics_window_means_and_carries_over_a_checkpoint():
 
 def _tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_gpt(vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    return build_gpt(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16)
 
 
 def test_checkpointer_saves_prunes_points_and_restores(tmp_path):
@@ -130,7 +130,9 @@ class _EvalOnly(LanguageModeling):
 
 def test_an_evaluation_only_objective_takes_no_step_and_builds_no_optimizer(tmp_path):
     settings = trainer_settings(max_steps=5, batch_size=4, seq_len=8, eval_batches=1, progress=False)
-    trainer = Trainer(_tiny_model(), _Data(), _EvalOnly(), OptimizerConfig(), settings, RunInfo(str(tmp_path)))
+    trainer = Trainer(
+        _tiny_model(), _Data(), _EvalOnly(), OptimizerConfig(warmup_steps=0), settings, RunInfo(str(tmp_path))
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     results = trainer.fit()
     assert trainer.optimizer is None and results["steps"] == 0

@@ -44,6 +44,8 @@ BAD = [
     (["model.dropout=1.0"], "model.dropout=1.0 must be a finite number in [0, 1)"),
     (["optim.betas=[0.9,1.0]"], "optim.betas[1]=1.0 must be a finite number in [0, 1)"),
     (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    (["optim.init_state=last"], "optim.init_state='last' is not allowed; choose one of ['checkpoint', 'fresh']"),
+    (["optim.init_state=checkpoint"], "optim.init_state=checkpoint takes init_from's optimizer state"),
     (["optim.eps=0"], "optim.eps=0 must be a finite number > 0"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2 must be a finite number in [0, 1]"),
     (["task.data.val_fraction=1"], "task.data.val_fraction=1 must be a finite number in [0, 1)"),
@@ -90,7 +92,12 @@ def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
         max_steps=2, batch_size=4, seq_len=8, eval_batches=1, log_every=5, progress=False, nan_steps=[1, 2]
     )
     trainer = Trainer(
-        _tiny_model(), _Data(), LanguageModeling(), OptimizerConfig(lr=1e-2), settings, RunInfo(str(tmp_path))
+        _tiny_model(),
+        _Data(),
+        LanguageModeling(),
+        OptimizerConfig(lr=1e-2, warmup_steps=0),
+        settings,
+        RunInfo(str(tmp_path)),
     )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(TrainingError, match="all 2 steps had a non-finite loss or gradient norm"):
