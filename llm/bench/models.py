@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 
 PRESETS = Path(__file__).resolve().parents[2] / "conf" / "model"
-GPT2_FIELDS = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
-LLAMA_FIELDS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+# neither counterpart has QK-norm (on in the presets): both sides are measured without it
+GPT2_FIELDS = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False}
+LLAMA_FIELDS = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": False}
 
 
 def load_preset(name: str) -> dict:

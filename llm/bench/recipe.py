@@ -2,9 +2,10 @@
 A and recipe B (each a list of `run.py` overrides), in turn, and reports for each the validation loss and bits
 per byte against wall time and steps, and the wall time each needs to reach A's final validation loss.
 
-    python -m llm.bench.recipe                                          # the default run vs optim=muon
-    python -m llm.bench.recipe --a "optim=adamw" --b "optim=muon trainer.max_steps=150" --rounds 2
-    python -m llm.bench.recipe --common "experiment=tiny_long" --eval-every 100
+    python -m llm.bench.recipe --rounds 2                               # the previous default recipe vs the default run
+    python -m llm.bench.recipe --b "model.qk_norm=false"                # ... vs the default without QK-norm
+    python -m llm.bench.recipe --common "experiment=tiny_long" --eval-every 100 \
+        --a "optim=adamw model.qk_norm=false trainer.max_steps=2000 optim.lr=3e-3 optim.warmup_steps=100"
 
 Each run is `python run.py <common> <recipe> trainer.eval_every=<n> logger=none` in its own dir under --out, so
 it is exactly what a user's command does (the token cache is shared; the first run may build it: run once
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
+# The default recipe before Muon: AdamW (lr 3e-3, cosine), no QK-norm, 250 steps
+PREVIOUS_DEFAULT = "optim=adamw model.qk_norm=false trainer.max_steps=250"
 
 
 def load_average() -> str:
@@ -213,8 +216,8 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--a", default="", help="recipe A's overrides (default: none, the default run)")
-    parser.add_argument("--b", default="optim=muon", help="recipe B's overrides")
+    parser.add_argument("--a", default=PREVIOUS_DEFAULT, help="recipe A's overrides (default: the previous default)")
+    parser.add_argument("--b", default="", help="recipe B's overrides (default: none, the default run)")
     parser.add_argument("--common", default="", help="overrides of both (model, data, experiment=...)")
     parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (both recipes)")
     parser.add_argument("--rounds", type=int, default=1, help="A then B, then B then A, ...")

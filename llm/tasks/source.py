@@ -17,7 +17,7 @@ from loguru import logger
 from omegaconf import DictConfig, open_dict
 
 from llm.checkpoint.adapters import is_adapter_checkpoint, load_adapted
-from llm.checkpoint.files import ARCH_KEYS, load_model_weights, read_json, resolve_checkpoint
+from llm.checkpoint.files import ARCH_KEYS, DEFAULTS, load_model_weights, read_json, resolve_checkpoint
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError
 from llm.hf import (
@@ -125,7 +125,7 @@ def open_source(cfg: DictConfig, explicit: set[str]) -> ModelSource | None:
     if not cfg.init_from:
         return None
     source = ModelSource.resolve(cfg.init_from)
-    saved = source.config
+    saved = {**DEFAULTS, **source.config}  # an option the source predates (or its family lacks) is off in it
     with open_dict(cfg):  # the source's architecture, except model keys set on the command line
         for key in CARRIED_KEYS:
             if key in saved and key in cfg.model and "model" not in explicit and f"model.{key}" not in explicit:

@@ -17,7 +17,7 @@ from llm.eval.sample import SampleSettings
 class LoopSettings:
     """What one run trains: its length, the batch of each step, and how bad steps are handled."""
 
-    max_steps: int = 250
+    max_steps: int = 150
     batch_size: int = 16  # sequences per optimizer step, over all ranks
     micro_batch_size: int | None = None  # sequences per forward on one rank (None: batch_size / ranks)
     seq_len: int = 128

@@ -25,6 +25,7 @@ TOL = 1e-5
 # 6 steps, a metrics line and a checkpoint every 3; the final evaluation on the same 4 x 8 validation sequences
 BASE = [
     *SMALL,
+    "optim=adamw",  # FSDP refuses Muon (the default); Muon's DDP is tested in tests/unit/test_muon.py
     "trainer.max_steps=6",
     "trainer.log_every=1",
     "trainer.eval_every=0",

@@ -88,7 +88,7 @@ def test_export_merged_and_as_peft_dir(lora_run, tmp_path):
     source = ModelSource.resolve(run_dir)
     adapted, tokenizer = source.load(merge=False)
     written = export_model(source, None, tmp_path / "merged", None)
-    assert written["merged_lora"] and written["architecture"] == "LlamaForCausalLM"
+    assert written["merged_lora"] and written["architecture"] == "Qwen3ForCausalLM"  # QK-norm
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([tokenizer("sort: pear apple fig")["input_ids"]])
     later = GPT(GPTConfig(**json.loads((latest_checkpoint(run_dir) / "model_config.json").read_text())))

@@ -28,9 +28,9 @@ def test_export_a_run(small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "export"
     run_cli(["task=export", f"init_from={small_run}", f"hydra.run.dir={run_dir}"], cache_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["task"] == "export" and results["architecture"] == "LlamaForCausalLM"
+    assert results["task"] == "export" and results["architecture"] == "Qwen3ForCausalLM"  # QK-norm
     assert results["out_dir"] == str(run_dir / "hf") and "model.safetensors" in results["files"]
-    assert (run_dir / ".hydra" / "config.yaml").is_file() and "exported LlamaForCausalLM" in (
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and "exported Qwen3ForCausalLM" in (
         run_dir / "train.log"
     ).read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
@@ -143,6 +143,7 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     resolved = cfg(llama)
     open_source(resolved, set())
     assert resolved.model.n_kv_head == 2 and resolved.model.rope_theta == 5e4 and resolved.init_from == str(llama)
+    assert resolved.model.qk_norm is False  # the preset's QK-norm gives way to a family without it
 
 
 def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):

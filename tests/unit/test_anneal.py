@@ -59,11 +59,12 @@ def _fit(run_dir, data, optim, steps, init_from=None):
 def test_branch_ends_below_its_checkpoint(tmp_path):
     data = _Pattern(tmp_path / "t.bin")
     stable = instantiate(
-        compose_config(["optim.schedule=constant", "optim.warmup_steps=2", "optim.lr=0.01"]).optim, _convert_="all"
+        compose_config(["optim=adamw", "optim.schedule=constant", "optim.warmup_steps=2", "optim.lr=0.01"]).optim,
+        _convert_="all",
     )
     _fit(tmp_path / "stable", data, stable, 12)
     checkpoint = latest_checkpoint(tmp_path / "stable")
-    anneal = instantiate(compose_config(["experiment=anneal", "optim.lr=0.01"]).optim, _convert_="all")
+    anneal = instantiate(compose_config(["optim=adamw", "experiment=anneal", "optim.lr=0.01"]).optim, _convert_="all")
     assert (anneal.schedule, anneal.decay_fraction) == ("wsd", 1.0)
     assert anneal.lr_factor(4, 20) == 1.0 > anneal.lr_factor(5, 20) and anneal.lr_factor(19, 20) == 0.1
     results = _fit(tmp_path / "branch", data, anneal, 12, init_from=checkpoint)

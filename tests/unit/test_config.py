@@ -11,6 +11,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
+from llm.checkpoint.files import DEFAULTS as CHECKPOINT_OPTION_DEFAULTS
 from llm.errors import ConfigError
 from llm.job import task_entry
 from llm.model import gpt_config
@@ -50,6 +51,13 @@ def _code_defaults(target: str) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
+# The model's options (QK-norm, biases, sliding windows, Gemma's...) default to off in GPTConfig: off is what a
+# checkpoint from before an option existed was trained with and what an HF family requires unless it names the
+# option (llm/checkpoint/files.py DEFAULTS, llm/hf/families/base.py OFF). A preset turns one on by setting it
+# (the presets turn QK-norm on), so a run never takes the code's value: test_presets_set_every_option.
+OPTIONS = set(CHECKPOINT_OPTION_DEFAULTS)
+
+
 def _check_defaults(node: dict) -> int:
     """Every key of a config node (one with a `_target_`) that the code also gives a default has the same value in
     both; the number of keys compared."""
@@ -57,7 +65,7 @@ def _check_defaults(node: dict) -> int:
     defaults = _code_defaults("llm.model.GPTConfig" if target == "llm.model.build_gpt" else target)
     checked = 0
     for key, value in node.items():
-        if key.startswith("_") or key not in defaults:
+        if key.startswith("_") or key not in defaults or (target == "llm.model.build_gpt" and key in OPTIONS):
             continue
         if isinstance(value, str) and "${" in value:  # interpolated: another group's value
             continue
@@ -76,6 +84,16 @@ def test_code_defaults_are_the_yaml_defaults(task):
     nodes = [plain["model"], plain["trainer"], plain["tokenizer"], plain["data"]]
     nodes += [plain["task"].get("objective") or {}, plain["task"].get("data") or {}]
     assert sum(_check_defaults(node) for node in nodes if node.get("_target_")) > 10
+
+
+@pytest.mark.parametrize("preset", group_options("model"))
+def test_presets_set_every_option(preset):
+    """Each preset yaml sets the model options (whose code defaults are their off values) itself, so the YAML says
+    what a run trains with; the presets turn QK-norm on."""
+    node = OmegaConf.to_container(compose_config([f"model={preset}"]).model, resolve=False)
+    core = {"tie_embeddings", "qkv_bias", "qk_norm", "sliding_window", "sliding_layers"}
+    assert core <= set(OPTIONS) and core <= set(node), core - set(node)
+    assert node["qk_norm"] is True
 
 
 @pytest.mark.parametrize("option", group_options("optim"))
@@ -137,24 +155,26 @@ def _meta_model(preset: str, **overrides):
         return instantiate(cfg.model, _convert_="all", vocab_size=50304, **overrides)
 
 
-def expected_params(L, D, V, ffn, K_over_H=1.0, learned_ctx=0, gelu_bias=False):
+def expected_params(L, D, V, ffn, K_over_H=1.0, learned_ctx=0, gelu_bias=False, qk_norm_dim=0):
     attn = D * D * (2 + 2 * K_over_H)  # q, proj + k, v
     mlp = 3 * D * ffn
-    norms = 2 * D
+    norms = 2 * D + 2 * qk_norm_dim  # + the q and k norm weights (one head wide) with QK-norm
     return L * (attn + mlp + norms) + D + V * D + learned_ctx * D
 
 
-@pytest.mark.parametrize("preset,L,D,ffn,approx", [("125m", 12, 768, 2048, 124e6), ("1b", 24, 1600, 4288, 820e6)])
-def test_preset_parameter_counts(preset, L, D, ffn, approx):
-    model = _meta_model(preset)
+@pytest.mark.parametrize(
+    "preset,L,D,ffn,hd,approx", [("125m", 12, 768, 2048, 64, 124e6), ("1b", 24, 1600, 4288, 100, 820e6)]
+)
+def test_preset_parameter_counts(preset, L, D, ffn, hd, approx):
+    model = _meta_model(preset)  # the presets have QK-norm on
     assert model.config.ffn_hidden == ffn
     n = model.num_params()
-    assert n == expected_params(L, D, 50304, ffn)
+    assert n == expected_params(L, D, 50304, ffn, qk_norm_dim=hd)
     assert abs(n - approx) / approx < 0.02, n
 
 
 def test_125m_gpt2_block_matches_gpt2_small():
-    model = _meta_model("125m", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    model = _meta_model("125m", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False)
     # GPT-2 small with the 50304-padded vocab (nanoGPT's count including the position table): 124,475,904
     assert model.num_params() == 124_475_904
 
@@ -162,8 +182,8 @@ def test_125m_gpt2_block_matches_gpt2_small():
 def test_presets_take_the_family_options():
     """model=125m from scratch with QK-norm, q/k/v biases and sliding layers: the extra parameters and nothing else."""
     model = _meta_model("125m", qk_norm=True, qkv_bias=True, sliding_window=256, sliding_layers=[0, 1, 2])
-    extra = 12 * (2 * 64 + 3 * 768)  # per layer: q/k norm weights [hd] and the q/k/v biases
-    assert model.num_params() == expected_params(12, 768, 50304, 2048) + extra
+    extra = 12 * 3 * 768  # per layer: the q/k/v biases
+    assert model.num_params() == expected_params(12, 768, 50304, 2048, qk_norm_dim=64) + extra
     assert [model.config.is_sliding(i) for i in range(4)] == [True, True, True, False]
     with pytest.raises(ConfigError, match=r"model.sliding_layers=\[12\] must list distinct layer indices in \[0, 11\]"):
         gpt_config(n_layer=12, n_kv_head=None, sliding_window=256, sliding_layers=[12])

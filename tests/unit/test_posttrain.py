@@ -192,6 +192,13 @@ def test_builtin_list_length():
     draws the rows it always drew; a bad range is a one-line error."""
     every = ("reverse", "sort", "rotate", "count", "add")
     default = [r for _, r in VerifiableTasks(tasks=every, num_examples=50).rows()]
+    assert [r["prompt"] for r in default[:5]] == [  # as drawn before list_length existed
+        "count text: args text text text text text",
+        "add: 6 + 46",
+        "reverse: last sort error value left",
+        "sort: new text error sort",
+        "rotate: code name error self type",
+    ]
     assert default == [r for _, r in VerifiableTasks(tasks=every, num_examples=50, list_length=[3, 5]).rows()]
     longer = [r for _, r in VerifiableTasks(tasks=every, num_examples=200, list_length=(6, 7)).rows()]
     words = lambda r: len(r["prompt"].split(": ", 1)[1].split())

@@ -75,7 +75,7 @@ def test_a_bad_key_is_one_error_naming_it(overrides, message):
 @pytest.mark.parametrize("preset", ["tiny", "125m", "1b"])
 def test_the_shipped_configs_pass(preset):
     built = validate(compose_config([f"model={preset}"]))
-    assert built["settings"].loop.max_steps == 250 and built["optim"].lr > 0
+    assert built["settings"].loop.max_steps == 150 and built["optim"].lr > 0
     for task in ("sft", "dpo", "eval_length"):
         validate(compose_config([f"task={task}", f"model={preset}"]))
 
