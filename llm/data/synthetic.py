@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Sequence
 
 from llm.errors import ConfigError
 
@@ -65,16 +66,16 @@ def _words(rng: random.Random, n: int) -> list[str]:
     return rng.sample(WORDS, n)
 
 
-def _reverse(rng):
-    w = _words(rng, rng.randint(3, 5))
+def _reverse(rng, lo=3, hi=5):
+    w = _words(rng, rng.randint(lo, hi))
     wrong = w[:]
     i = rng.randrange(len(w) - 1)
     wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]  # one adjacent swap away from the input order
     return f"reverse: {' '.join(w)}", " ".join(reversed(w)), " ".join(reversed(wrong))
 
 
-def _sort(rng):
-    w = _words(rng, rng.randint(3, 5))
+def _sort(rng, lo=3, hi=5):
+    w = _words(rng, rng.randint(lo, hi))
     answer = sorted(w)
     wrong = answer[:]
     i = rng.randrange(len(w) - 1)
@@ -82,8 +83,8 @@ def _sort(rng):
     return f"sort: {' '.join(w)}", " ".join(answer), " ".join(wrong)
 
 
-def _rotate(rng):
-    w = _words(rng, rng.randint(3, 5))
+def _rotate(rng, lo=3, hi=5):
+    w = _words(rng, rng.randint(lo, hi))
     return f"rotate: {' '.join(w)}", " ".join(w[1:] + w[:1]), " ".join(w[-1:] + w[:-1])  # wrong: the other way
 
 
@@ -104,6 +105,7 @@ def _count(rng):
 
 
 TASKS = {"reverse": _reverse, "sort": _sort, "rotate": _rotate, "count": _count, "add": _add}
+LIST_TASKS = ("reverse", "sort", "rotate")  # the tasks whose list length `list_length` sets
 
 
 def is_heldout(prompt: str, heldout_fraction: float, seed: int) -> bool:
@@ -116,6 +118,7 @@ class VerifiableTasks:
     split: train | heldout. The same seed gives the same rows; train and held-out never share a prompt.
     offset: skip the first `offset` prompts of the sequence, e.g. the ones an SFT run trained on, so that a DPO
     run with offset = SFT's num_examples sees only prompts new to the model.
+    list_length: [min, max] words per list of reverse, sort and rotate (both included; at most the 40 words).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class VerifiableTasks:
         heldout_fraction: float = 0.1,
         seed: int = 0,
         offset: int = 0,
+        list_length=(3, 5),
     ):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
@@ -136,7 +140,18 @@ class VerifiableTasks:
             raise ConfigError(f"num_examples={num_examples!r} must be a positive integer")
         if not isinstance(offset, int) or offset < 0:
             raise ConfigError(f"offset={offset!r} must be a non-negative integer")
+        lengths = list(list_length) if isinstance(list_length, Sequence) and not isinstance(list_length, str) else None
+        if (
+            not lengths
+            or len(lengths) != 2
+            or not all(isinstance(n, int) for n in lengths)
+            or not (2 <= lengths[0] <= lengths[1] <= len(WORDS))
+        ):
+            raise ConfigError(
+                f"list_length={list_length!r} must be [min, max] words with 2 <= min <= max <= {len(WORDS)}"
+            )
         self.split, self.tasks, self.num_examples, self.offset = split, list(tasks), num_examples, offset
+        self.list_length = tuple(lengths)
         self.heldout_fraction, self.seed = heldout_fraction, seed
 
     def rows(self):
@@ -154,7 +169,8 @@ class VerifiableTasks:
                     f"{self.split} prompts; ask for fewer"
                 )
             task = self.tasks[attempts % len(self.tasks)]
-            prompt, answer, wrong = TASKS[task](rng)
+            make = TASKS[task]
+            prompt, answer, wrong = make(rng, *self.list_length) if task in LIST_TASKS else make(rng)
             if prompt in seen or is_heldout(prompt, self.heldout_fraction, self.seed) != want_heldout:
                 continue
             seen.add(prompt)
@@ -174,4 +190,7 @@ class VerifiableTasks:
 
     def describe(self) -> str:
         skip = f", after the first {self.offset}" if self.offset else ""
-        return f"built-in tasks {self.tasks} ({self.split}, {self.num_examples} examples{skip}, seed {self.seed})"
+        lists = "" if self.list_length == (3, 5) else f", lists of {self.list_length[0]}-{self.list_length[1]} words"
+        return (
+            f"built-in tasks {self.tasks} ({self.split}, {self.num_examples} examples{skip}{lists}, seed {self.seed})"
+        )

@@ -187,6 +187,31 @@ def test_builtin_tasks_split_and_no_constant_answer():
     assert sum(r["response"] == top for r in heldout) / len(heldout) <= 0.2
 
 
+def test_builtin_list_length():
+    """list_length sets the words per list of reverse, sort and rotate (count and add keep theirs); the default
+    draws the rows it always drew; a bad range is a one-line error."""
+    every = ("reverse", "sort", "rotate", "count", "add")
+    default = [r for _, r in VerifiableTasks(tasks=every, num_examples=50).rows()]
+    assert [r["prompt"] for r in default[:5]] == [  # as drawn before list_length existed
+        "count text: args text text text text text",
+        "add: 6 + 46",
+        "reverse: last sort error value left",
+        "sort: new text error sort",
+        "rotate: code name error self type",
+    ]
+    assert default == [r for _, r in VerifiableTasks(tasks=every, num_examples=50, list_length=[3, 5]).rows()]
+    longer = [r for _, r in VerifiableTasks(tasks=every, num_examples=200, list_length=(6, 7)).rows()]
+    words = lambda r: len(r["prompt"].split(": ", 1)[1].split())
+    assert {words(r) for r in longer if r["task"] in ("reverse", "sort", "rotate")} == {6, 7}
+    assert max(words(r) for r in longer if r["task"] == "count") <= 7
+    for r in longer:
+        if r["task"] == "sort":
+            assert r["response"] == " ".join(sorted(r["prompt"].split(": ", 1)[1].split()))
+    for bad in ([5, 3], [1, 4], [3], "3-5", [3, 41]):
+        with pytest.raises(ConfigError, match=r"list_length=.* must be \[min, max\] words"):
+            VerifiableTasks(list_length=bad)
+
+
 def test_dpo_losses_match_hand_computed_values():
     pc, pr, rc, rr = torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]), torch.tensor([-6.5])
     h = (-5.0 + 6.0) - (-7.0 + 6.5)  # 1.5
