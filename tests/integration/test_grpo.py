@@ -159,7 +159,16 @@ def _comparable(metrics: list[dict]) -> list[dict]:
     ]  # tokens: the trainer counts rank 0's padded batch x ranks, and the ranks pad their completions differently
 
 
-def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Every run of the comparison on one torch thread, as the spawned rank: the same kernels, summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_ddp_ranks_train_as_one_process(tiny_tokenizer, tmp_path, monkeypatch, one_thread):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
