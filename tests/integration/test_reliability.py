@@ -84,7 +84,7 @@ def references(tmp_path_factory, small_run, cache_dir):
 
 
 @SHARES_REFERENCES
-@pytest.mark.parametrize("task,seed", [("pretrain", 0), ("pretrain", 1), ("sft", 2), ("dpo", 3)])
+@pytest.mark.parametrize("task,seed", [("pretrain", 0), ("sft", 2), ("dpo", 3)])  # a random kill step per task
 def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, *_task_args(task, small_run), f"hydra.run.dir={run_dir}"]
