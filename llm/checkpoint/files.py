@@ -11,7 +11,6 @@ A checkpoint is written into `step_NNNNNNN.tmp/`, flushed, then renamed into pla
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llm.errors import ConfigError, DataError
 from llm.failures import about
-from llm.model import GPTConfig
+from llm.model import OPTIONS_OFF, GPTConfig
 from llm.model.rope import parse_scaling
 from llm.utils.files import atomic_dir, fsync_dir, write_atomic
 
@@ -283,22 +282,9 @@ ARCH_KEYS = (
     "query_pre_attn_scalar",
     "logit_softcap",
 )
-# keys added after older checkpoints were written, at the value those checkpoints were trained with: GPTConfig's
-# own defaults (every option added since is off by default)
-_ADDED = (
-    "tie_embeddings",
-    "qkv_bias",
-    "qk_norm",
-    "sliding_window",
-    "sliding_layers",
-    "local_rope_theta",
-    "scale_embeddings",
-    "norm_unit_offset",
-    "post_norms",
-    "query_pre_attn_scalar",
-    "logit_softcap",
-)
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in _ADDED}
+# keys added after older checkpoints were written, at the value those checkpoints were trained with: the options
+# off values, and the tied head (GPTConfig's default)
+DEFAULTS = {**OPTIONS_OFF, "tie_embeddings": GPTConfig.__dataclass_fields__["tie_embeddings"].default}
 
 
 def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = False) -> None:

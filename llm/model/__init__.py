@@ -1,6 +1,6 @@
 """The transformer (`gpt.py`) and rotary position embeddings (`rope.py`). Depends on torch only."""
 
-from llm.model.config import GPTConfig, gpt_config
+from llm.model.config import OPTIONS_OFF, GPTConfig, gpt_config
 from llm.model.generation import KVCache
 from llm.model.gpt import GPT, build_gpt, flops_per_token
 from llm.model.sampling import left_padding_inputs, sample_next_token
@@ -9,6 +9,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "KVCache",
+    "OPTIONS_OFF",
     "build_gpt",
     "flops_per_token",
     "gpt_config",

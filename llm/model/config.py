@@ -137,6 +137,27 @@ def gpt_config(**kwargs) -> GPTConfig:
     return GPTConfig(**kwargs)
 
 
+# The model options added after the first checkpoints, at their code defaults: the value that means "off" (what a
+# checkpoint from before an option existed was trained with, and what an HF family that does not name the option
+# requires). The presets turn some on by setting them (QK-norm).
+OPTIONS_OFF = {
+    f.name: f.default
+    for f in fields(GPTConfig)
+    if f.name
+    in (
+        "qkv_bias",
+        "qk_norm",
+        "sliding_window",
+        "sliding_layers",
+        "local_rope_theta",
+        "scale_embeddings",
+        "norm_unit_offset",
+        "post_norms",
+        "query_pre_attn_scalar",
+        "logit_softcap",
+    )
+}
+
 # the keys every model states (no default), and what to set them to
 REQUIRED = {
     "n_kv_head": "null for as many key/value heads as model.n_head (multi-head attention), fewer for grouped-query "

@@ -12,31 +12,11 @@ from dataclasses import dataclass, field, fields
 
 from llm.errors import ConfigError
 from llm.hf.rope import legacy_rope, rope_from_hf, rope_to_hf
-from llm.model import GPTConfig
+from llm.model import OPTIONS_OFF, GPTConfig
 
 # Our model options with the value that means "off": a family that does not list an option in `frees` or set it
 # in `needs` requires it off. (pos_emb / norm / mlp / bias are fixed per family the same way.)
-OFF = {
-    f.name: f.default
-    for f in fields(GPTConfig)
-    if f.name
-    in (
-        "pos_emb",
-        "norm",
-        "mlp",
-        "bias",
-        "qkv_bias",
-        "qk_norm",
-        "sliding_window",
-        "sliding_layers",
-        "local_rope_theta",
-        "scale_embeddings",
-        "norm_unit_offset",
-        "post_norms",
-        "query_pre_attn_scalar",
-        "logit_softcap",
-    )
-}
+OFF = {**{f.name: f.default for f in fields(GPTConfig) if f.name in ("pos_emb", "norm", "mlp", "bias")}, **OPTIONS_OFF}
 
 
 def _shown(value) -> str:
