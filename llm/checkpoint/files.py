@@ -270,19 +270,10 @@ ARCH_KEYS = (
     "bias",
     "pad_vocab_to",
     "tie_embeddings",
-    "qkv_bias",
-    "qk_norm",
     "head_dim",
-    "sliding_window",
-    "sliding_layers",
-    "local_rope_theta",
-    "scale_embeddings",
-    "norm_unit_offset",
-    "post_norms",
-    "query_pre_attn_scalar",
-    "logit_softcap",
+    *OPTIONS_OFF,  # q/k/v biases, QK-norm, sliding windows, Gemma's options
 )
-# keys added after older checkpoints were written, at the value those checkpoints were trained with: the options
+# keys added after older checkpoints were written, at the value those checkpoints were trained with: the options'
 # off values, and the tied head (GPTConfig's default)
 DEFAULTS = {**OPTIONS_OFF, "tie_embeddings": GPTConfig.__dataclass_fields__["tie_embeddings"].default}
 
