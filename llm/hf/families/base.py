@@ -93,18 +93,9 @@ class LlamaLike(Family):
             "bias": attention_bias and self.bias == "all",
             "qkv_bias": self.bias == "qkv",
             "qk_norm": bool(self.needs.get("qk_norm", False)),
-            "n_layer": n_layer,
-            "n_head": heads,
-            "n_kv_head": hf.get("num_key_value_heads") or heads,
-            "d_model": d,
-            "head_dim": hf.get("head_dim") or d // heads,
-            "ffn_hidden": hf["intermediate_size"],
-            "max_seq_len": max_seq_len,
-            "norm_eps": hf.get("rms_norm_eps", 1e-6),
-            "rope_theta": theta,
-            "rope_scaling": scaling,
-            "sliding_window": window,
-            "sliding_layers": layers,
+            **shape_from_hf(
+                hf, n_layer, hf.get("head_dim") or d // heads, max_seq_len, (theta, scaling), (window, layers)
+            ),
         }
 
     def sliding_from_hf(self, hf: dict, n_layer: int) -> tuple[int | None, list[int] | None]:
@@ -177,6 +168,26 @@ class LlamaLike(Family):
 def layer_types(cfg: GPTConfig) -> list[str]:
     """HF's per-layer attention kinds for our config."""
     return ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.n_layer)]
+
+
+def shape_from_hf(hf: dict, n_layer: int, head_dim: int, max_seq_len: int, rope: tuple, sliding: tuple) -> dict:
+    """The keys every Llama-like config.json gives the same way: sizes, norm eps, RoPE (theta, scaling) and the
+    sliding window (window, layers)."""
+    heads = hf["num_attention_heads"]
+    return {
+        "n_layer": n_layer,
+        "n_head": heads,
+        "n_kv_head": hf.get("num_key_value_heads") or heads,
+        "d_model": hf["hidden_size"],
+        "head_dim": head_dim,
+        "ffn_hidden": hf["intermediate_size"],
+        "max_seq_len": max_seq_len,
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_theta": rope[0],
+        "rope_scaling": rope[1],
+        "sliding_window": sliding[0],
+        "sliding_layers": sliding[1],
+    }
 
 
 def sliding_layers(family: Family, types: list, window, n_layer: int) -> tuple[int | None, list[int] | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm.hf.families.base import LlamaLike, layer_types, sliding_layers
+from llm.hf.families.base import LlamaLike, layer_types, shape_from_hf, sliding_layers
 from llm.hf.rope import rope_from_hf, rope_to_hf
 from llm.model import GPTConfig
 
@@ -33,7 +33,7 @@ class Gemma3(LlamaLike):
         self.check(hf, "hidden_activation", act in GELU_TANH, f"GELU with the tanh approximation: {list(GELU_TANH)}")
         self.check(hf, "attention_bias", not hf.get("attention_bias"), "an output-projection bias")
         self.check(hf, "use_bidirectional_attention", not hf.get("use_bidirectional_attention"), "causal only")
-        d, heads, n_layer = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+        n_layer = hf["num_hidden_layers"]
         head_dim = hf.get("head_dim") or 256  # transformers' default for Gemma 3
         params = hf.get("rope_parameters") or {}
         if "full_attention" in params:  # transformers 5: per layer type
@@ -64,18 +64,7 @@ class Gemma3(LlamaLike):
             "scale_embeddings": True,
             "norm_unit_offset": True,
             "post_norms": True,
-            "n_layer": n_layer,
-            "n_head": heads,
-            "n_kv_head": hf.get("num_key_value_heads") or heads,
-            "d_model": d,
-            "head_dim": head_dim,
-            "ffn_hidden": hf["intermediate_size"],
-            "max_seq_len": max_seq_len,
-            "norm_eps": hf.get("rms_norm_eps", 1e-6),
-            "rope_theta": theta,
-            "rope_scaling": scaling,
-            "sliding_window": window,
-            "sliding_layers": layers,
+            **shape_from_hf(hf, n_layer, head_dim, max_seq_len, (theta, scaling), (window, layers)),
             "local_rope_theta": None if window is None or local_scaling is not None else local_theta,
             "query_pre_attn_scalar": None if scalar == head_dim else scalar,
             "logit_softcap": hf.get("final_logit_softcapping"),
