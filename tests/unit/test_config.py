@@ -11,10 +11,9 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-from llm.checkpoint.files import DEFAULTS as CHECKPOINT_OPTION_DEFAULTS
 from llm.errors import ConfigError
 from llm.job import task_entry
-from llm.model import gpt_config
+from llm.model import OPTIONS_OFF, gpt_config
 from llm.tasks.config import validate
 from llm.tasks.train import run as train_entry
 from tests.conftest import CONF, compose_config
@@ -53,9 +52,9 @@ def _code_defaults(target: str) -> dict:
 
 # The model's options (QK-norm, biases, sliding windows, Gemma's...) default to off in GPTConfig: off is what a
 # checkpoint from before an option existed was trained with and what an HF family requires unless it names the
-# option (llm/checkpoint/files.py DEFAULTS, llm/hf/families/base.py OFF). A preset turns one on by setting it
+# option (llm/model/config.py OPTIONS_OFF, read by both). A preset turns one on by setting it
 # (the presets turn QK-norm on), so a run never takes the code's value: test_presets_set_every_option.
-OPTIONS = set(CHECKPOINT_OPTION_DEFAULTS)
+OPTIONS = {*OPTIONS_OFF, "tie_embeddings"}
 
 
 def _check_defaults(node: dict) -> int:
