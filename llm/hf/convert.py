@@ -5,10 +5,13 @@ What differs per family (which options it carries, its config fields, its tensor
 row or module each; here is what they share: choosing the family of a model, the common config.json fields, and
 moving tensors (q/k/v split from our fused projection, GPT-2's transposed Conv1D weights, the embedding cut to
 the real vocabulary, ours being padded). A config.json field or a model option the family lacks is a one-line
-ConfigError naming it.
+ConfigError naming it. A µP model (model.parametrization=mup) is written as the standard-parametrization model that
+computes the same logits: its multipliers folded into weights (`fold_mup`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -55,6 +58,7 @@ def family(cfg: GPTConfig) -> str:
 # ---------------------------------------------------------------------------------------------- config.json
 def config_to_hf(cfg: GPTConfig, dtype: str, special: dict) -> dict:
     """config.json for our model: `special` holds bos/eos/pad token ids."""
+    cfg = standard(cfg)
     fam = family_of(cfg)
     return {
         "architectures": [fam.architecture],
@@ -106,13 +110,53 @@ def _conv1d(fam: Family, ours: str) -> bool:  # GPT-2's Conv1D stores linear wei
     return fam.conv1d and ours.startswith("blocks.") and ours.endswith(".weight") and ".norm" not in ours
 
 
+def standard(cfg: GPTConfig) -> GPTConfig:
+    """The standard-parametrization config that a µP model is exported as (the config itself when it is SP)."""
+    return cfg if cfg.parametrization == "sp" else replace(cfg, parametrization="sp", base_width=None)
+
+
+def fold_mup(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A µP model's tensors with its multipliers folded in, so the standard model computes the same logits: the
+    output multiplier 1/m into the final norm (it feeds only the LM head) and attention's extra m^-1/2 into the
+    queries (RoPE is linear, so the scale commutes with it): the q rows of the qkv projection, or with QK-norm,
+    whose output does not see a scaled projection, the q-norm's weight. Norm weights stored as 1 + w (Gemma) are
+    folded as such. `state` is not modified."""
+    m = cfg.width_mult
+    if m == 1:
+        return state
+    state = dict(state)
+
+    def scale_norm(prefix: str, factor: float) -> None:
+        w = state[f"{prefix}.weight"].float()
+        w = (1 + w) * factor - 1 if cfg.norm_unit_offset else w * factor
+        state[f"{prefix}.weight"] = w.to(state[f"{prefix}.weight"].dtype)
+        if f"{prefix}.bias" in state:
+            state[f"{prefix}.bias"] = (state[f"{prefix}.bias"].float() * factor).to(state[f"{prefix}.bias"].dtype)
+
+    scale_norm("norm_f", 1 / m)
+    q = cfg.n_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        attn = f"blocks.{i}.attn"
+        if cfg.qk_norm:
+            scale_norm(f"{attn}.q_norm", m**-0.5)
+            continue
+        for kind in ("weight", "bias"):
+            if f"{attn}.qkv.{kind}" in state:
+                t = state[f"{attn}.qkv.{kind}"].clone()
+                t[:q] = (t[:q].float() * m**-0.5).to(t.dtype)
+                state[f"{attn}.qkv.{kind}"] = t
+    return state
+
+
 def to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF names (embedding and untied head cut to the vocabulary; tied head left out)."""
-    cfg, fam, names = model.config, family_of(model.config), name_map(model.config)
+    """The model's tensors under HF names (embedding and untied head cut to the vocabulary; tied head left out;
+    a µP model's multipliers folded in)."""
+    cfg = standard(model.config)
+    fam, names = family_of(cfg), name_map(cfg)
     split = not fam.fused_qkv
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     out = {}
-    for ours, tensor in model.state_dict().items():
+    for ours, tensor in fold_mup(model.config, model.state_dict()).items():
         if ours == "lm_head.weight" and cfg.tie_embeddings:
             continue
         tensor = tensor.detach()

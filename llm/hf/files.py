@@ -21,7 +21,7 @@ from llm.data.hub import hub_call
 from llm.data.tokenizer import load_pretrained
 from llm.errors import ConfigError, DataError, check_choice
 from llm.failures import about
-from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, to_hf
+from llm.hf.convert import config_from_hf, config_to_hf, family_of, from_hf, standard, to_hf
 from llm.model import GPT
 from llm.utils.files import atomic_dir
 
@@ -74,7 +74,7 @@ def save_hf(model: GPT, tokenizer, out_dir: str | Path, dtype: str | None = None
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{key}={str(out)!r} exists and is not an empty directory (nothing is overwritten)")
-    fam = family_of(model.config)  # a model HF cannot represent fails before anything is written
+    fam = family_of(standard(model.config))  # a model HF cannot represent fails before anything is written
     dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     check_choice("task.dtype", dtype, DTYPES)
     if len(tokenizer) > model.config.vocab_size:

@@ -13,6 +13,13 @@ are off by default, so a config without them builds the same model bit for bit:
                             Gemma: embedding x sqrt(D), RMSNorm weight applied as 1 + w, GELU-tanh gated MLP, a norm
                             after attention and after the MLP as well as before, attention scaled by
                             query_pre_attn_scalar^-1/2, tanh soft-capping of the final logits
+  parametrization, base_width
+                            µP (Yang & Hu, Tensor Programs V): `mup` makes a learning rate tuned at width
+                            `base_width` hold at width d_model. With m = d_model / base_width, the block matrices
+                            start at init_std / sqrt(m), attention scores are scaled by 1/d (hd^-1/2 x m^-1/2: the
+                            head width grows with m at a fixed head count) and the final hidden state by 1/m before
+                            the LM head; the optimizer divides the block matrices' lr (llm/train/optim.py). At
+                            m = 1 (base_width null or d_model) it is the standard parametrization (`sp`) exactly.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ class GPTConfig:
     query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar^-1/2; None: head_dim^-1/2
     logit_softcap: float | None = None  # final logits -> c * tanh(logits / c) (Gemma 2/3's final_logit_softcapping)
     family: str | None = None  # the HF model_type an imported model came from, written back on export
+    parametrization: str = "sp"  # sp | mup (µP: the lr tuned at base_width holds at d_model)
+    base_width: int | None = None  # µP's reference width (the width the lr was tuned at); None: d_model
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to"):
@@ -78,6 +87,8 @@ class GPTConfig:
         check_choice("model.pos_emb", self.pos_emb, {"rope", "learned"})
         check_choice("model.norm", self.norm, {"rmsnorm", "layernorm"})
         check_choice("model.mlp", self.mlp, {"swiglu", "gelu", "geglu"})
+        check_choice("model.parametrization", self.parametrization, {"sp", "mup"})
+        check_int("model.base_width", self.base_width, 1, allow_none=True)
         if self.norm_unit_offset and self.norm != "rmsnorm":
             raise ConfigError("model.norm_unit_offset=true needs model.norm=rmsnorm (it is Gemma's RMSNorm)")
         if self.head_dim is None:
@@ -118,6 +129,13 @@ class GPTConfig:
         return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
     @property
+    def width_mult(self) -> float:
+        """µP's width ratio m = d_model / base_width: 1.0 under the standard parametrization (or base_width unset)."""
+        if self.parametrization != "mup" or self.base_width is None:
+            return 1.0
+        return self.d_model / self.base_width
+
+    @property
     def padded_vocab_size(self) -> int:
         return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
 
@@ -155,6 +173,8 @@ OPTIONS_OFF = {
         "post_norms",
         "query_pre_attn_scalar",
         "logit_softcap",
+        "parametrization",
+        "base_width",
     )
 }
 

@@ -61,6 +61,8 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5  # None: hd^-1/2
+        if cfg.width_mult != 1:  # µP: 1/d attention, hd^-1/2 at the base width (config.py)
+            self.scale = (self.scale or cfg.head_dim**-0.5) * cfg.width_mult**-0.5
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -159,11 +161,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); norms to 1, biases to 0."""
+        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); norms to 1, biases to 0.
+        µP: the block matrices by 1/sqrt(width_mult) as well (variance 1/fan_in); the embedding and head as SP."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_projection", 0) else 1
+                if module is not self.lm_head:
+                    scale *= self.config.width_mult**-0.5
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -249,6 +254,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm_f(x)  # [B, T, D]
+        if self.config.width_mult != 1:  # µP's output multiplier: logits / width_mult
+            x = x / self.config.width_mult
         cap = self.config.logit_softcap
         if labels is not None and cap is None:  # NLL: scalar, or [B, T]
             return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size, z_loss)

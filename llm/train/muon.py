@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim._muon import muon as muon_update  # torch's update of a list of matrices (what Muon.step calls)
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
-from llm.train.optim import OptimizerConfig
+from llm.train.optim import OptimizerConfig, width_scaled
 
 
 def muon_matrices(model: nn.Module) -> set[int]:
@@ -191,7 +191,7 @@ class MuonConfig(OptimizerConfig):
     def build(self, model: nn.Module, device_type: str) -> MuonWithAdamW:
         """On an accelerator Muon is a SkippingMuon (a skipped step costs no host sync); on the CPU, where reading
         the flag costs nothing and the copies would (~15% of Muon's step), torch's Muon."""
-        groups = self.param_groups(model)
+        groups = width_scaled(self.param_groups(model), model, self.lr, self.adjust_lr)  # µP's multipliers
         if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
             raise ConfigError(MUON_FSDP)
         muon = (torch.optim.Muon if device_type == "cpu" else SkippingMuon)(

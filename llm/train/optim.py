@@ -2,7 +2,13 @@
 
 No weight decay on norms, biases and embeddings (every parameter with fewer than 2 dims, plus embeddings).
 Every group has its own peak lr (its `lr` as built); the schedule's factor of the step multiplies them all, so
-a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class. The defaults are
+a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) extends this class.
+
+µP (model.parametrization=mup, llm/model/config.py): `width_scaled` multiplies each parameter's peak lr by µP's
+table for the width ratio m = d_model / base_width (`lr_multiplier`): the block matrices (hidden weights) 1/m under
+AdamW; under Muon 1/sqrt(m) with adjust_lr=match_rms_adamw (its update's spectral norm grows as sqrt(width)) and 1
+with `original` (already width-free); the embedding, LM head, norms and biases 1 (the head's 1/m is the model's
+output multiplier). A group with several multipliers is split; at m = 1 nothing changes. The defaults are
 conf/optim/adamw.yaml's (tests/unit/test_config.py compares them).
 """
 
@@ -65,7 +71,8 @@ class OptimizerConfig:
 
     def build(self, model: nn.Module, device_type: str) -> torch.optim.AdamW:
         fused = True if self.fused is None else self.fused
-        return torch.optim.AdamW(self.param_groups(model), lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
+        groups = width_scaled(self.param_groups(model), model, self.lr)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused)
 
     def check_strategy(self, strategy: str) -> None:
         """A ConfigError when this optimizer cannot work under `trainer.strategy` (AdamW works under all)."""
@@ -99,3 +106,40 @@ def group_lrs(optimizer) -> dict[str, float]:
     first = optimizer.param_groups[0]["lr"]
     others = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups[1:] if g.get("name") and g["lr"] != first}
     return {"lr": first, **others}
+
+
+def hidden_matrices(model: nn.Module) -> set[int]:
+    """The ids of the 2-D weights of the linear layers inside the transformer blocks: µP's hidden weights."""
+    blocks = getattr(model, "blocks", None) or []
+    return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)} if blocks else set()
+
+
+def lr_multiplier(width_mult: float, hidden: bool, muon_adjust: str | None = None) -> float:
+    """µP's lr multiplier of one parameter at width ratio m = width_mult: a hidden matrix's 1/m under AdamW,
+    1/sqrt(m) under Muon with match_rms_adamw, 1 under Muon's `original`; 1 for every other parameter."""
+    if not hidden or width_mult == 1:
+        return 1.0
+    if muon_adjust is None:
+        return 1.0 / width_mult
+    return width_mult**-0.5 if muon_adjust == "match_rms_adamw" else 1.0
+
+
+def width_scaled(groups: list[dict], model: nn.Module, lr: float, muon_adjust: str | None = None) -> list[dict]:
+    """`groups` with µP's lr multipliers applied (see the module doc): each group's lr (default `lr`) times its
+    parameters' multiplier, a group whose parameters differ split in two (`<name>_hidden` for the hidden
+    matrices). Under the standard parametrization, or at width_mult 1, the groups unchanged."""
+    width_mult = getattr(getattr(model, "config", None), "width_mult", 1.0)
+    if width_mult == 1:
+        return groups
+    hidden = hidden_matrices(model)
+    out = []
+    for group in groups:
+        parts: dict[float, list] = {}
+        for p in group["params"]:
+            parts.setdefault(lr_multiplier(width_mult, id(p) in hidden, muon_adjust), []).append(p)
+        for mult, params in sorted(parts.items(), reverse=True):
+            name = group["name"] if mult == 1 or len(parts) == 1 else f"{group['name']}_hidden"
+            out.append({**group, "params": params, "lr": group.get("lr", lr) * mult, "name": name})
+        if not parts:
+            out.append(group)
+    return out
