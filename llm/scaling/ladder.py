@@ -18,6 +18,7 @@ val_loss), which `python -m llm.scaling fit <ladder dir>` reads.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -115,11 +116,12 @@ def commands(rungs: list[Rung], out: Path, fractions=(0.25, 0.5), extra: list[st
 
 
 def run_ladder(cmds: list[list[str]], root: Path) -> None:
-    """Each command through run.py in turn (a run dir that already holds results.json is skipped: rerunning the
-    ladder continues it)."""
+    """Each command through run.py in turn, on one thread unless OMP_NUM_THREADS says otherwise (a run dir that
+    already holds results.json is skipped: rerunning the ladder continues it)."""
     for cmd in cmds:
         run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1])
         if (run_dir / "results.json").exists():
             continue
         print("python run.py " + " ".join(cmd), flush=True)
-        subprocess.run([sys.executable, str(root / "run.py"), *cmd], check=True, cwd=root)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # tiny models: one thread
+        subprocess.run([sys.executable, str(root / "run.py"), *cmd], check=True, cwd=root, env=env)

@@ -239,7 +239,37 @@ def write_summary(config) -> int:
     line += f"; best: job {best['name'].split('_')[0]}, {metric} {best['objective']:.4g}" if best else ""
     line += f"; {failed} failed)" if failed else ")"
     print(line, file=sys.stderr)
+    transfer = mup_transfer(Path(best["dir"]), config.get("mup_target_width")) if best else None
+    if transfer:
+        summary["mup_transfer"] = transfer
+        write_atomic(Path(config.hydra.sweep.dir) / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
+        print(transfer["line"], file=sys.stderr)
     return failed
+
+
+def mup_transfer(job_dir: Path, target_width: int | None) -> dict | None:
+    """For a sweep run under µP (model.parametrization=mup): the overrides that train a model of `target_width` with
+    the best job's learning rates (µP's per-group multipliers move each parameter's lr with the width ratio to
+    model.base_width, so the lrs themselves carry over). None when the best job is not µP or has no config."""
+    try:
+        cfg = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    model, optim = cfg.get("model") or {}, cfg.get("optim") or {}
+    if model.get("parametrization") != "mup":
+        return None
+    width = model.get("d_model")
+    base = model.get("base_width") or width
+    lrs = {f"optim.{k}": optim[k] for k in ("lr", "adam_lr") if isinstance(optim.get(k), (int, float))}
+    overrides = [f"model.d_model={target_width or width}", "model.parametrization=mup", f"model.base_width={base}"]
+    overrides += [f"{k}={v:.4g}" for k, v in lrs.items()]
+    line = (
+        f"µP: the lr found at width {width} for width {target_width or width}: "
+        + " ".join(overrides)
+        + f" (hidden matrices then train at {base / (target_width or width):.3g} x optim.lr under AdamW, "
+        f"{(base / (target_width or width)) ** 0.5:.3g} x under Muon's match_rms_adamw)"
+    )
+    return {"width": width, "target_width": target_width or width, "overrides": overrides, "line": line}
 
 
 class SweepSummary:

@@ -136,3 +136,25 @@ def test_mup_export_gives_transformers_equal_logits(tiny_tokenizer, tmp_path, ar
     x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, m(x)[..., :V], rtol=0, atol=1e-4)
+
+
+def test_sweep_prints_the_lr_for_the_target_width(tmp_path):
+    """A µP sweep's best job (hparams_search=mup): the overrides that train the target width with its lrs."""
+    import yaml
+
+    from llm.sweep.summary import mup_transfer
+
+    (tmp_path / ".hydra").mkdir()
+    config = {"model": {"d_model": 128, "parametrization": "mup", "base_width": 128}, "optim": {"lr": 0.0123}}
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    transfer = mup_transfer(tmp_path, 512)
+    assert transfer["overrides"] == [
+        "model.d_model=512",
+        "model.parametrization=mup",
+        "model.base_width=128",
+        "optim.lr=0.0123",
+    ]
+    assert "0.25 x optim.lr under AdamW" in transfer["line"]
+    config["model"]["parametrization"] = "sp"
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert mup_transfer(tmp_path, 512) is None
