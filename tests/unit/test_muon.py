@@ -19,7 +19,7 @@ from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.model import build_gpt
 from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
-from llm.train.muon import SkippingMuon
+from llm.train.muon import BatchedMuon
 from llm.train.steps import optimizer_step
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
@@ -226,7 +226,7 @@ def _muon_pair(**kw):
     """torch's Muon and ours on two copies of the same model (nesterov off, to see both momentum forms)."""
     a, b = _model(), _model()
     params = lambda m: [p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2]  # noqa: E731
-    return a, b, torch.optim.Muon(params(a), **kw), SkippingMuon(params(b), **kw)
+    return a, b, torch.optim.Muon(params(a), **kw), BatchedMuon(params(b), **kw)
 
 
 @pytest.mark.parametrize("kw", [{"lr": 0.02}, {"lr": 0.05, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}])
