@@ -103,15 +103,12 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     return server, f"http://{bound[0]}:{bound[1]}"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        device = device_of(args.device)
-        source = ModelSource.resolve(args.model, key="model")  # a wrong path fails here, before binding
-    except LLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def prepare(args) -> tuple[uvicorn.Server, ServerState, threading.Thread]:
+    """The server (not started), its state, and the thread that loads the model into it (not started): the
+    model's source is resolved here, so a wrong path fails before anything binds."""
+    check_args(args)
+    device = device_of(args.device)
+    source = ModelSource.resolve(args.model, key="model")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _loopback(args.host) and api_key is None:
         logger.warning(f"--host {args.host} without an API key: anyone who reaches this port can use the model")
@@ -127,8 +124,18 @@ def main(argv=None) -> int:
             logger.error(f"loading {args.model} failed: {state.failed}")
             server.should_exit = True
 
-    threading.Thread(target=load_in_background, daemon=True).start()
-    logger.info(f"serving {args.model} as {state.model_name!r} on http://{args.host}:{args.port}/ (chat page at /)")
+    return server, state, threading.Thread(target=load_in_background, daemon=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        server, state, loader = prepare(args)
+    except LLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    loader.start()
+    logger.info(f"serving {args.model} as {state.model_name!r} on {args.host}:{args.port} (the chat page at /)")
     server.run()
     if state.engine is not None:
         state.engine.close()

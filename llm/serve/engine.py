@@ -62,6 +62,7 @@ class Engine:
         self.wake = threading.Event()
         self.closed = False
         self.steps = 0  # decoding steps so far (a step of B rows counts once)
+        self.peak = 0  # the most rows that decoded together
         self.thread = threading.Thread(target=self._loop, name="llm-serve-engine", daemon=True)
         self.thread.start()
 
@@ -90,6 +91,7 @@ class Engine:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
                 continue
+            self.peak = max(self.peak, len(self.running))
             try:
                 tokens = self.batch.step()
             except Exception as e:  # the whole batch fails (e.g. out of memory): each client is told, then on
