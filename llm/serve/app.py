@@ -153,6 +153,9 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     _authorize(state, request)
     if state.engine is None:
         raise APIError(503, "the model is still loading: retry when GET /health answers 200")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # also keeps other web pages' plain form posts out (they cannot send JSON)
+        raise APIError(400, f"Content-Type must be application/json, not {kind or 'none'!r}")
     body = parse_json(await _read_body(request, state.limits.max_body_bytes), state.limits)
     params = (check_chat if chat else check_completion)(body, state.limits)
     if params.model != state.model_name:

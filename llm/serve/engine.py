@@ -85,22 +85,25 @@ class Engine:
 
     def _loop(self) -> None:
         while not self.closed:
-            self._drop_cancelled()
-            self._admit()
-            if not self.running:
-                self.wake.wait(timeout=0.5)
-                self.wake.clear()
-                continue
-            self.peak = max(self.peak, len(self.running))
             try:
-                tokens = self.batch.step()
-            except Exception as e:  # the whole batch fails (e.g. out of memory): each client is told, then on
+                self._iteration()
+            except Exception as e:  # the whole batch fails (e.g. out of memory): its clients are told, then on
                 logger.exception("decoding step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                continue
-            self.steps += 1
-            done = [key for key, token in zip(self.batch.keys(), tokens) if self._advance(self.running[key], token)]
-            self._leave(done)
+
+    def _iteration(self) -> None:
+        """Drop the rows whose client went away, let waiting requests join, decode one token for every row."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            return
+        self.peak = max(self.peak, len(self.running))
+        tokens = self.batch.step()
+        self.steps += 1
+        done = [key for key, token in zip(self.batch.keys(), tokens) if self._advance(self.running[key], token)]
+        self._leave(done)
 
     def _drop_cancelled(self) -> None:
         gone = [key for key, r in self.running.items() if r.cancelled]

@@ -209,9 +209,11 @@ def test_a_cut_stream_frees_its_row_and_errors_end_a_stream(served, monkeypatch)
     assert _ask(_client(url), "a", False, False, **GREEDY)[1] == "length"  # serving on
 
 
+JSON = {"Content-Type": "application/json"}
 BAD = [  # (body or raw bytes, headers, status, text in the message, param)
-    (b"{not json", {}, 400, "not valid JSON", None),
-    (b"[1, 2]", {}, 400, "JSON object", None),
+    (b"{not json", JSON, 400, "not valid JSON", None),
+    (b"[1, 2]", JSON, 400, "JSON object", None),
+    (b'{"model": "tiny", "prompt": "x"}', {"Content-Type": "text/plain"}, 400, "application/json", None),
     ({"model": NAME}, {}, 400, "messages", "messages"),
     ({"model": NAME, "messages": []}, {}, 400, "non-empty", "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "'wizard'", "messages[0]"),
