@@ -55,7 +55,7 @@ def requests_for_bench(n: int, max_tokens: int, seed: int = 0) -> list[dict]:
     return [
         {
             "model": NAME,
-            "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(4, 24))),
+            "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))),
             "max_tokens": max_tokens,
             "temperature": 1.0,
             "seed": i,
@@ -70,7 +70,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, 
     """(seconds to the first text, completion tokens) of one streamed request."""
     start, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise SystemExit(f"{url}: {response.status_code} {(await response.aread()).decode()}")
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
