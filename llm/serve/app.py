@@ -275,14 +275,18 @@ async def _events(reply: _Reply, queue: asyncio.Queue, job: EngineRequest, param
 
 async def _collect(reply: _Reply, queue: asyncio.Queue, job: EngineRequest, request: Request):
     """A non-streamed reply, waiting for the engine; the row is dropped if the client disconnects meanwhile."""
-    parts = []
+    parts, checked = [], time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked > 0.5 or event is None:  # twice a second: is the client still there?
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
+            if event is None:
                 continue
             if event[0] == "text":
                 parts.append(event[1])

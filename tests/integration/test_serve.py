@@ -191,11 +191,17 @@ def test_a_cut_stream_frees_its_row_and_errors_end_a_stream(served, monkeypatch)
     state, url = served
     _slow(monkeypatch, state.engine)
     body = {"model": NAME, "prompt": "a", "stream": True, "temperature": 0, "max_tokens": 200}
+    steps = state.engine.steps
     with httpx.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if '"text": "' in line and '"text": ""' not in line:
                 break  # the client goes away mid-reply
     assert state.engine.active <= 1 and _wait(lambda: state.engine.active == 0)
+    assert state.engine.steps - steps < 199  # its row left before its 200 tokens
+    steps = state.engine.steps
+    with pytest.raises(httpx.TimeoutException):  # a non-streamed request whose client gives up
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    assert _wait(lambda: state.engine.active == 0) and state.engine.steps - steps < 199
     monkeypatch.undo()
 
     def broken():
