@@ -92,7 +92,8 @@ def load(state: ServerState, source: ModelSource, device, dtype, max_batch: int,
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     """Start uvicorn on `app` in a thread (port 0: a free one); returns (server, its base URL). Stop it with
     `server.should_exit = True`."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -103,9 +104,10 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     return server, f"http://{bound[0]}:{bound[1]}"
 
 
-def prepare(args) -> tuple[uvicorn.Server, ServerState, threading.Thread]:
+def prepare(args, log_config=uvicorn.config.LOGGING_CONFIG) -> tuple[uvicorn.Server, ServerState, threading.Thread]:
     """The server (not started), its state, and the thread that loads the model into it (not started): the
-    model's source is resolved here, so a wrong path fails before anything binds."""
+    model's source is resolved here, so a wrong path fails before anything binds. `log_config`: uvicorn's logging
+    (None: leave the process's logging as it is)."""
     check_args(args)
     device = device_of(args.device)
     source = ModelSource.resolve(args.model, key="model")
@@ -114,7 +116,8 @@ def prepare(args) -> tuple[uvicorn.Server, ServerState, threading.Thread]:
         logger.warning(f"--host {args.host} without an API key: anyone who reaches this port can use the model")
     limits = Limits(args.max_tokens, args.max_messages, args.max_chars)
     state = ServerState(args.served_model_name or args.model, limits, api_key)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info"))
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info", log_config=log_config)
+    server = uvicorn.Server(config)
 
     def load_in_background() -> None:
         try:

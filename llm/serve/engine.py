@@ -6,7 +6,8 @@ hands it to its event loop), so nothing of generation runs on the server's event
 
 Events a request receives, in order: ("text", str) pieces, then ("done", finish_reason, usage) or ("error",
 message). Text is held back while it ends in an incomplete multi-byte character or in what may be the start of a
-stop string; a stop string is never sent.
+stop string; a stop string is never sent. Text is decoded incrementally over a short window of recent tokens, so a
+step costs the same at the 10th token of a reply as at the 4000th.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class Request:
     top_k: int | None = None
     seed: int | None = None
     ids: list[int] = field(default_factory=list)  # generated so far
+    text: str = ""  # the decoded text of `ids` (complete characters)
     shown: str = ""  # text emitted so far
+    prefix_offset: int = 0  # decoding window: ids[prefix_offset:read_offset] were read before
+    read_offset: int = 0
     cancelled: bool = False
     first_token_at: float | None = None
 
@@ -157,23 +161,16 @@ class Engine:
         stopped = token in r.stop_ids
         if not stopped:
             r.ids.append(token)
-        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-        finish = "stop" if stopped else None
-        cut = min((at for s in r.stop if (at := text.find(s)) >= 0), default=-1)
+        finish = "stop" if stopped else "length" if len(r.ids) >= r.max_tokens else None
+        self._detokenize(r, final=finish is not None)
+        text = r.text
+        cut = min((at for s in r.stop if (at := text.find(s, max(0, len(r.shown) - len(s)))) >= 0), default=-1)
         if cut >= 0:  # a stop string: the text ends before it
             text, finish = text[: max(cut, len(r.shown))], "stop"
-        elif finish is None and len(r.ids) >= r.max_tokens:
-            finish = "length"
-        if finish is None:  # hold back an incomplete character and a possible start of a stop string
+        elif finish is None:  # hold back what may be the start of a stop string
             text = text[: len(text) - _held(text, r.stop)]
-            if text.endswith("\ufffd"):
-                text = r.shown
-        if len(text) > len(r.shown) and text.startswith(r.shown):
+        if len(text) > len(r.shown):
             r.emit("text", text[len(r.shown) :])
-            r.shown = text
-        elif len(text) != len(r.shown) and not text.startswith(r.shown):  # decoding changed earlier text: the rest
-            if len(text) > len(r.shown):
-                r.emit("text", text[len(r.shown) :])
             r.shown = text
         if finish is not None:
             generated = len(r.ids) + int(stopped)
@@ -185,6 +182,17 @@ class Engine:
             r.emit("done", finish, usage)
             return True
         return False
+
+    def _detokenize(self, r: Request, final: bool) -> None:
+        """Extend r.text with the characters the new tokens complete, decoding a short window of recent tokens
+        (not the whole reply each step): the window's text minus the text of its first, already read tokens
+        (which keeps tokenizers that drop a leading space right). An incomplete multi-byte character waits for
+        the next token, except at the end of the reply."""
+        window = self.tokenizer.decode(r.ids[r.prefix_offset :], skip_special_tokens=True)
+        before = self.tokenizer.decode(r.ids[r.prefix_offset : r.read_offset], skip_special_tokens=True)
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            r.text += window[len(before) :]
+            r.prefix_offset, r.read_offset = r.read_offset, len(r.ids)
 
 
 def _held(text: str, stops: tuple[str, ...]) -> int:

@@ -407,7 +407,7 @@ def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     ckpt = save_checkpoint(tmp_path / "ckpt", model, None, {"step": 1}, model.config.to_dict(), tokenizer)
     args = parse_args([str(ckpt), "--port", "0", "--served-model-name", NAME, "--api-key", KEY])
-    server, state, loader = prepare(args)
+    server, state, loader = prepare(args, log_config=None)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
