@@ -131,7 +131,7 @@ def test_stop_strings_and_seeds(served, tiny):
     assert len(sampled) == 1
 
 
-def test_eight_concurrent_clients_get_their_alone_replies(served, tiny):
+def test_eight_concurrent_clients_get_their_alone_replies(served, tiny, monkeypatch):
     state, url = served
     prompts = [f"sort: {' '.join('pear fig kiwi plum'.split()[: 1 + i % 4])} {i}" for i in range(8)]
     expected = [_alone(tiny, p, chat=i % 2 == 0, max_tokens=24) for i, p in enumerate(prompts)]
@@ -142,6 +142,7 @@ def test_eight_concurrent_clients_get_their_alone_replies(served, tiny):
         replies[i] = _ask(_client(url), prompts[i], i % 2 == 0, i % 3 == 0, temperature=0, max_tokens=24)[0]
 
     state.engine.peak = 0
+    _slow(monkeypatch, state.engine, 0.01)  # 24 steps of 10 ms or more: the requests overlap on any machine
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
     [t.join(timeout=60) for t in threads]
@@ -367,7 +368,7 @@ def test_chat_page_in_chromium(served, tiny, monkeypatch, tmp_path):
             assert reply.text_content() == _alone(tiny, typed, chat=True)  # streamed in, rendered as text
             assert page.locator(".msg.user").last.text_content() == typed and page.locator("#log img").count() == 0
             # a long reply, stopped: the row leaves the batch
-            _slow(monkeypatch, state.engine)
+            _slow(monkeypatch, state.engine, 0.03)
             page.fill("#max-tokens", "150")
             page.fill("#input", "reverse: one two three")
             page.click("#send")
