@@ -43,6 +43,7 @@ class Limits:
     max_chars: int = 200_000  # characters of all messages (or the prompt) together
     max_body_bytes: int = 2**21  # the request body
     max_stop: int = 4  # stop strings (OpenAI's limit)
+    max_stop_chars: int = 256  # characters of one stop string (each step looks for its start at the text's end)
 
 
 @dataclass
@@ -140,8 +141,10 @@ def _stop(value, limits: Limits) -> tuple[str, ...]:
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > limits.max_stop:
-        raise APIError(400, f"stop must be a non-empty string or a list of at most {limits.max_stop} of them", "stop")
+    ok = isinstance(stops, list) and len(stops) <= limits.max_stop
+    if not ok or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stops):
+        raise APIError(400, f"stop must be a string of 1 to {limits.max_stop_chars} characters or a list of at most "
+                       f"{limits.max_stop} of them", "stop")  # fmt: skip
     return tuple(stops)
 
 

@@ -265,6 +265,7 @@ BAD = [  # (body or raw bytes, headers, status, text in the message, param)
     ),
     ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 2}, {}, 400, "n=1", "n"),
     ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "stop": [""]}, {}, 400, "stop", "stop"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "stop": "x" * 257}, {}, 400, "256", "stop"),
     (
         {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
         {},
