@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import build_gpt
+from llm.model import build_gpt, sample_next_token
 from llm.train.grpo import token_logps
 from llm.train.objectives import LanguageModeling, sequence_logps
 
@@ -78,6 +78,8 @@ def test_sampling_never_draws_a_padded_id():
     model = padded_model()
     prompt = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a sampler of one's own on the model's logits (the padded rows would win most draws)
+        assert sample_next_token(model(prompt)[:, -1].repeat(100, 1), generator=gen).max() < V
     out = model.generate(prompt, 12, temperature=1.5, generator=gen, num_samples=8)  # 192 draws, flattened
     assert out.max() < V
     assert model.generate(prompt, 12, temperature=0).max() < V  # greedy
