@@ -109,9 +109,13 @@ def group_lrs(optimizer) -> dict[str, float]:
 
 
 def hidden_matrices(model: nn.Module) -> set[int]:
-    """The ids of the 2-D weights of the linear layers inside the transformer blocks: µP's hidden weights."""
-    blocks = getattr(model, "blocks", None) or []
-    return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)} if blocks else set()
+    """The ids of the 2-D weights of the linear layers inside the transformer blocks, and of the 3-D parameters
+    there (stacked expert matrices): µP's hidden weights."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return set()
+    linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
+    return linear | {id(p) for p in blocks.parameters() if p.dim() == 3}
 
 
 def lr_multiplier(width_mult: float, hidden: bool, muon_adjust: str | None = None) -> float:
