@@ -1,7 +1,9 @@
 """The loss as a function of parameters N and training tokens D: L(N, D) = E + A / N^alpha + B / D^beta, fitted as
 Hoffmann et al. (2022, "Chinchilla", approach 3) and OLMo's ladder do: the Huber loss (delta 1e-3) of the log
 residuals, log L_hat - log L with log L_hat = logsumexp(a - alpha log N, b - beta log D, e) (A = e^a, B = e^b,
-E = e^e), minimised with L-BFGS from a grid of starting points, the best kept. Plain torch in float64."""
+E = e^e; alpha and beta through a sigmoid, so that they stay in (0, MAX_EXPONENT): a handful of small runs
+otherwise lets an exponent run off to where a term vanishes), minimised with L-BFGS from a grid of
+starting points, the best kept. Plain torch in float64."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llm.errors import ConfigError
+
+MAX_EXPONENT = 1.5  # published fits: alpha, beta 0.07-0.5
+
+
+def _logit(exponent: float) -> float:
+    return math.log(exponent / (MAX_EXPONENT - exponent))
 
 
 @dataclass
@@ -36,7 +44,8 @@ def _huber(r: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def _objective(theta: torch.Tensor, log_n, log_d, log_l, delta: float) -> torch.Tensor:
-    a, b, e, alpha, beta = theta
+    a, b, e, x_alpha, x_beta = theta
+    alpha, beta = MAX_EXPONENT * torch.sigmoid(x_alpha), MAX_EXPONENT * torch.sigmoid(x_beta)
     pred = torch.logsumexp(torch.stack([a - alpha * log_n, b - beta * log_d, e.expand_as(log_n)]), dim=0)
     return _huber(pred - log_l, delta).mean()
 
@@ -58,7 +67,8 @@ def fit_law(n: list[float], d: list[float], loss: list[float], delta: float = 1e
     }
     best, best_value = None, math.inf
     for start in itertools.product(*grid.values()):
-        theta = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        a, b, e, alpha, beta = start
+        theta = torch.tensor([a, b, e, _logit(alpha), _logit(beta)], dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS(
             [theta], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
         )
@@ -79,5 +89,6 @@ def fit_law(n: list[float], d: list[float], loss: list[float], delta: float = 1e
             best, best_value = theta.detach().clone(), value
     if best is None:
         raise ConfigError("the L(N, D) fit did not converge from any starting point")
-    a, b, e, alpha, beta = best.tolist()
+    a, b, e, x_alpha, x_beta = best.tolist()
+    alpha, beta = (MAX_EXPONENT / (1 + math.exp(-x)) for x in (x_alpha, x_beta))
     return Law(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, huber=best_value)
