@@ -111,6 +111,14 @@ def test_checkpoints_keep_the_parametrization():
     check_compatible(old, sp, "init_from", "ckpt")
 
 
+def test_adapter_export_of_a_mup_model_is_refused_in_one_line():
+    """LoRA adapters sit on the projections that the export folds µP's scales into: the family check refuses."""
+    from llm.hf.convert import family_of
+
+    with pytest.raises(ConfigError, match="model.parametrization=mup: LlamaForCausalLM needs model.parametrization=sp"):
+        family_of(GPTConfig(**SMALL, d_model=32, parametrization="mup", base_width=16))
+
+
 transformers = pytest.importorskip("transformers")
 
 EXPORTS = {
