@@ -56,7 +56,7 @@ def test_mup_at_base_width_is_sp_exactly():
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     for optim in (OptimizerConfig(lr=0.01, warmup_steps=0), MuonConfig(lr=0.02, warmup_steps=0)):
         runs = []
-        for kw in ({}, {"parametrization": "mup", "base_width": 32}, {"parametrization": "mup"}):
+        for kw in ({}, {"parametrization": "mup", "base_width": 32}):
             m = model(32, qk_norm=True, **kw)
             opt = optim.build(m, "cpu")
             logits = [m(x)]
@@ -66,8 +66,8 @@ def test_mup_at_base_width_is_sp_exactly():
                 opt.zero_grad()
             logits.append(m(x))
             runs.append(logits)
-        for other in runs[1:]:
-            assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert GPTConfig(**SMALL, d_model=32, parametrization="mup").width_mult == 1  # base_width null: d_model
 
 
 def test_mup_scales_away_from_base_width():
