@@ -266,7 +266,7 @@ class Trainer:
             st.last_eval = val
             st.last_val_loss = val.get("val_loss", st.last_val_loss)
             reason = self.early_stop(st.step, val) if self.early_stop else None
-            if reason:
+            if reason and st.step < self.max_steps:  # at the last step nothing is left to stop: the run is done
                 self.stop.finish(reason)
         log_line(st.step, self.max_steps, record)
         for lg in self.loggers:
