@@ -43,7 +43,7 @@ def test_table_plot_and_legend_from_run_dirs(tmp_path):
         {"val_loss": 4.2, "steps": 4, "eval/hellaswag/acc": 0.25, "eval/hellaswag/acc_stderr": 0.01},
         records,
     )
-    b = make_run(tmp_path / "runs" / "b", ["trainer.max_steps=4", "optim=adamw"], None, records[:3], {"optim": "adamw"})
+    make_run(tmp_path / "runs" / "b", ["trainer.max_steps=4", "optim=adamw"], None, records[:3], {"optim": "adamw"})
     assert [e["tokens"] for e in read_run(a).evals] == [0, 300, 400]
     runs, md = compare([str(tmp_path / "runs" / "*")], tmp_path / "out")
     assert [r.name for r in runs] == ["a", "b"] and [r.status for r in runs] == ["done", "interrupted"]
