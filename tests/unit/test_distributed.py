@@ -4,6 +4,9 @@ single-process no-ops."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -223,11 +226,14 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
 
 def test_each_error_line_printed_once_per_machine(tmp_path, monkeypatch):
     """Under torchrun / srun every rank usually ends with the same line: the first rank of this launch on this
-    machine to end with it prints it; another line is printed too; one process alone always prints."""
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the markers
-    ranks = {"WORLD_SIZE": "2", "LLM_RUN_STAMP": "2026-01-01/00-00-00"}
+    machine to end with it prints it; another line is printed too; one process alone always prints. The failed
+    launch leaves nothing behind in the temp dir (no `llm-error-*` marker files)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    stamp = f"test-{os.getpid()}-{time.time_ns()}"  # this test's launches only (other test runs share the machine)
+    ranks = {"WORLD_SIZE": "2", "LLM_RUN_STAMP": stamp}
     assert C.first_to_report("error: model.n_head=0", ranks)
     assert not C.first_to_report("error: model.n_head=0", ranks)  # the other rank, same line
     assert C.first_to_report("error: out of memory", ranks)  # its own line
-    assert C.first_to_report("error: model.n_head=0", {**ranks, "LLM_RUN_STAMP": "2026-01-01/00-00-09"})  # next launch
+    assert C.first_to_report("error: model.n_head=0", {**ranks, "LLM_RUN_STAMP": stamp + "-next"})  # next launch
     assert C.first_to_report("error: x", {}) and C.first_to_report("error: x", {})  # no launch: always
+    assert list(tmp_path.iterdir()) == []
