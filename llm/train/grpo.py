@@ -108,12 +108,31 @@ class GRPO(Objective):
         plain = unwrap_model(model)
         if is_fsdp(plain):  # ranks stop generating at different steps: FSDP's all-gathers would not line up
             raise ConfigError("task=grpo does not work with trainer.strategy=fsdp yet; use ddp or single")
+        self.check_fits(plain.config.max_seq_len, data)
         self.tokenizer = data.tokenizer
         self.stop_id = stop_token_id(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_id
         self.base_reference = bool(self.beta) and has_lora(plain)  # LoRA: the base is the policy, adapters off
         if self.beta and not self.base_reference:  # the KL's reference: the starting weights, frozen (setup runs
             self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)  # before a resume restores)
+
+    def check_fits(self, max_seq_len: int, data) -> None:
+        """Before any step: the longest prompt plus the completion it may get fits the model's context (the
+        training batch lays them out as one sequence), for the training and for the held-out prompts."""
+        for key, new_tokens, rows, which in (
+            ("max_new_tokens", self.max_new_tokens, data.train.items, "training"),
+            ("eval_max_new_tokens", self.eval_max_new_tokens, data.eval_rows, "held-out"),
+        ):
+            longest = max((len(r["prompt_ids"]) for r in rows), default=0)
+            if longest + new_tokens > max_seq_len:
+                keep = max_seq_len - new_tokens
+                raise ConfigError(
+                    f"task.objective.{key}={new_tokens} + the longest {which} prompt ({longest} tokens) = "
+                    f"{longest + new_tokens} positions, more than model.max_seq_len={max_seq_len}: lower "
+                    f"task.objective.{key}, "
+                    + (f"leave the longer prompts out (task.data.max_prompt_tokens={keep}), " if keep > 0 else "")
+                    + "or raise model.max_seq_len"
+                )
 
     def describe_step(self, batch_size: int, seq_len: int, micro_batch_size: int, accum_steps: int) -> str:
         """A step samples group_size completions of each of batch_size prompts, then trains on them."""

@@ -303,3 +303,21 @@ def test_the_plan_line_says_what_a_step_is_and_the_closing_line_what_it_did(tmp_
         logger.remove(handler)
     assert "3 steps in 0.0s, exact_match 0.1 -> 0.35, reward 0.2 -> 0.5; results in" in lines[0]
     assert "val_loss 4.5 -> 3.25" in lines[1]
+
+
+def test_a_prompt_and_its_completion_past_the_context_is_refused_before_any_step(grpo_setup, tiny_tokenizer):
+    _, data = grpo_setup
+    train, held = (max(len(r["prompt_ids"]) for r in rows) for rows in (data.train.items, data.eval_rows))
+    limit = max(train, held) + 3
+    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=limit)
+    make = lambda **kw: GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, **kw)  # noqa: E731
+    make(max_new_tokens=limit - max(train, held)).setup(model, data)  # fits exactly
+    with pytest.raises(ConfigError) as e:
+        make(max_new_tokens=limit - train + 1).setup(model, data)
+    assert str(e.value) == (
+        f"task.objective.max_new_tokens={limit - train + 1} + the longest training prompt ({train} tokens) = "
+        f"{limit + 1} positions, more than model.max_seq_len={limit}: lower task.objective.max_new_tokens, leave "
+        f"the longer prompts out (task.data.max_prompt_tokens={train - 1}), or raise model.max_seq_len"
+    )
+    with pytest.raises(ConfigError, match=rf"^task.objective.eval_max_new_tokens=50 \+ the longest held-out prompt"):
+        make(max_new_tokens=1, eval_max_new_tokens=50).setup(model, data)
