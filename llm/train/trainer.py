@@ -131,7 +131,7 @@ class Trainer:
         self.guard = StepGuard(
             self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window, self.state.spike_window
         )  # skipped steps (non-finite, loss spikes), on the device
-        self.window = MetricsWindow(self.device, self.state.log_window)
+        self.window = MetricsWindow(self.device, self.state.log_window, self.objective.summarize_train)
         flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
         self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
         loop, micro = self.loop, self.micro_batch_size
