@@ -127,7 +127,7 @@ def read_run(run_dir: Path) -> Run:
     overrides = {}
     for o in _read_yaml(hydra / "overrides.yaml") or []:
         key, _, value = str(o).partition("=")
-        if not key.lstrip("+~").startswith("hydra."):
+        if not key.lstrip("+~").startswith("hydra.") and key != "+trial":  # +trial: the Optuna sweeper's count
             overrides[key.lstrip("+")] = value
     choices = {k: str(v) for k, v in ((_read_yaml(hydra / "hydra.yaml").get("hydra") or {}).get("runtime") or {})
                .get("choices", {}).items() if not str(k).startswith("hydra")}  # fmt: skip
