@@ -68,7 +68,7 @@ class Run:
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
-        return json.dumps(node) if isinstance(node, (list, dict)) else str(node) if node is not None else "null"
+        return json.dumps(node) if isinstance(node, (list, dict, bool)) or node is None else str(node)  # as typed
 
     def final(self, key: str):
         """A final metric: results.json's, else (no results) the last logged value of a validation metric."""
