@@ -92,7 +92,7 @@ def train_on(
 def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
     """Clip, step and zero the gradients; returns (the gradient norm, 1.0 if the update was skipped: a non-finite
     norm, or `skip` set, a loss spike). Without a host sync where the optimizer takes found_inf (`defaults["fused"]`:
-    the fused AdamW, and optim=muon on an accelerator with it: llm.train.muon.SkippingMuon); otherwise the flag is
+    the fused AdamW, and optim=muon on an accelerator with it: llm.train.muon.BatchedMuon); otherwise the flag is
     read on the host.
     A non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))
