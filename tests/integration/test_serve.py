@@ -279,6 +279,26 @@ BAD = [  # (body or raw bytes, headers, status, text in the message, param)
     ({"model": NAME, "prompt": ["a", "b"]}, {}, 400, "prompt must be", "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, {}, 404, "'gpt-4' does not exist", "model"),
     ({"model": NAME, "prompt": "x" * 20_000}, {}, 413, "at most 10000", None),
+    ({"model": NAME, "prompt": "x", "temperature": 10**400}, {}, 400, "(401 characters) must be", "temperature"),
+    (b'{"model": "tiny", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", JSON, 400, "too deeply", None),
+    (
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+        JSON,
+        400,
+        r"\ud800 at",
+        "messages[0].content",
+    ),
+    (b'{"model": "tiny", "prompt": "a\\udfff", "stop": "\\ud800"}', JSON, 400, "lone surrogate", "stop"),
+    ({"model": NAME, "prompt": "x", "best_of": 2}, {}, 400, "best_of=1", "best_of"),
+    ({"model": NAME, "prompt": "x", "presence_penalty": 1}, {}, 400, "not supported", "presence_penalty"),
+    ({"model": NAME, "prompt": "x", "frequency_penalty": "x"}, {}, 400, "[-2, 2]", "frequency_penalty"),
+    (
+        {"model": NAME, "prompt": "x", "response_format": {"type": "json_object"}},
+        {},
+        400,
+        "not supported",
+        "response_format",
+    ),
 ]
 
 
