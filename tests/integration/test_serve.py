@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -423,9 +424,10 @@ def test_chat_page_in_chromium(served, tiny, monkeypatch, tmp_path):
             browser.close()
 
 
-def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys):
+def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
     """`python -m llm.serve <checkpoint dir>` (its functions in-process): /health answers 503 while the model loads
-    in the background, then 200, and the model answers as `llm.generate` does; a wrong path is one line, exit 2."""
+    in the background, then 200, and the model answers as `llm.generate` does; a wrong path, a port in use, a host
+    that is no address, an API key no header can carry: one line, exit 2."""
     model, tokenizer = tiny
     ckpt = save_checkpoint(tmp_path / "ckpt", model, None, {"step": 1}, model.config.to_dict(), tokenizer)
     args = parse_args([str(ckpt), "--port", "0", "--served-model-name", NAME, "--api-key", KEY])
@@ -445,6 +447,19 @@ def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys):
         if state.engine is not None:
             state.engine.close()
     capsys.readouterr()
-    assert main([str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing" in err and len(err.splitlines()) == 1
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    for argv, env, says in [  # each one line naming the culprit, exit 2, before the model loads
+        ([str(tmp_path / "missing")], "", "missing"),
+        ([str(ckpt), "--port", port], "", f"--port={port}: cannot listen there"),
+        ([str(ckpt), "--host", "no such host", "--port", "0"], "", "--host='no such host' is not an address"),
+        ([str(ckpt), "--port", "0"], " key with spaces", "LLM_SERVE_API_KEY: the API key must be printable ASCII"),
+        ([str(ckpt), "--port", "0", "--api-key", "cl\u00e9"], "", "--api-key: the API key must be printable ASCII"),
+    ]:
+        monkeypatch.setenv("LLM_SERVE_API_KEY", env)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1, (argv, err)
+    busy.close()
