@@ -92,8 +92,10 @@ class GRPO(Objective):
         self.top_k = check_int("task.objective.top_k", top_k, 1, allow_none=True)
         self.max_new_tokens = check_int("task.objective.max_new_tokens", max_new_tokens, 1)
         self.eval_max_new_tokens = check_int(
-            "task.objective.eval_max_new_tokens", eval_max_new_tokens or max_new_tokens, 1
-        )
+            "task.objective.eval_max_new_tokens",
+            max_new_tokens if eval_max_new_tokens is None else eval_max_new_tokens,
+            1,
+        )  # 0 is refused, not taken for null
         self.loss_type, self.seed = loss_type, seed
         self.rewards = load_rewards(list(rewards)) if rewards and isinstance(rewards[0], dict) else list(rewards)
         if not self.rewards:
