@@ -246,8 +246,10 @@ class GRPO(Objective):
         of every rank, not means of per-batch statistics."""
         s = {k[len(STATS) :]: v.float() for k, v in batch.items() if k.startswith(STATS)}
         out = {
-            "samples" + SUM_METRIC: torch.tensor(float(s["rewards"].numel()), device=s["rewards"].device),
-            "groups" + SUM_METRIC: torch.tensor(float(s["zero_variance"].numel()), device=s["rewards"].device),
+            # counts filled on the device (torch.tensor(n, device=...) would copy from the host and wait: a sync
+            # in every micro-batch's loss)
+            "samples" + SUM_METRIC: s["rewards"].new_full((), s["rewards"].numel()),
+            "groups" + SUM_METRIC: s["zero_variance"].new_full((), s["zero_variance"].numel()),
             "zero_variance_groups" + SUM_METRIC: s["zero_variance"].sum(),
             "completions/length" + SUM_METRIC: s["length"].sum(),
             "completions/max_length" + MAX_METRIC: s["length"].max(),
