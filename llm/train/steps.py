@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from llm.contract import Objective
+from llm.contract import MAX_METRIC, SUM_METRIC, Objective, combine_metric
 from llm.dist.parallel import clip_grad_norm_, set_gradient_sync
 from llm.errors import ConfigError, TrainingError
 from llm.train.optim import OptimizerConfig
@@ -80,8 +80,9 @@ def train_on(
                 loss = loss * aid
                 metrics = {**metrics, "loss": loss.detach()}
             (loss / n).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float() / (n * inner)
+            for k, v in metrics.items():  # the step's mean; a :max metric its maximum, a :sum metric its sum
+                v = v.float() / (1 if k.endswith(MAX_METRIC) else inner if k.endswith(SUM_METRIC) else n * inner)
+                sums[k] = combine_metric(k, sums.get(k), v)
         spike = guard.spike(sums.get("loss"), inner) if i == 0 else None
         grad_norm, skipped = optimizer_step(optimizer, raw_model.parameters(), grad_clip, spike)
         bad = torch.maximum(bad, skipped)  # any skipped update marks the step
