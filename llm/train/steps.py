@@ -12,6 +12,7 @@ import torch
 from llm.contract import Objective
 from llm.dist.parallel import clip_grad_norm_, set_gradient_sync
 from llm.errors import ConfigError, TrainingError
+from llm.model import update_router_bias
 from llm.train.optim import OptimizerConfig
 from llm.train.settings import TrainerSettings
 
@@ -84,6 +85,7 @@ def train_on(
                 sums[k] = sums.get(k, 0) + v.float() / (n * inner)
         spike = guard.spike(sums.get("loss"), inner) if i == 0 else None
         grad_norm, skipped = optimizer_step(optimizer, raw_model.parameters(), grad_clip, spike)
+        update_router_bias(raw_model, skipped)  # model.moe.balance=aux_free: the step's load nudges the bias
         bad = torch.maximum(bad, skipped)  # any skipped update marks the step
     return sums, grad_norm, bad
 
