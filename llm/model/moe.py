@@ -12,8 +12,9 @@
                                    the layers); aux_free: DeepSeek-V3's per-expert bias, added to the scores for
                                    choosing only, nudged by bias_update_rate toward balance after each step; none
   z_loss_coef                      + that x the router z-loss (ST-MoE: mean squared log-sum-exp of the logits)
-  dispatch                         grouped (torch._grouped_mm over the tokens sorted by expert) | loop (one matmul
-                                   per expert): the same numbers, the speed measured in docs/moe.md
+  dispatch                         grouped (torch._grouped_mm over the tokens sorted by expert; on CPU, where it
+                                   is measured faster, other devices loop) | loop (one matmul per expert): the same
+                                   numbers, the speeds in docs/moe.md
 
 The router runs in fp32 (autocast off). Dispatch is dropless: every token reaches its k experts (tokens sorted by
 expert, the experts run, the weighted outputs added back per token), so `dropped_tokens` is always 0.
@@ -42,7 +43,7 @@ MOE_DEFAULTS = {
     "aux_loss_coef": 0.01,
     "z_loss_coef": 0.0,
     "bias_update_rate": 0.001,
-    "dispatch": "loop",
+    "dispatch": "grouped",
 }
 BALANCES = ("aux_loss", "aux_free", "none")
 
@@ -96,15 +97,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D], its rows sorted by expert, counts [E] rows per expert -> [N, D]."""
-        if self.dispatch == "grouped":  # one kernel per projection over every expert's rows, no host sync
+        if self.dispatch == "grouped" and x.device.type == "cpu":  # one kernel per projection, no host sync
+            # (on CPU, where it is measured; elsewhere the loop until it is measured there: docs/moe.md)
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(_grouped(x, self.gate, offs)) * _grouped(x, self.up, offs)
             return _grouped(h, self.down, offs)
-        out, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            xe = x[start : start + n]
-            out.append(F.linear(F.silu(F.linear(xe, self.gate[e])) * F.linear(xe, self.up[e]), self.down[e]))
-            start += n
+        # split and unbind, not indexing: their backward is one concatenation / stack, not a full-size gradient
+        # per expert
+        out = []
+        weights = zip(self.gate.unbind(0), self.up.unbind(0), self.down.unbind(0))
+        for xe, (gate, up, down) in zip(x.split(counts.tolist()), weights):
+            out.append(F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down))
         return torch.cat(out)
 
 
