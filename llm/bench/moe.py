@@ -28,7 +28,7 @@ import torch
 
 from llm.bench.recipe import run_recipe
 from llm.checkpoint.files import latest_checkpoint
-from llm.model.moe import MoE, parse_moe
+from llm.model.moe import MoE, idle_params, parse_moe
 
 MODELS = {
     "moe": ["model=tiny_moe"],
@@ -62,11 +62,7 @@ def params(run_dir: Path) -> tuple[int, int]:
     total = json.loads((run_dir / "results.json").read_text())["params"]
     cfg = json.loads((latest_checkpoint(run_dir) / "model_config.json").read_text())
     m = parse_moe(cfg.get("moe"), cfg["n_layer"])
-    if m is None:
-        return total, total
-    sparse = cfg["n_layer"] if m["layers"] is None else len(m["layers"])
-    width = m["expert_hidden"] or cfg["ffn_hidden"]
-    return total, total - sparse * 3 * cfg["d_model"] * width * (m["num_experts"] - m["experts_per_token"])
+    return total, total - idle_params(m, cfg["n_layer"], cfg["d_model"], cfg["ffn_hidden"])
 
 
 def main(argv: list[str] | None = None) -> dict:

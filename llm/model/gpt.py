@@ -22,7 +22,7 @@ from llm.model.attention import causal_mask, sliding_mask
 from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy, logits_cross_entropy
 from llm.model.generation import KVCache, stream
-from llm.model.moe import MoE
+from llm.model.moe import MoE, idle_params
 from llm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -329,9 +329,10 @@ class GPT(nn.Module):
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     """Training FLOPs per token, for MFU: 6N for the matmuls forward and backward (N without a learned position
-    table, which is a lookup) plus 12 L (H hd) T for the attention scores and values (T at most the window in
-    sliding-window layers)."""
+    table, which is a lookup, and without the experts a token skips in a mixture of experts) plus 12 L (H hd) T for
+    the attention scores and values (T at most the window in sliding-window layers)."""
     pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
+    pos_params += idle_params(cfg.moe, cfg.n_layer, cfg.d_model, cfg.ffn_hidden)
     keys = sum(min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layer))
     return 6 * (n_params - pos_params) + 12 * cfg.n_head * cfg.head_dim * keys
 

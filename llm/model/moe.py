@@ -200,6 +200,16 @@ class MoE(nn.Module):
             self.step_load += self.stats["counts"].detach()
 
 
+def idle_params(moe: dict | None, n_layer: int, d_model: int, ffn_hidden: int) -> int:
+    """The expert parameters a token does not use: (E - k) of the E experts' gate, up and down in each sparse layer
+    (total minus this is the active parameters per token)."""
+    if moe is None:
+        return 0
+    sparse = n_layer if moe["layers"] is None else len(moe["layers"])
+    width = moe["expert_hidden"] or ffn_hidden
+    return sparse * 3 * d_model * width * (moe["num_experts"] - moe["experts_per_token"])
+
+
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
