@@ -10,7 +10,7 @@ over the seeds). First, in this process, the two dispatch paths of one tiny_moe 
 batch's 2,048 tokens, alternated): torch._grouped_mm against a loop of one matmul per expert.
 
     python -m llm.bench moe                                  # 150 steps (the default run's), seeds 1 and 2
-    python -m llm.bench moe --steps 60 --seeds 1 --out /tmp/moe_bench
+    python -m llm.bench moe --steps 60 --eval-every 20 --common "trainer.eval_batches=8" --out /tmp/moe_bench
 
 Written to --out: `moe_bench.md` (the tables) and `moe_bench.json` (every evaluation of every run). Run by hand,
 never in the suite; on a machine shared with other work, compare the runs' load (recorded before and after each).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 
 from llm.bench.recipe import run_recipe
-from llm.checkpoint.files import latest_checkpoint
 from llm.model.moe import MoE, idle_params, parse_moe
 
 MODELS = {
@@ -60,7 +60,8 @@ def dispatch_times(repeats: int = 10, tokens: int = 2048) -> dict[str, float]:
 def params(run_dir: Path) -> tuple[int, int]:
     """(total, active per token) parameters of a finished run: its results' count, less the experts a token skips."""
     total = json.loads((run_dir / "results.json").read_text())["params"]
-    cfg = json.loads((latest_checkpoint(run_dir) / "model_config.json").read_text())
+    last = run_dir / "checkpoints" / (run_dir / "checkpoints" / "last").read_text().strip()
+    cfg = json.loads((last / "model_config.json").read_text())
     m = parse_moe(cfg.get("moe"), cfg["n_layer"])
     return total, total - idle_params(m, cfg["n_layer"], cfg["d_model"], cfg["ffn_hidden"])
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--common", default="", help="more run.py overrides for every run (e.g. trainer.eval_batches=8)"
+    )
     parser.add_argument("--out", default="moe_bench")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for seed in args.seeds:
         for name in args.models:
-            overrides = [*MODELS[name], f"trainer.max_steps={args.steps}", f"seed={seed}"]
+            overrides = [*MODELS[name], f"trainer.max_steps={args.steps}", f"seed={seed}", *shlex.split(args.common)]
             run_dir = out / f"{name}_seed{seed}"
             run = run_recipe(name, overrides, run_dir, args.eval_every)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
