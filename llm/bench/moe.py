@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             for e in run["evals"]:
                 e["tokens"] = seen.get(e["step"], 0)
             runs.append({**run, "seed": seed, "params": params(run_dir)})
+            (out / "moe_bench.json").write_text(json.dumps({"dispatch_ms": dispatch, "runs": runs}, indent=2))
     result = {"dispatch_ms": dispatch, "runs": runs}
     md = report(result, args)
     (out / "moe_bench.md").write_text(md)
