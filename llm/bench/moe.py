@@ -5,6 +5,7 @@ Trains three models through run.py on the default corpus, each with every seed g
   dense_active  model=tiny: one MLP of width 512, the width a token sees in the MoE (the same active parameters,
                 the router's 8 x 192 per layer aside)
   dense_total   model=tiny model.ffn_hidden=2048: the MoE's total parameters in one dense MLP
+  (and with --models, moe_aux_free: tiny_moe balanced by DeepSeek-V3's bias instead of the aux loss)
 and reports validation loss against tokens and against wall time, tokens/s and the final validation loss (mean
 over the seeds). First, in this process, the two dispatch paths of one tiny_moe layer (forward + backward on the
 batch's 2,048 tokens, alternated): torch._grouped_mm against a loop of one matmul per expert.
@@ -34,6 +35,7 @@ MODELS = {
     "moe": ["model=tiny_moe"],
     "dense_active": ["model=tiny"],
     "dense_total": ["model=tiny", "model.ffn_hidden=2048"],
+    "moe_aux_free": ["model=tiny_moe", "model.moe.balance=aux_free"],  # not by default: --models ... moe_aux_free
 }
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=150, help="trainer.max_steps of every run")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS)[:3], choices=list(MODELS))
     parser.add_argument(
         "--common", default="", help="more run.py overrides for every run (e.g. trainer.eval_batches=8)"
     )
