@@ -156,3 +156,41 @@ def test_missing_extra_is_named_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"task=lm_eval needs the optional lm-eval extra: pip install -e \.\[eval\]"):
         run_job(tmp_path, "init_from=/nonexistent")
     assert not (tmp_path / "run").exists()
+
+
+def test_downstream_scores_equal_lm_eval(exported, tmp_path):
+    """Parity of the downstream evaluations (llm/eval/downstream.py) with lm-eval on a local multiple-choice task of
+    30 items: per choice the same log-likelihood (<= 1e-4) and the same acc / acc_norm, for our model as trained
+    and for the same model imported back from its HF export."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from llm.eval.downstream import aggregate, item_metrics, score_items
+    from llm.eval.items import file_items
+    from llm.tasks.source import ModelSource
+    from tests.unit.test_downstream import mc_rows, write_jsonl
+
+    model, tokenizer, hf_dir = exported
+    rows = mc_rows(30)
+    items = file_items(write_jsonl(tmp_path / "items.jsonl", rows), "mc", "path")
+    docs = [{"prompt": r["context"], "choices": r["choices"], "gold": r["gold"]} for r in rows]
+    config = {
+        "output_type": "multiple_choice",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": "",  # our continuations carry their leading space
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
+    harness._write_task(tmp_path, "llm_parity", docs, config)
+    scores, samples = harness.run_lm_eval(
+        hf_dir, [str(tmp_path / "llm_parity.yaml")], TaskManager(include_defaults=False), batch_size=8
+    )
+    theirs = [[resp[0][0] for resp in s["resps"]] for s in sorted(samples["llm_parity"], key=lambda s: s["doc_id"])]
+    imported, _ = ModelSource.resolve(str(hf_dir)).load()
+    for ours in (model, imported):
+        scored = score_items(ours, tokenizer, items, ours.config.max_seq_len, batch_items=4)
+        torch.testing.assert_close(torch.tensor([s.lls for s in scored]), torch.tensor(theirs), rtol=0, atol=1e-4)
+        per_item = [item_metrics(it, s, "mc") for it, s in zip(items, scored)]
+        mine = aggregate(per_item, ["acc", "acc_norm"])
+        assert mine == {m: pytest.approx(scores[f"lm_eval/llm_parity/{m}"]) for m in ("acc", "acc_norm")}
+    assert 0 < mine["acc"] < 1 and mine["acc"] != mine["acc_norm"]  # neither trivial nor the same ranking
