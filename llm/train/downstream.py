@@ -167,8 +167,11 @@ class DownstreamEvals:
         return out
 
     def score(self, model, tokenizer, task: EvalTask, indices: list[int], autocast: Callable | None = None) -> dict:
-        """{index: per-item metrics} of the items at `indices` (few-shot prompts included)."""
+        """{index: per-item metrics} of the items at `indices` (few-shot prompts included), scored in order of
+        length (a batch's items of similar lengths: little padding)."""
         items = [task.items.prompted(i) for i in indices]
+        order = sorted(range(len(items)), key=lambda k: sum(len(c) + len(x) for c, x in items[k].requests()))
+        items, indices = [items[k] for k in order], [indices[k] for k in order]
         max_len = model.config.max_seq_len
         with (autocast or nullcontext)():
             if task.items.kind == "generate":
