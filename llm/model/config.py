@@ -45,7 +45,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # length extrapolation (see llm/model/rope.py)
     init_std: float = 0.02
-    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls)
+    pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (faster matmuls; never in a softmax)
     tie_embeddings: bool = True  # the LM head is the token embedding; false: a separate matrix (imported models)
     qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE (OLMo 2, Qwen 3, Gemma 3)
     head_dim: int | None = None  # width of one head; None: d_model / n_head

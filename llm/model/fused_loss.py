@@ -16,9 +16,12 @@ is folded into G (G = softmax (1 + 2 c lse) - one-hot), so it costs no memory be
 then returns (NLL + c Σ lse^2, the NLL, Σ lse^2), the last two detached (for the log).
 
 A weight that needs no gradient (a frozen head, as under LoRA) gets none: no [V, D] gradient buffer, no matmul
-for it, and no G kept. Labels of -100 are ignored (NLL 0, no gradient). The padded vocabulary rows take part in
-the softmax, as they do in the plain `cross_entropy(hidden @ weight.T, labels)` this equals. Under autocast the
-matmuls run in the autocast dtype and the softmax in fp32; gradients come back in the dtypes of hidden and weight.
+for it, and no G kept. Labels of -100 are ignored (NLL 0, no gradient). `vocab_size` < V: only the first
+vocab_size rows of the weight are tokens, the rest padding (kept for matmul-friendly shapes); their logits are set
+to -inf in each chunk, so the softmax, the NLL and lse are over the real vocabulary, as in the plain
+`cross_entropy(hidden @ weight[:vocab_size].T, labels)` this equals, and the padding rows get a zero gradient.
+Under autocast the matmuls run in the autocast dtype and the softmax in fp32; gradients come back in the dtypes of
+hidden and weight.
 """
 
 from __future__ import annotations
@@ -41,14 +44,15 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _chunk_softmax_nll(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, out: torch.Tensor | None = None):
-    """h [n, D], w [V, D] (compute dtype), labels [n] -> (probs [n, V] fp32 softmax, nll [n] fp32 (0 if ignored),
-    safe labels [n], valid [n] bool, lse [n] fp32 log-sum-exp). `out` (optional, fp32 [>= n, V]) is reused for the
-    logits."""
+def _chunk_softmax_nll(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, vocab_size: int, out=None):
+    """h [n, D], w [V, D] (compute dtype), labels [n] -> (probs [n, V] fp32 softmax over the first vocab_size
+    columns (0 beyond), nll [n] fp32 (0 if ignored), safe labels [n], valid [n] bool, lse [n] fp32 log-sum-exp).
+    `out` (optional, fp32 [>= n, V]) is reused for the logits."""
     if out is not None:  # fp32: reusing one buffer spares a fresh allocation per chunk
         logits = torch.mm(h, w.t(), out=out[: h.size(0)])
     else:
         logits = (h @ w.t()).float()  # [n, V]
+    logits[:, vocab_size:] = float("-inf")  # padding rows: probability 0, no gradient
     valid = labels != IGNORE_INDEX
     safe = labels.clamp(min=0)
     target = logits.gather(1, safe[:, None]).squeeze(1)  # [n]
@@ -70,7 +74,7 @@ def _minus_one_hot_(probs, safe, valid, lse=None, z_loss: float = 0.0) -> torch.
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, reduction, need_grad, need_grad_w, z_loss: float = 0.0):
+    def forward(ctx, hidden, weight, labels, chunk_size, reduction, need_grad, need_grad_w, z_loss, vocab_size):
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -88,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(n, start + chunk_size)
                 h = hidden[start:end].to(dtype)
-                probs, nll[start:end], safe, valid, lse = _chunk_softmax_nll(h, w, labels[start:end], buf)
+                probs, nll[start:end], safe, valid, lse = _chunk_softmax_nll(h, w, labels[start:end], vocab_size, buf)
                 if z_loss:
                     z += torch.where(valid, lse.square(), 0.0).sum()
                 if need_grad:
@@ -120,18 +124,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out, *_logged):  # z_loss: the NLL and Σ lse^2 returned beside the total are detached
         if ctx.reduction == "sum":
             grad_h, *grad_w = ctx.saved_tensors
-            return grad_h * grad_out, grad_w[0] * grad_out if grad_w else None, None, None, None, None, None, None
+            return grad_h * grad_out, grad_w[0] * grad_out if grad_w else None, None, None, None, None, None, None, None
         grad_h, hidden, weight, *kept = ctx.saved_tensors
         grad_out = grad_out.float()[:, None]  # [N, 1]: one incoming gradient per token
         if not ctx.need_grad_w:
-            return (grad_h * grad_out).to(hidden.dtype), None, None, None, None, None, None, None
+            return (grad_h * grad_out).to(hidden.dtype), None, None, None, None, None, None, None, None
         with torch.autocast(hidden.device.type, enabled=False):
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             for i, g in enumerate(kept):  # grad_w = sum over chunks of G^T @ (grad_out * h)
                 start = i * ctx.chunk_size
                 end = start + g.size(0)
                 grad_w += (g.t() @ (hidden[start:end] * grad_out[start:end]).to(ctx.dtype)).float()
-        return (grad_h * grad_out).to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
+        return (grad_h * grad_out).to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -141,8 +145,10 @@ def linear_cross_entropy(
     reduction: str = "sum",
     chunk_size: int = 0,
     z_loss: float = 0.0,
+    vocab_size: int | None = None,
 ):
     """NLL of labels under softmax(hidden @ weight.T). hidden [..., D], weight [V, D], labels [...] (-100 ignored).
+    vocab_size: the real tokens, the first rows of weight (None: all V); the softmax is over those only.
 
     reduction "sum" -> scalar fp32 sum over labelled tokens; "none" -> fp32 NLL shaped like labels (0 where
     ignored). chunk_size: tokens per chunk (0 = auto). Equal to F.cross_entropy on the full logits, with the
@@ -155,7 +161,10 @@ def linear_cross_entropy(
     hidden, labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
     chunk = chunk_size or auto_chunk_size(hidden.size(0), weight.size(0), hidden.device)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    out = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, reduction, need_grad, weight.requires_grad, z_loss)
+    vocab = weight.size(0) if vocab_size is None else vocab_size
+    out = _LinearCrossEntropy.apply(
+        hidden, weight, labels, chunk, reduction, need_grad, weight.requires_grad, z_loss, vocab
+    )
     return out if reduction == "sum" else out.view(shape)
 
 

@@ -89,7 +89,7 @@ def stream(
             if keep is not None:  # the keys so far: the cache's and the context's
                 keys = keep[:, -max_context:] if cache is None else keep
                 padded = dict(zip(("position_ids", "attn_mask"), left_padding_inputs(keys, context.size(1))))
-            logits = model(context, kv_cache=cache, **padded)[:, -1, : model.config.vocab_size]
+            logits = model(context, kv_cache=cache, **padded)[:, -1]  # [B, V]
             if num_samples > 1 and out is input_ids:  # the prompts were read once: now num_samples rows each
                 logits, out = logits.repeat_interleave(num_samples, 0), out.repeat_interleave(num_samples, 0)
                 keep = keep.repeat_interleave(num_samples, 0) if keep is not None else None

@@ -1,7 +1,9 @@
 """A decoder-only GPT, readable top to bottom: norms, attention, MLP, block, model (the config, every choice below,
 is `config.py`; the attention kernel and its masks `attention.py`; generation with a KV cache `generation.py`).
 
-Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab.
+Shapes: B batch, T sequence length, D model width, H query heads, K key/value heads, hd head dim, V vocab (the
+real tokens: the embedding and head have padded_vocab_size rows for faster matmuls, and the padded rows never enter
+a softmax; logits are [B, T, V]).
 Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm, optionally post-norm too);
 MLP GELU, SwiGLU or GeGLU; grouped-query attention, optionally with QK-norm, a sliding window per layer, its own
 head width and scale; LM head tied to the token embedding (or its own matrix, as some pretrained models have).
@@ -212,7 +214,8 @@ class GPT(nn.Module):
         loss_chunk_size: int = 0,
         z_loss: float = 0.0,
     ):
-        """input_ids [B, T] -> logits [B, T, V_padded].
+        """input_ids [B, T] -> logits [B, T, V] over the real vocabulary (V = config.vocab_size; the embedding's
+        padded rows never take part in a softmax).
 
         With labels [B, T] (-100 = no loss) it returns the fp32 negative log-likelihood instead of logits, through
         the fused head + cross-entropy of `fused_loss.py` (full logits never exist): summed to a scalar
@@ -249,10 +252,14 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.norm_f(x)  # [B, T, D]
-        cap = self.config.logit_softcap
+        # the head has padded_vocab_size rows (matmul-friendly); only the first vocab_size are tokens, and only
+        # they enter a softmax: the padded rows' logits are dropped (or masked inside the fused loss)
+        V, cap = self.config.vocab_size, self.config.logit_softcap
         if labels is not None and cap is None:  # NLL: scalar, or [B, T]
-            return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size, z_loss)
-        logits = self.lm_head(x) if cap is None else cap * torch.tanh(self.lm_head(x) / cap)  # [B, T, V]
+            return linear_cross_entropy(x, self.lm_head.weight, labels, reduction, loss_chunk_size, z_loss, V)
+        logits = self.lm_head(x)[..., :V]  # [B, T, V]
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
         if labels is not None:  # soft-capped logits: the plain loss over full logits
             return logits_cross_entropy(logits, labels, reduction, z_loss)
         return logits

@@ -44,8 +44,7 @@ def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, temperatur
     (the distribution the completions were sampled from)."""
     if temperature == 1.0:
         return -model(input_ids, labels=labels, reduction="none")
-    vocab = unwrap_model(model).config.vocab_size
-    logits = model(input_ids)[..., :vocab].float() / temperature
+    logits = model(input_ids).float() / temperature  # [N, T, V]
     logp = torch.gather(F.log_softmax(logits, dim=-1), -1, labels.clamp(min=0)[..., None])[..., 0]
     return logp * (labels != IGNORE_INDEX)
 

@@ -57,7 +57,7 @@ class _Data(Data):
 def _hand_bpb(model, tokenizer, ids) -> tuple[float, float]:
     """(nats summed over the targets ids[1:], bits per byte) from the model's logits, bytes from decoding."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids[:-1]]))[0].double()  # the padded rows take part, as in the model's loss
+        logits = model(torch.tensor([ids[:-1]]))[0].double()  # [T, V]: the real vocabulary, as in the model's loss
     nats = -logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
     target_bytes = len(TEXT.encode()) - len(tokenizer.decode(ids[:1]).encode())  # all but the first token; EOS: 0
     return nats, nats / target_bytes / math.log(2)

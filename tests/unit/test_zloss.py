@@ -38,7 +38,7 @@ def test_z_loss_against_a_hand_computation():
     loss, metrics = LanguageModeling(z_loss=0.1).loss(model, batch)
     labels = batch["labels"]
     with torch.no_grad():
-        logits = model(batch["input_ids"]).double()[labels != -100]  # [N, V], the padded vocabulary rows included
+        logits = model(batch["input_ids"]).double()[labels != -100]  # [N, V]: the real vocabulary (40 of the 64 rows)
     lse = logits.logsumexp(-1)
     nll = (lse - logits.gather(1, labels[labels != -100][:, None]).squeeze(1)).mean()
     assert loss.item() == pytest.approx((nll + 0.1 * lse.square().mean()).item(), abs=1e-5)
