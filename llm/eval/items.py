@@ -157,9 +157,8 @@ def hub_items(spec: dict, kind: str, key: str) -> list[Item]:
     """A hub dataset's rows mapped into the item schema: `fields` maps each schema field to the dataset's column
     name, or to a Python format string over the row (`"Question: {question}\\nAnswer:"`)."""
     fields = spec.get("fields") or {}
-    rows = HubRows(
-        spec["name"], spec.get("config_name"), spec.get("split", "validation"), max_rows=spec.get("max_rows")
-    )
+    split = spec.get("split", "validation")
+    rows = HubRows(spec["name"], spec.get("config_name"), split, max_rows=spec.get("max_rows"), key=f"{key}.name")
     items = []
     for where, row in rows.rows():
         mapped = {}

