@@ -48,6 +48,7 @@ def run(cfg: DictConfig, job: JobInfo) -> dict:
         "overrides": read_overrides(job.run_dir),
         "git_commit": git_commit(Path(__file__).parent),
     }
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(job.run_dir) / "results.json", json.dumps(results, indent=2))
     for key, value in scores.items():
         logger.info(f"{key} = {value:.4f}")

@@ -4,6 +4,7 @@ replies, exact match and log-likelihoods), and bad input is one error raised bef
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_downstream_scores_equal_lm_eval(exported, tmp_path):
         mine = aggregate(per_item, ["acc", "acc_norm"])
         assert mine == {m: pytest.approx(scores[f"lm_eval/llm_parity/{m}"]) for m in ("acc", "acc_norm")}
     assert 0 < mine["acc"] < 1 and mine["acc"] != mine["acc_norm"]  # neither trivial nor the same ranking
+
+
+def test_task_evaluate_on_an_hf_dir(exported, tmp_path):
+    """task=evaluate init_from=<HF dir>: the downstream tasks scored with no training, results.json with their keys,
+    the same values as the scorer gives the model itself."""
+    from llm.train.downstream import DownstreamEvals
+    from tests.unit.test_downstream import mc_rows, toy_task, write_jsonl
+
+    model, tokenizer, hf_dir = exported
+    rows = write_jsonl(tmp_path / "items.jsonl", mc_rows(9))
+    task = f"+evals.tasks.toy={{source:jsonl,path:{rows},type:mc,metrics:[acc,acc_norm,bpb],primary:acc_norm}}"
+    cfg = compose_config(["task=evaluate", f"init_from={hf_dir}", task])
+    hydra = OmegaConf.create(
+        {"runtime": {"output_dir": str(tmp_path / "run")}, "overrides": {"task": [task]}, "mode": RunMode.RUN}
+    )
+    results = job.run(cfg, hydra)
+    expected = DownstreamEvals({"toy": toy_task(rows, metrics=["acc", "acc_norm", "bpb"])}).run(model, tokenizer)
+    assert {k: v for k, v in results.items() if k.startswith("eval/")} == pytest.approx(expected, abs=1e-5)
+    assert results["task"] == "evaluate" and set(expected) <= set(
+        json.loads((tmp_path / "run/results.json").read_text())
+    )
