@@ -127,6 +127,7 @@ if __name__ == "__main__":
             raise
         sys.exit(outside_the_job(e, output_dir))
     finally:  # a sweep with failed jobs exits 2 from its summary callback (llm.sweep.summary.SweepFailed)
+        resolvers.release_unclaimed()
         if not debug:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         shutdown()

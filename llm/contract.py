@@ -23,6 +23,21 @@ MODEL_INPUTS = (POSITION_IDS, ATTN_MASK)  # optional keys passed on to the model
 CHOSEN, REJECTED = "chosen", "rejected"  # the two sides of a preference pair
 
 
+# How a training metric of `Objective.loss` is combined over a step's micro-batches, the steps of a log line and
+# the ranks: by default the mean. A key ending in MAX_METRIC is the maximum (logged without the suffix); one
+# ending in SUM_METRIC the sum (counts and moments of the step's samples, which `Objective.summarize_train` turns
+# into the logged statistics: exact over every sample of every rank, not a mean of per-batch statistics).
+MAX_METRIC, SUM_METRIC = ":max", ":sum"
+
+
+def combine_metric(key: str, total, value):
+    """`value` of metric `key` added to the running `total` (None: none yet) as its suffix says: the larger one,
+    or the sum (the mean's sum, divided by the count at the end)."""
+    if total is None:
+        return value
+    return torch.maximum(total, value) if key.endswith(MAX_METRIC) else total + value
+
+
 def side_key(side: str, key: str) -> str:
     """The key of one side of a preference pair: side_key(CHOSEN, INPUT_IDS) == 'chosen_input_ids'."""
     return f"{side}_{key}"
@@ -102,6 +117,11 @@ class Objective:
         """Metrics of one validation batch (0-d tensors). Default: those of `loss`; an objective may add sums that
         `summarize` turns into ratios (bits per byte: nats and bytes)."""
         return self.loss(model, batch)[1]
+
+    def summarize_train(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The logged training metrics from the reduced ones (their SUM_METRIC keys: sums over the log line's
+        samples on every rank); keys left with a suffix are logged without it."""
+        return metrics
 
     def summarize(self, metrics: dict[str, float]) -> dict[str, float]:
         """The reported validation metrics from the means of `val_metrics` over the evaluated batches."""

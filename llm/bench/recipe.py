@@ -13,7 +13,8 @@ before timing, or let round 1 pay it — `wall_seconds` counts from the start of
 time at which a recipe reaches the target is interpolated linearly between its evaluations (`wall_seconds` of
 metrics.jsonl, evaluations included for both). Rounds alternate the order (A B, then B A, ...) and every run
 records /proc/loadavg before and after it: on a shared machine a round whose load changed a lot says so.
-Written: `recipe_bench.md` (the table), `recipe_bench.png` (validation loss against wall time), and
+Written: `recipe_bench.md` (the table), `recipe_bench.png` (llm.compare's plot: validation loss against steps, tokens
+and wall time, each recipe named by its overrides), and
 `recipe_bench.json` (every evaluation of every run). Run by hand, never in the suite.
 """
 
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llm.compare import plot_curves, read_evals, short_values
 
 RUN_PY = Path(__file__).resolve().parents[2] / "run.py"
 # The default recipe before Muon: AdamW (lr 3e-3, cosine), no QK-norm, 250 steps
@@ -184,34 +187,35 @@ def table(rows: list[dict], a: list[str], b: list[str], common: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib  # only when drawing
+def recipe_label(name: str, overrides: list[str], common: list[str]) -> str:
+    """A recipe's legend entry: its name and its own overrides (values shortened as llm.compare does)."""
+    own = overrides[len(common) :] if overrides[: len(common)] == common else overrides
+    keys = [o.partition("=")[0] for o in own]
+    values = short_values([o.partition("=")[2] if "=" in o else None for o in own])
+    return f"{name}: " + (
+        " ".join(k if "=" not in o else f"{k}={v}" for k, v, o in zip(keys, values, own)) or "defaults"
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot(runs: list[dict], path: Path, common: list[str] = ()) -> None:
+    """llm.compare's plot of the runs: validation loss against steps and wall seconds (and tokens when the runs'
+    dirs are there to read them), a recipe's rounds in one colour, its legend naming the recipe's overrides."""
+    rounds = len({r["round"] for r in runs})
+    curves = []
     for r in runs:
-        xs = [e["wall_seconds"] for e in r["evals"]]
-        ys = [e["val_loss"] for e in r["evals"]]
-        ax.plot(
-            xs,
-            ys,
-            marker=".",
-            color="tab:blue" if r["name"] == "A" else "tab:orange",
-            alpha=1.0 if r["round"] == 1 else 0.5,
-            label=f"{r['name']} round {r['round']}",
+        run_dir = Path(r.get("run_dir", ""))
+        evals = read_evals(run_dir) if (run_dir / "metrics.jsonl").is_file() else r["evals"]
+        label = recipe_label(r["name"], r["overrides"], list(common))
+        curves.append(
+            {
+                "label": label + (f" (round {r['round']})" if rounds > 1 else ""),
+                "evals": evals,
+                "color": "tab:blue" if r["name"] == "A" else "tab:orange",
+                "alpha": 1.0 if r["round"] == 1 else 0.5,
+            }
         )
     target = runs[0]["evals"][-1]["val_loss"]
-    ax.axhline(target, color="gray", linestyle=":", label="A's final val_loss (round 1)")
-    ax.set_xlabel("wall seconds")
-    ax.set_ylabel("validation loss")
-    ax.set_ylim(target - 0.5, target + 2.0)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_curves(curves, path, hline=(target, "A's final val_loss (round 1)"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,7 +275,7 @@ def report(runs: list[dict], args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe_bench.md").write_text(md)
     (out / "recipe_bench.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
-    plot(runs, out / "recipe_bench.png")
+    plot(runs, out / "recipe_bench.png", common)
     print(md + f"\nwritten: {out / 'recipe_bench.md'}, {out / 'recipe_bench.png'}, {out / 'recipe_bench.json'}")
 
 

@@ -9,14 +9,14 @@ gloo for CPU objects), gloo on CPU; joined once per run. This room does not impo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
-import tempfile
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -114,23 +114,32 @@ def env_world_size(environ: dict | None = None) -> int:
     return int(environ.get("WORLD_SIZE") or cluster_env(environ).get("WORLD_SIZE") or 1)
 
 
+_REPORTED: list[socket.socket] = []  # the names this process holds (for as long as it lives)
+
+
 def first_to_report(line: str, environ: dict | None = None) -> bool:
     """Whether this process prints `line`, the one line that ends its run. Under torchrun / srun every rank
     usually fails alike (a bad key, a missing file): of the ranks on this machine, only the first to end with that
-    line prints it (a marker file in the temp dir, named by the launch and the line; the first, as the launcher
-    stops the others once one has failed); a rank ending with another line prints its own. Outside a distributed
-    launch: always."""
+    line prints it (the first, as the launcher stops the others once one has failed); a rank ending with another
+    line prints its own. Outside a distributed launch: always.
+
+    The first rank binds a Unix socket in the abstract namespace named by the launch and the line, and holds it
+    until it exits: a name, not a file, so a failed launch leaves nothing in the temp dir (the kernel drops it
+    with the process, `kill -9` included). A rank ending more than its exit later prints the line again."""
     environ = os.environ if environ is None else environ
     if env_world_size(environ) <= 1:
         return True
     launch = f"{os.getppid()}|{environ.get('LLM_RUN_STAMP', '')}|{environ.get('TORCHELASTIC_RUN_ID', '')}"
-    marker = Path(tempfile.gettempdir()) / f"llm-error-{hashlib.sha256(f'{launch}|{line}'.encode()).hexdigest()[:24]}"
+    name = f"\0llm-error-{hashlib.sha256(f'{launch}|{line}'.encode()).hexdigest()[:24]}"
+    sock = None
     try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        return False
-    except OSError:  # no marker to be had: print it rather than stay silent
-        return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(name)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        return e.errno != errno.EADDRINUSE  # taken: another rank printed it; no such namespace: print it
+    _REPORTED.append(sock)
     return True
 
 

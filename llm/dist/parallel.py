@@ -135,16 +135,28 @@ def rank0_succeeded(ok: bool) -> bool:
     return bool(verdict[0])
 
 
-def all_reduce_mean(metrics: dict) -> dict:
-    """The mean over ranks of each 0-d tensor in `metrics` (one collective; a no-op with one rank)."""
+def get_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The ranks of the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_mean(metrics: dict, op: str = "mean") -> dict:
+    """The mean (or with `op` the "sum" or "max") over ranks of each 0-d tensor in `metrics` (one collective; a
+    no-op with one rank)."""
     if not metrics or not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
     keys = sorted(metrics)  # the same order on every rank
     flat = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()) for k in keys])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    mean = dict(zip(keys, flat.unbind()))
-    return {k: mean[k] for k in metrics}
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        flat /= dist.get_world_size()
+    reduced = dict(zip(keys, flat.unbind()))
+    return {k: reduced[k] for k in metrics}
 
 
 def reduce_sums(sums: dict, count):

@@ -123,7 +123,14 @@ def load_hf_weights(path: str | Path, model: GPT, key: str = "init_from") -> Non
     path = Path(path)
     if (path / INDEX).is_file():
         with about(path / INDEX):
-            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+            index = json.loads((path / INDEX).read_text())
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+            raise DataError(
+                f"{path / INDEX}: no weight_map in it (a JSON object of tensor name -> shard file, as transformers "
+                "writes): not a shard index"
+            )
+        files = sorted(set(shards.values()))
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:

@@ -108,10 +108,11 @@ def in_use(run_dir: str | Path) -> bool:
     return False
 
 
-def claim(run_dir: str | Path, resume=None, overwrite: bool = False) -> RunDirLock:
-    """Lock `run_dir` for this run, then check that this run may write there. Returns the held lock (a context
-    manager); raises ConfigError, holding nothing, when another process writes there or the dir is another run's."""
-    lock = RunDirLock(run_dir).acquire()
+def claim(run_dir: str | Path, resume=None, overwrite: bool = False, held: RunDirLock | None = None) -> RunDirLock:
+    """Lock `run_dir` for this run (or take `held`, its lock already taken), then check that this run may write
+    there. Returns the held lock (a context manager); raises ConfigError, holding nothing, when another process
+    writes there or the dir is another run's."""
+    lock = held or RunDirLock(run_dir).acquire()
     try:
         check_fresh(run_dir, resume, overwrite)
     except BaseException:

@@ -15,11 +15,13 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from llm.compare import short_values
 from llm.eval.length import write_table_and_plot
 from llm.utils.files import write_atomic
 
@@ -177,25 +179,42 @@ def plot_sweep(jobs: list[Job], swept: list[str], metric: str, path: Path, log_p
     fig, axes = plt.subplots(1, len(numeric) + 1, figsize=(5 * (len(numeric) + 1), 4), squeeze=False)
     for ax, key in zip(axes[0], numeric):
         xs = _numeric([j.params.get(key) for j in scored])
-        ax.scatter(xs, [j.objective for j in scored], c=["tab:red" if j.best else "tab:blue" for j in scored])
+        for pruned in (False, True):  # a pruned trial's objective is from before its end: a hollow marker
+            points = [(x, j) for x, j in zip(xs, scored) if (j.status == "pruned") == pruned]
+            if points:
+                colors = ["tab:red" if j.best else "tab:blue" for _, j in points]
+                ax.scatter(
+                    [x for x, _ in points],
+                    [j.objective for _, j in points],
+                    **({"facecolors": "none", "edgecolors": colors} if pruned else {"c": colors}),
+                    label="pruned" if pruned else None,
+                )
         if key in log_params or (min(xs) > 0 and max(xs) / min(xs) >= 10):
             ax.set_xscale("log")
+            _log_ticks(ax.xaxis, sorted(set(xs)), matplotlib.ticker)
         else:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.tick_params(axis="x", labelrotation=30)
         ax.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (red: best)")
         ax.grid(alpha=0.3)
+        if any(j.status == "pruned" for j in scored):
+            ax.legend(fontsize="small")
     curves = axes[0][-1]
+    values = {k: dict(zip([j.name for j in jobs], short_values([j.params.get(k) for j in jobs]))) for k in swept}
     for job in jobs:
         steps, losses = _val_curve(job)
         if steps:
-            label = " ".join(f"{k}={job.params.get(k)}" for k in swept) or job.name
+            label = " ".join(f"{k}={values[k][job.name]}" for k in swept) or job.name
+            pruned = job.status == "pruned"
             curves.plot(
                 steps,
                 losses,
                 marker=".",
-                label=("* " if job.best else "") + label[:40],
+                label=("* " if job.best else "")
+                + textwrap.shorten(label, 60, placeholder=" ...")
+                + (" (pruned)" if pruned else ""),
                 linewidth=2.5 if job.best else 1.0,
+                linestyle="--" if pruned else "-",
             )
     curves.set(xlabel="step", ylabel="val_loss", title="validation curves")
     curves.grid(alpha=0.3)
@@ -204,6 +223,17 @@ def plot_sweep(jobs: list[Job], swept: list[str], metric: str, path: Path, log_p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _log_ticks(axis, values: list[float], ticker) -> None:
+    """A log axis labelled at the swept values themselves (up to 6 of them; more: 5 ticks evenly spaced on the log
+    scale between the smallest and the largest), with short labels and no minor-tick labels (matplotlib's default
+    labels 2x10^-3, 3x10^-3, ... of a narrow span on top of each other)."""
+    low, high = values[0], values[-1]
+    ticks = values if len(values) <= 6 else [low * (high / low) ** (i / 4) for i in range(5)]
+    axis.set_major_locator(ticker.FixedLocator(ticks))
+    axis.set_major_formatter(ticker.FixedFormatter(short_values([repr(v) for v in ticks])))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _fmt(v) -> str:

@@ -18,14 +18,15 @@ what the uninterrupted run did, with no RNG state to save, and every rank (its o
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 
 import torch
 import torch.nn.functional as F
 
-from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, Objective
+from llm.contract import IGNORE_INDEX, INPUT_IDS, LABELS, MAX_METRIC, SUM_METRIC, Objective
 from llm.data.chat import stop_token_id
-from llm.dist.parallel import is_fsdp, reduce_sums
+from llm.dist.parallel import get_rank, get_world_size, is_fsdp, reduce_sums
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval.sampling import sample_completions
 from llm.model import unwrap_model
@@ -107,12 +108,31 @@ class GRPO(Objective):
         plain = unwrap_model(model)
         if is_fsdp(plain):  # ranks stop generating at different steps: FSDP's all-gathers would not line up
             raise ConfigError("task=grpo does not work with trainer.strategy=fsdp yet; use ddp or single")
+        self.check_fits(plain.config.max_seq_len, data)
         self.tokenizer = data.tokenizer
         self.stop_id = stop_token_id(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_id
         self.base_reference = bool(self.beta) and has_lora(plain)  # LoRA: the base is the policy, adapters off
         if self.beta and not self.base_reference:  # the KL's reference: the starting weights, frozen (setup runs
             self.ref_model = copy.deepcopy(plain).eval().requires_grad_(False)  # before a resume restores)
+
+    def check_fits(self, max_seq_len: int, data) -> None:
+        """Before any step: the longest prompt plus the completion it may get fits the model's context (the
+        training batch lays them out as one sequence), for the training and for the held-out prompts."""
+        for key, new_tokens, rows, which in (
+            ("max_new_tokens", self.max_new_tokens, data.train.items, "training"),
+            ("eval_max_new_tokens", self.eval_max_new_tokens, data.eval_rows, "held-out"),
+        ):
+            longest = max((len(r["prompt_ids"]) for r in rows), default=0)
+            if longest + new_tokens > max_seq_len:
+                keep = max_seq_len - new_tokens
+                raise ConfigError(
+                    f"task.objective.{key}={new_tokens} + the longest {which} prompt ({longest} tokens) = "
+                    f"{longest + new_tokens} positions, more than model.max_seq_len={max_seq_len}: lower "
+                    f"task.objective.{key}, "
+                    + (f"leave the longer prompts out (task.data.max_prompt_tokens={keep}), " if keep > 0 else "")
+                    + "or raise model.max_seq_len"
+                )
 
     def describe_step(self, batch_size: int, seq_len: int, micro_batch_size: int, accum_steps: int) -> str:
         """A step samples group_size completions of each of batch_size prompts, then trains on them."""
@@ -217,39 +237,67 @@ class GRPO(Objective):
 
     @staticmethod
     def batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
-        """What the sampled batch says: rewards (total and each function's) mean and std, completion lengths
-        (mean, max, the share cut at max_new_tokens), the share of groups whose rewards were all equal."""
-        s = {k[len(STATS) :]: v for k, v in batch.items() if k.startswith(STATS)}
-        out = {"rewards/mean": s["rewards"].mean(), "rewards/std": s["rewards"].std(correction=0)}
+        """What the sampled batch says, as sums over its samples (and the longest completion) that the trainer
+        adds up over the step's micro-batches, the log line's steps and the ranks; `summarize_train` then gives
+        the rewards' (total and each function's) mean and std, the completion lengths' mean, the longest, the
+        share cut at max_new_tokens and the share of groups whose rewards were all equal: exact over every sample
+        of every rank, not means of per-batch statistics."""
+        s = {k[len(STATS) :]: v.float() for k, v in batch.items() if k.startswith(STATS)}
+        out = {
+            "samples" + SUM_METRIC: torch.tensor(float(s["rewards"].numel()), device=s["rewards"].device),
+            "groups" + SUM_METRIC: torch.tensor(float(s["zero_variance"].numel()), device=s["rewards"].device),
+            "zero_variance_groups" + SUM_METRIC: s["zero_variance"].sum(),
+            "completions/length" + SUM_METRIC: s["length"].sum(),
+            "completions/max_length" + MAX_METRIC: s["length"].max(),
+            "completions/cut" + SUM_METRIC: s["cut"].sum(),
+        }
         for key, v in s.items():
-            if key.startswith("reward/"):
-                out[f"rewards/{key[len('reward/') :]}/mean"], out[f"rewards/{key[len('reward/') :]}/std"] = (
-                    v.mean(),
-                    v.std(correction=0),
-                )
-        out.update(
-            {
-                "completions/mean_length": s["length"].mean(),
-                "completions/max_length": s["length"].max(),
-                "completions/cut_fraction": s["cut"].mean(),
-                "zero_variance_groups": s["zero_variance"].mean(),
-            }
-        )
+            if key == "rewards" or key.startswith("reward/"):
+                name = "rewards" if key == "rewards" else f"rewards/{key[len('reward/') :]}"
+                out[name + SUM_METRIC], out[name + "/squares" + SUM_METRIC] = v.sum(), (v * v).sum()
         return out
+
+    @staticmethod
+    def summarize_train(metrics: dict[str, float]) -> dict[str, float]:
+        """The sums of `batch_metrics` over the log line's samples turned into means, stds and shares."""
+        m = dict(metrics)
+        n, groups = m.pop("samples" + SUM_METRIC, 0.0), m.pop("groups" + SUM_METRIC, 0.0)
+        if not n:
+            return m
+        out = {}
+        for key in [k for k in m if k.startswith("rewards") and k.endswith(SUM_METRIC) and "/squares" not in k]:
+            name = key.removesuffix(SUM_METRIC)
+            mean = m.pop(key) / n
+            square = m.pop(f"{name}/squares{SUM_METRIC}") / n
+            out[f"{name}/mean"], out[f"{name}/std"] = mean, math.sqrt(max(square - mean * mean, 0.0))
+        out["completions/mean_length"] = m.pop("completions/length" + SUM_METRIC) / n
+        out["completions/max_length"] = m.pop("completions/max_length" + MAX_METRIC)
+        out["completions/cut_fraction"] = m.pop("completions/cut" + SUM_METRIC) / n
+        out["zero_variance_groups"] = m.pop("zero_variance_groups" + SUM_METRIC) / max(groups, 1.0)
+        return {**m, **out}
 
     def val_metrics(self, model, batch: dict) -> dict:
         return {}  # no validation loss: held-out prompts are scored by `evaluate` (exact match, reward)
 
     @torch.no_grad()
     def evaluate(self, model, data) -> dict:
-        """Greedy replies to the held-out prompts: exact match against their answers, and the mean total reward."""
+        """Greedy replies to the held-out prompts: exact match against their answers, and the mean total reward.
+        Each rank answers its share of the prompts (every world_size-th), and the counts are summed over ranks."""
         rows = data.eval_rows
         if not rows:
             return {}
-        prompts = [r["prompt_ids"] for r in rows]
-        _, texts = self._complete(model, prompts, 0.0, self.eval_max_new_tokens)
-        totals, _ = score(
-            self.rewards, [r["prompt"] for r in rows], texts, [r["rows"] for r in rows], [r["where"] for r in rows]
+        raw = unwrap_model(model)  # ranks generate different lengths: no collective inside a forward
+        mine = rows[get_rank() :: get_world_size()]
+        match, reward = 0.0, 0.0
+        if mine:
+            _, texts = self._complete(raw, [r["prompt_ids"] for r in mine], 0.0, self.eval_max_new_tokens)
+            totals, _ = score(
+                self.rewards, [r["prompt"] for r in mine], texts, [r["rows"] for r in mine], [r["where"] for r in mine]
+            )
+            match = float(sum(t.strip() == str(r["rows"]["answer"]).strip() for t, r in zip(texts, mine)))
+            reward = float(sum(totals))
+        device = next(raw.parameters()).device
+        sums, _ = reduce_sums(
+            {"match": torch.tensor(match, device=device), "reward": torch.tensor(reward, device=device)}, 0
         )
-        match = [t.strip() == str(r["rows"]["answer"]).strip() for t, r in zip(texts, rows)]
-        return {"exact_match": sum(match) / len(rows), "reward": sum(totals) / len(rows)}
+        return {"exact_match": sums["match"].item() / len(rows), "reward": sums["reward"].item() / len(rows)}

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from llm.dist.parallel import all_reduce_mean
+from llm.contract import MAX_METRIC, SUM_METRIC, combine_metric
+from llm.dist.parallel import all_reduce_mean, get_world_size
 from llm.errors import DataError
 from llm.rundir import owner as rundir
 from llm.utils.files import write_atomic
@@ -26,24 +27,34 @@ from llm.utils.files import write_atomic
 class MetricsWindow:
     """Sums of the per-step metrics (0-d device tensors: adding them costs no host sync) and the tokens and time
     since the last log line. `mean()` is the one host sync; `state_dict()` goes into checkpoints, so a resumed
-    run's first log line averages over the same steps as the uninterrupted run's."""
+    run's first log line averages over the same steps as the uninterrupted run's. A metric whose key ends in
+    MAX_METRIC keeps its maximum, one ending in SUM_METRIC its sum (llm.contract); `summarize` (the objective's
+    `summarize_train`) turns the reduced values into the logged ones."""
 
-    def __init__(self, device: torch.device, state: dict | None = None):
+    def __init__(self, device: torch.device, state: dict | None = None, summarize=None):
         state = state or {}
         self.sums = {k: torch.tensor(v, device=device) for k, v in state.get("sums", {}).items()}
         self.steps = state.get("steps", 0)
         self.tokens, self.started = 0, time.perf_counter()
+        self.summarize = summarize or (lambda metrics: metrics)
 
     def add(self, metrics: dict[str, torch.Tensor], tokens: int) -> None:
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + v
+            self.sums[k] = combine_metric(k, self.sums.get(k), v)
         self.steps += 1
         self.tokens += tokens
 
     def mean(self) -> dict[str, float]:
-        """The mean of each metric over the window's steps and over the ranks."""
-        sums = all_reduce_mean(self.sums)  # the ranks' mean (one collective)
-        return {k: (v / self.steps).item() for k, v in sums.items()}  # the one host sync
+        """The mean of each metric over the window's steps and over the ranks (a :max metric the maximum, a :sum
+        metric the sum), as the objective summarizes them."""
+        maxima = {k: v for k, v in self.sums.items() if k.endswith(MAX_METRIC)}
+        sums = all_reduce_mean({k: v for k, v in self.sums.items() if k not in maxima}, "sum")  # one collective
+        maxima = all_reduce_mean(maxima, "max")  # and one more where there are maxima
+        world = get_world_size()
+        values = {k: (v / (1 if k.endswith(SUM_METRIC) else self.steps * world)).item() for k, v in sums.items()}
+        values.update({k: v.item() for k, v in maxima.items()})  # the host syncs
+        summarized = self.summarize({k: values[k] for k in self.sums})
+        return {k.removesuffix(MAX_METRIC).removesuffix(SUM_METRIC): v for k, v in summarized.items()}
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)

@@ -8,7 +8,8 @@ shape-dependent lr (`adjust_lr`: `match_rms_adamw` scales lr by 0.2 * sqrt(max(r
 makes the update's RMS match AdamW's, so AdamW's lr and weight decay carry over; `original` by
 sqrt(max(1, rows / cols)), Keller Jordan's).
 
-`MuonWithAdamW` holds one torch.optim.Muon and one torch.optim.AdamW and looks like one optimizer to the loop and
+`MuonWithAdamW` holds one Muon (`BatchedMuon`: torch's, the matrices of one shape orthogonalised together, see
+llm/train/orthogonalize.py) and one torch.optim.AdamW and looks like one optimizer to the loop and
 the checkpoints: `param_groups` is Muon's groups then AdamW's, and `state_dict()` numbers the parameters in that
 order. Muon needs whole matrices: under FSDP2 (sharded matrices) it is refused (`check_strategy`).
 """
@@ -20,71 +21,110 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.optim._muon import muon as muon_update  # torch's update of a list of matrices (what Muon.step calls)
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
+from torch.optim._muon import EPS as NS_EPS
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from llm.train.optim import OptimizerConfig
+from llm.train.orthogonalize import muon_update
+
+NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)  # torch's (Keller Jordan's quintic)
 
 
 def muon_matrices(model: nn.Module) -> set[int]:
     """The ids of the 2-D weights of the linear layers inside the transformer blocks (attention and MLP
-    projections): what Muon trains. The embedding and the LM head (tied to it or not) are not among them."""
+    projections) and of the 3-D parameters there ([n, out, in]: stacked expert matrices): what Muon trains. The
+    embedding and the LM head (tied to it or not) are not among them."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ConfigError("optim=muon needs a model with transformer blocks (model.blocks)")
-    return {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    return linear | {id(p) for p in blocks.parameters() if p.dim() == 3 and p.requires_grad}
 
 
-class SkippingMuon(torch.optim.Muon):
-    """torch's Muon that skips a step on the device, as the fused AdamW does: with `found_inf` set (a 0-d tensor,
-    1.0 = skip), each matrix gets torch's own update (`torch.optim._muon.muon`) on a copy of itself and of its
-    momentum, and the copies are kept only where found_inf is 0 — no host sync, one matrix's copies at a time. A
-    step that is kept is bit for bit torch's (tested); a skipped one leaves weights and momentum as they were.
-    Without found_inf it is torch's step."""
+class BatchedMuon(torch.optim.Muon):
+    """torch's Muon, batched: the matrices of one shape are orthogonalised together (llm.train.orthogonalize), with
+    torch's arithmetic, so each update is torch's bit for bit (tested). It also takes 3-D parameters [n, out, in]
+    (stacked expert weights: n matrices, each orthogonalised and lr-scaled on its own) and keeps torch's state and
+    state-dict format (a `momentum_buffer` per parameter; the same group keys), so checkpoints of torch's Muon load.
+
+    With `found_inf` set (a 0-d tensor, 1.0 = skip) it skips a step on the device, as the fused AdamW does: the new
+    weights and momenta are kept only where found_inf is 0, with no host sync, a parameter's copies at a time."""
 
     found_inf: torch.Tensor | None = None
 
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = NS_EPS,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+    ):
+        # torch's Muon.__init__ refuses all but 2-D parameters: its checks and its defaults (the group keys), here
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Muon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Muon: adjust_lr_fn={adjust_lr_fn!r}: None, original or match_rms_adamw")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        bad = [tuple(p.shape) for g in self.param_groups for p in g["params"] if p.dim() not in (2, 3)]
+        if bad:
+            raise ValueError(f"Muon trains 2-D matrices and 3-D stacks of them, not shapes {bad}")
+
     @torch.no_grad()
     def step(self, closure=None):
-        if self.found_inf is None:
-            return super().step(closure)
+        if closure is not None and self.found_inf is not None:
+            raise ValueError("BatchedMuon: a closure does not go with found_inf")
+        loss = None
         if closure is not None:
-            raise ValueError("SkippingMuon: a closure does not go with found_inf")
-        keep = self.found_inf == 0
+            with torch.enable_grad():
+                loss = closure()
+        keep = None if self.found_inf is None else self.found_inf == 0
         for group in self.param_groups:
             params, grads, bufs = [], [], []
-            has_complex = self._init_group(group, params, grads, bufs)
-            for param, grad, buf in zip(params, grads, bufs):
-                new_param, new_buf = param.clone(), buf.clone()
+            self._init_group(group, params, grads, bufs)
+            if params:
                 muon_update(
-                    [new_param],
-                    [grad],
-                    [new_buf],
+                    params,
+                    grads,
+                    bufs,
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
                     momentum=group["momentum"],
                     nesterov=group["nesterov"],
                     ns_coefficients=group["ns_coefficients"],
-                    eps=group["eps"],
                     ns_steps=group["ns_steps"],
+                    eps=group["eps"],
                     adjust_lr_fn=group["adjust_lr_fn"],
-                    has_complex=has_complex,
+                    keep=keep,
                 )
-                torch.where(keep, new_param, param, out=param)
-                torch.where(keep, new_buf, buf, out=buf)
-        return None
+        return loss
 
 
 class MuonWithAdamW:
     """One optimizer over two: Muon's groups first, then AdamW's. Steps, zeroes, saves and loads both.
 
-    A SkippingMuon (MuonConfig builds one on an accelerator) with a fused AdamW skips a step on the device: the
+    On an accelerator (`skip_on_device`, MuonConfig.build) with a fused AdamW a step is skipped on the device: the
     loop sets `found_inf` (as on a fused AdamW) and both honour it, which `defaults["fused"]` tells the loop;
     otherwise the loop reads its skip flag on the host and does not call `step`."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: BatchedMuon, adamw: torch.optim.AdamW, skip_on_device: bool = False):
         self.muon, self.adamw = muon, adamw
-        self.defaults = {"fused": isinstance(muon, SkippingMuon) and bool(adamw.defaults.get("fused"))}
+        self.defaults = {"fused": skip_on_device and bool(adamw.defaults.get("fused"))}
         self.found_inf: torch.Tensor | None = None
 
     @property
@@ -189,12 +229,12 @@ class MuonConfig(OptimizerConfig):
         return [g for g in groups if g["params"] or g["name"] != "adam"]
 
     def build(self, model: nn.Module, device_type: str) -> MuonWithAdamW:
-        """On an accelerator Muon is a SkippingMuon (a skipped step costs no host sync); on the CPU, where reading
-        the flag costs nothing and the copies would (~15% of Muon's step), torch's Muon."""
+        """On an accelerator a step is skipped on the device (no host sync); on the CPU, where reading the flag
+        costs nothing and the copies would, the loop reads it and skips the call."""
         groups = self.param_groups(model)
         if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
             raise ConfigError(MUON_FSDP)
-        muon = (torch.optim.Muon if device_type == "cpu" else SkippingMuon)(
+        muon = BatchedMuon(
             groups[:1],
             lr=self.lr,
             weight_decay=self.weight_decay,
@@ -205,7 +245,7 @@ class MuonConfig(OptimizerConfig):
         )
         fused = True if self.fused is None else self.fused
         adamw = torch.optim.AdamW(groups[1:], lr=self.adam_lr, betas=self.betas, eps=self.eps, fused=fused)
-        return MuonWithAdamW(muon, adamw)
+        return MuonWithAdamW(muon, adamw, skip_on_device=device_type != "cpu")
 
 
 MUON_FSDP = (

@@ -182,6 +182,13 @@ class DPO(Objective):
         self.sft_weight, self.max_new_tokens, self.ref_batch_size = sft_weight, max_new_tokens, ref_batch_size
         self.ref_model, self.lora = None, False
 
+    def describe_step(self, batch_size: int, seq_len: int, micro_batch_size: int, accum_steps: int) -> str:
+        """trainer.batch_size counts preference pairs: each is two sequences through the policy."""
+        return (
+            f"{batch_size} preference pairs (chosen and rejected: {2 * batch_size} sequences) x {seq_len} tokens "
+            f"({accum_steps} micro-batch(es) of {micro_batch_size} pairs per rank)"
+        )
+
     def setup(self, model, data) -> None:
         plain = unwrap_model(model)
         self.lora = has_lora(plain)

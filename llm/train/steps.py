@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from llm.contract import Objective
+from llm.contract import MAX_METRIC, SUM_METRIC, Objective, combine_metric
 from llm.dist.parallel import clip_grad_norm_, set_gradient_sync
 from llm.errors import ConfigError, TrainingError
 from llm.train.optim import OptimizerConfig
@@ -80,8 +80,9 @@ def train_on(
                 loss = loss * aid
                 metrics = {**metrics, "loss": loss.detach()}
             (loss / n).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float() / (n * inner)
+            for k, v in metrics.items():  # the step's mean; a :max metric its maximum, a :sum metric its sum
+                v = v.float() / (1 if k.endswith(MAX_METRIC) else inner if k.endswith(SUM_METRIC) else n * inner)
+                sums[k] = combine_metric(k, sums.get(k), v)
         spike = guard.spike(sums.get("loss"), inner) if i == 0 else None
         grad_norm, skipped = optimizer_step(optimizer, raw_model.parameters(), grad_clip, spike)
         bad = torch.maximum(bad, skipped)  # any skipped update marks the step
@@ -91,7 +92,7 @@ def train_on(
 def optimizer_step(optimizer, parameters, grad_clip: float | None, skip: torch.Tensor | None = None):
     """Clip, step and zero the gradients; returns (the gradient norm, 1.0 if the update was skipped: a non-finite
     norm, or `skip` set, a loss spike). Without a host sync where the optimizer takes found_inf (`defaults["fused"]`:
-    the fused AdamW, and optim=muon on an accelerator with it: llm.train.muon.SkippingMuon); otherwise the flag is
+    the fused AdamW, and optim=muon on an accelerator with it: llm.train.muon.BatchedMuon); otherwise the flag is
     read on the host.
     A non-finite loss gives non-finite gradients, and the norm is over the reduced gradients: every rank agrees."""
     grad_norm = clip_grad_norm_(parameters, grad_clip or float("inf"))

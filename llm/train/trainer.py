@@ -135,7 +135,7 @@ class Trainer:
         self.guard = StepGuard(
             self.device, self.state.skipped_steps, self.loop.spike_skip, self.loop.spike_window, self.state.spike_window
         )  # skipped steps (non-finite, loss spikes), on the device
-        self.window = MetricsWindow(self.device, self.state.log_window)
+        self.window = MetricsWindow(self.device, self.state.log_window, self.objective.summarize_train)
         flops = flops_per_token(self.raw_model.config, self.trainable["params"], self.loop.seq_len)
         self.mfu_per_token = flops / self.hardware.peak_flops  # MFU per token/s (CUDA)
         loop, micro = self.loop, self.micro_batch_size
@@ -254,7 +254,7 @@ class Trainer:
             st.last_eval = {**st.last_eval, **val}  # a downstream-only step keeps the last validation's values
             st.last_val_loss = val.get("val_loss", st.last_val_loss)
             reason = self.early_stop(st.step, val) if self.early_stop else None
-            if reason:
+            if reason and st.step < self.max_steps:  # at the last step nothing is left to stop: the run is done
                 self.stop.finish(reason)
         log_line(st.step, self.max_steps, record)
         for lg in self.loggers:

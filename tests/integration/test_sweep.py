@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def _jobs(sweep):
     return sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
 
 
-def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path):
+def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path, small_run):
     from tests.unit.test_downstream import mc_rows, write_jsonl
 
     sweep = tmp_path / "sweep"
@@ -89,3 +90,25 @@ def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path):
         assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}
     assert (jobs[2] / "error.txt").is_file()  # run again, failed again
     assert json.loads((sweep / "sweep_summary.json").read_text())["counts"]["done"] == 2
+
+    # llm.compare on the sweep dir and, through a glob, the shared small run beside a sweep job: the table's values
+    # are results.json's, the differing overrides are the columns, and the plot is drawn
+    from llm.compare import main as compare_main
+
+    out = tmp_path / "compare"
+    assert compare_main([str(sweep), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["run"] for r in rows] == ["0", "1", "2"] and [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert [r["optim.lr"] for r in rows] == ["0.001", "0.01", "-1"]
+    for row in rows[:2]:
+        results = json.loads((Path(row["dir"]) / "results.json").read_text())
+        for key in ("val_loss", "val_bpb", "steps", "tokens_per_s", "wall_seconds"):
+            assert row[key] == str(results[key]), key
+    assert rows[2]["val_loss"] == "" and (out / "compare.png").stat().st_size > 10000
+    assert "| 0   | done   | 0.001    |" in (out / "compare.md").read_text()
+
+    assert compare_main([str(small_run), str(sweep / "0_*"), "--out", str(out)]) == 0
+    header, *rows = list(csv.reader((out / "compare.csv").open()))
+    assert header[:2] == ["run", "status"] and "trainer.max_steps" in header and "model.n_layer" not in header
+    steps = header.index("trainer.max_steps")
+    assert [r[steps] for r in rows] == ["20", "4"]  # as set, and set again later on the command line (the last wins)

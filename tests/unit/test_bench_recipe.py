@@ -50,3 +50,18 @@ def test_report_files(tmp_path, monkeypatch):
     assert (tmp_path / "o" / "recipe_bench.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="not empty"):
         bench_recipe.main(["--out", str(tmp_path / "o")])
+
+
+def test_plot_legend_names_the_recipes(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(bench_recipe, "plot_curves", lambda curves, path, **k: drawn.update(curves=curves, **k))
+    common = ["model.n_layer=2"]
+    a = {**_run("A", A), "overrides": [*common, "optim=adamw", "optim.lr=0.0031622776601683794", "+x"]}
+    b = {**_run("B", B), "overrides": common}
+    bench_recipe.plot([a, b, {**b, "round": 2}], tmp_path / "p.png", common)
+    assert [c["label"] for c in drawn["curves"]] == [
+        "A: optim=adamw optim.lr=0.00316 +x (round 1)",
+        "B: defaults (round 1)",
+        "B: defaults (round 2)",
+    ]
+    assert drawn["hline"] == (4.0, "A's final val_loss (round 1)")

@@ -201,3 +201,10 @@ def test_each_corpus_suggests_its_sample_prompt():
     assert compose_config(["data=files", "data.paths=[a.txt]"]).task.sample.prompt == ""  # the start of a document
     assert compose_config(["data=hub", "data.name=x", "data.sample_prompt=Once"]).task.sample.prompt == "Once"
     assert compose_config(["task.sample.prompt=import"]).task.sample.prompt == "import"  # the user's wins
+
+
+@pytest.mark.parametrize("overrides", [["task=grpo"], ["experiment=grpo"], ["task=sft"], ["task=dpo"]])
+def test_post_training_sample_prompt_is_a_task_it_trains_on(overrides):
+    """The end-of-run sample asks what the run trains on: its prompt is one of post_data.train.tasks'."""
+    cfg = compose_config(overrides)
+    assert cfg.task.sample.prompt.split(":")[0] in cfg.post_data.train.tasks, cfg.task.sample.prompt

@@ -4,6 +4,9 @@ single-process no-ops."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -182,6 +185,23 @@ def _downstream(rank: int, world_size: int, tok_dir: str, rows: str) -> dict:
     return evals.run(tiny(len(tokenizer)), tokenizer, rank=rank, world_size=world_size)
 
 
+def _grpo_statistics(rank: int) -> dict:
+    """A GRPO log line over two ranks, each with its own 4 samples (groups of 2) and a mean-type metric."""
+    from llm.train.grpo import GRPO
+    from llm.train.loggers import MetricsWindow
+
+    rewards, lengths = ([0.0, 0.0, 1.0, 1.0], [2, 3, 4, 5]) if rank == 0 else ([1.0, 1.0, 1.0, 0.0], [8, 1, 1, 1])
+    stats = {
+        "stats/rewards": torch.tensor(rewards),
+        "stats/length": torch.tensor(lengths, dtype=torch.float32),
+        "stats/cut": torch.zeros(4),
+        "stats/zero_variance": torch.tensor([float(rewards[0] == rewards[1]), float(rewards[2] == rewards[3])]),
+    }
+    window = MetricsWindow(torch.device("cpu"), summarize=GRPO.summarize_train)
+    window.add({"loss": torch.tensor(float(rank)), **GRPO.batch_metrics(stats)}, tokens=1)
+    return window.mean()
+
+
 def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_dir: str, evals: tuple):
     import torch.distributed as dist
 
@@ -198,8 +218,9 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_di
         if rank == signalled_rank:
             stop.received = "SIGTERM"
             stop.finish("pruned")  # a signal wins over an early finish
+        logged, downstream = _grpo_statistics(rank), _downstream(rank, 2, *evals)
         agreed_stop = stop.agreed(2, torch.device("cpu"))
-        out.put((rank, quiet, finished, agreed_stop, stop.received, agreed, failed_save, _downstream(rank, 2, *evals)))
+        out.put((rank, quiet, finished, agreed_stop, stop.received, agreed, failed_save, logged, downstream))
     finally:
         dist.destroy_process_group()
 
@@ -207,7 +228,8 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_di
 def test_a_signal_on_one_rank_stops_every_rank(tmp_path, tiny_tokenizer):
     """SIGTERM reaching rank 1 only: both ranks agree to stop after the same step (rank 0 names the peer). And a
     checkpoint rank 0 cannot write fails the save on both ranks (rank 1 does not wait at a barrier for ever). And
-    (sharing the spawned ranks) a downstream evaluation over 2 ranks, gathered, equals one process's."""
+    GRPO's logged statistics are over every rank's samples. And (sharing the spawned ranks) a downstream
+    evaluation over 2 ranks, gathered, equals one process's."""
     from tests.unit.test_downstream import mc_rows, write_jsonl
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
@@ -236,18 +258,27 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path, tiny_tokenizer):
     ]
     assert [r[5] for r in results] == [(True, False), (True, False)]
     assert "could not be written" in results[0][6] and "rank 0 could not write the checkpoint" in results[1][6]
+    # a GRPO log line: statistics over both ranks' samples (std of all 8, the longest of all), means of the means
+    everyone = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    for logged in (r[7] for r in results):
+        assert logged["loss"] == 0.5 and logged["completions/max_length"] == 8.0
+        assert logged["rewards/mean"] == pytest.approx(0.625) and logged["zero_variance_groups"] == 0.75
+        assert logged["rewards/std"] == pytest.approx(everyone.std(correction=0).item())
     single = _downstream(0, 1, *evals)
     assert set(single) == {"eval/t/acc", "eval/t/acc_norm", "eval/t/bpb", "eval/t/centered", "eval/core"}
-    assert results[0][7] == pytest.approx(single, abs=1e-6) and results[1][7] == pytest.approx(single, abs=1e-6)
+    assert results[0][8] == pytest.approx(single, abs=1e-6) and results[1][8] == pytest.approx(single, abs=1e-6)
 
 
 def test_each_error_line_printed_once_per_machine(tmp_path, monkeypatch):
     """Under torchrun / srun every rank usually ends with the same line: the first rank of this launch on this
-    machine to end with it prints it; another line is printed too; one process alone always prints."""
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the markers
-    ranks = {"WORLD_SIZE": "2", "LLM_RUN_STAMP": "2026-01-01/00-00-00"}
+    machine to end with it prints it; another line is printed too; one process alone always prints. The failed
+    launch leaves nothing behind in the temp dir (no `llm-error-*` marker files)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    stamp = f"test-{os.getpid()}-{time.time_ns()}"  # this test's launches only (other test runs share the machine)
+    ranks = {"WORLD_SIZE": "2", "LLM_RUN_STAMP": stamp}
     assert C.first_to_report("error: model.n_head=0", ranks)
     assert not C.first_to_report("error: model.n_head=0", ranks)  # the other rank, same line
     assert C.first_to_report("error: out of memory", ranks)  # its own line
-    assert C.first_to_report("error: model.n_head=0", {**ranks, "LLM_RUN_STAMP": "2026-01-01/00-00-09"})  # next launch
+    assert C.first_to_report("error: model.n_head=0", {**ranks, "LLM_RUN_STAMP": stamp + "-next"})  # next launch
     assert C.first_to_report("error: x", {}) and C.first_to_report("error: x", {})  # no launch: always
+    assert list(tmp_path.iterdir()) == []

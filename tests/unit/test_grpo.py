@@ -5,6 +5,7 @@ generating each prompt alone."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -303,3 +304,87 @@ def test_the_plan_line_says_what_a_step_is_and_the_closing_line_what_it_did(tmp_
         logger.remove(handler)
     assert "3 steps in 0.0s, exact_match 0.1 -> 0.35, reward 0.2 -> 0.5; results in" in lines[0]
     assert "val_loss 4.5 -> 3.25" in lines[1]
+
+
+def test_a_prompt_and_its_completion_past_the_context_is_refused_before_any_step(grpo_setup, tiny_tokenizer):
+    _, data = grpo_setup
+    train, held = (max(len(r["prompt_ids"]) for r in rows) for rows in (data.train.items, data.eval_rows))
+    limit = max(train, held) + 3
+    model = build_gpt(vocab_size=len(tiny_tokenizer), n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=limit)
+    make = lambda **kw: GRPO(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, **kw)  # noqa: E731
+    make(max_new_tokens=limit - max(train, held)).setup(model, data)  # fits exactly
+    with pytest.raises(ConfigError) as e:
+        make(max_new_tokens=limit - train + 1).setup(model, data)
+    assert str(e.value) == (
+        f"task.objective.max_new_tokens={limit - train + 1} + the longest training prompt ({train} tokens) = "
+        f"{limit + 1} positions, more than model.max_seq_len={limit}: lower task.objective.max_new_tokens, leave "
+        f"the longer prompts out (task.data.max_prompt_tokens={train - 1}), or raise model.max_seq_len"
+    )
+    with pytest.raises(ConfigError, match=r"^task.objective.eval_max_new_tokens=50 \+ the longest held-out prompt"):
+        make(max_new_tokens=1, eval_max_new_tokens=50).setup(model, data)
+
+
+def _stats(rewards, lengths):
+    """A sampled batch's per-completion statistics (groups of 2), as GRPO.prepare lays them out."""
+    n = len(rewards)
+    return {
+        "stats/rewards": torch.tensor(rewards),
+        "stats/reward/digits": torch.tensor(rewards) / 2,
+        "stats/length": torch.tensor(lengths, dtype=torch.float32),
+        "stats/cut": torch.tensor([1.0] + [0.0] * (n - 1)),
+        "stats/zero_variance": torch.tensor([float(rewards[i] == rewards[i + 1]) for i in range(0, n, 2)]),
+    }
+
+
+class _Stats(GRPO):
+    """GRPO's statistics on a batch that holds only them, with a loss of one parameter: the trainer's path."""
+
+    def loss(self, model, batch):
+        return model.weight.sum() * 0, self.batch_metrics(batch)
+
+
+def test_logged_statistics_are_exact_over_the_step():
+    """Two micro-batches, two inner steps, two steps in one log line: the mean, std and max are those of all the
+    samples (not means of per-micro-batch stds and maxima)."""
+    from llm.train.loggers import MetricsWindow
+    from llm.train.steps import train_on
+
+    model = torch.nn.Linear(1, 1)
+    objective = _Stats(rewards=[{"_target_": "llm.rewards.exact_match"}], group_size=2, inner_steps=2)
+    guard = type("Guard", (), {"spike": lambda self, loss, passes: None})()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    window = MetricsWindow(torch.device("cpu"), summarize=objective.summarize_train)
+    steps = [[([0.0, 0.0, 1.0, 1.0], [2, 3, 4, 5]), ([1.0, 1.0, 1.0, 1.0], [8, 1, 1, 1])], [([0.0, 1.0], [3, 3])]]
+    for step in steps:  # 2 micro-batches, then 1
+        sums, _, _ = train_on(
+            model, model, objective, optimizer, [_stats(*b) for b in step], contextlib.nullcontext, None, guard
+        )
+        window.add(sums, tokens=1)
+    logged = window.mean()
+    rewards = torch.tensor([r for step in steps for b in step for r in b[0]])
+    assert logged["rewards/mean"] == pytest.approx(rewards.mean().item())
+    assert logged["rewards/std"] == pytest.approx(rewards.std(correction=0).item())
+    assert logged["rewards/digits/std"] == pytest.approx(rewards.std(correction=0).item() / 2)
+    assert logged["completions/max_length"] == 8.0 and logged["completions/mean_length"] == pytest.approx(31 / 10)
+    assert logged["completions/cut_fraction"] == pytest.approx(3 / 10)
+    assert logged["zero_variance_groups"] == pytest.approx(4 / 5)
+
+
+def test_held_out_evaluation_is_shared_out_over_the_ranks(grpo_setup, monkeypatch):
+    """Each of 2 ranks answers every other held-out prompt, once; their counts together give the one-process
+    numbers (the sum over ranks is reduce_sums', here collected by hand)."""
+    model, data = grpo_setup
+    objective = GRPO(rewards=[{"_target_": "tests.unit.test_grpo.chars"}], group_size=2, max_new_tokens=4)
+    objective.setup(model, data)
+    whole = objective.evaluate(model, data)
+    asked, reduced, real = [], [], objective._complete
+    monkeypatch.setattr(objective, "_complete", lambda m, p, *a, **k: asked.append(len(p)) or real(m, p, *a, **k))
+    monkeypatch.setattr("llm.train.grpo.get_world_size", lambda: 2)
+    monkeypatch.setattr("llm.train.grpo.reduce_sums", lambda sums, n: (reduced.append(sums) or sums, n))
+    for rank in (0, 1):
+        monkeypatch.setattr("llm.train.grpo.get_rank", lambda rank=rank: rank)
+        objective.evaluate(model, data)
+    n = len(data.eval_rows)
+    assert n == 4 and asked == [2, 2]
+    assert sum(r["match"].item() for r in reduced) / n == whole["exact_match"]
+    assert sum(r["reward"].item() for r in reduced) / n == pytest.approx(whole["reward"])

@@ -209,3 +209,17 @@ def test_learned_positions_generate_past_the_table(tokenizer):
     assert torch.equal(cached, model.generate(prompt, 3 * CTX, temperature=0, use_cache=False))
     with torch.no_grad():  # the last token: greedy over the last CTX tokens before it
         assert torch.equal(model(cached[:, -CTX - 1 : -1])[:, -1, : len(tokenizer)].argmax(-1), cached[:, -1])
+
+
+@pytest.mark.parametrize(
+    "index", [{"metadata": {}}, {"weight_map": ["model.safetensors"]}, [1], {"weight_map": {"a": 1}}]
+)
+def test_a_shard_index_without_a_weight_map_is_one_line_naming_it(tokenizer, tmp_path, index):
+    _, path = hf_dir(tokenizer, tmp_path, "llama")
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError) as e:
+        ModelSource.resolve(path).load()
+    assert str(e.value) == (
+        f"{path / 'model.safetensors.index.json'}: no weight_map in it (a JSON object of tensor name -> shard "
+        "file, as transformers writes): not a shard index"
+    )

@@ -5,6 +5,7 @@ bit for bit when kept, nothing changed when skipped, no host sync)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import socket
@@ -19,7 +20,7 @@ from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.model import build_gpt
 from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
-from llm.train.muon import SkippingMuon
+from llm.train.muon import BatchedMuon
 from llm.train.steps import optimizer_step
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16, max_seq_len=16)
@@ -226,7 +227,7 @@ def _muon_pair(**kw):
     """torch's Muon and ours on two copies of the same model (nesterov off, to see both momentum forms)."""
     a, b = _model(), _model()
     params = lambda m: [p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2]  # noqa: E731
-    return a, b, torch.optim.Muon(params(a), **kw), SkippingMuon(params(b), **kw)
+    return a, b, torch.optim.Muon(params(a), **kw), BatchedMuon(params(b), **kw)
 
 
 @pytest.mark.parametrize("kw", [{"lr": 0.02}, {"lr": 0.05, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}])
@@ -277,3 +278,78 @@ def test_the_loop_skips_a_muon_step_without_a_host_sync(monkeypatch):
     _loss(model).backward()
     _, bad = optimizer_step(opt, model.parameters(), 1.0)
     assert bad == 0 and all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+# Mixed shapes: tall and wide matrices that share a stack once laid wide (16x8 and 8x16), a square one, one alone,
+# and 3-D stacks [n, out, in] whose slices join the 2-D matrices of their shape
+MIXED = [(16, 8), (8, 16), (8, 8), (24, 8), (3, 8, 16), (2, 16, 8)]
+
+
+def _matrices(tensors):
+    """Every matrix of 2-D and 3-D tensors, a 3-D one's slices in order."""
+    return [m for t in tensors for m in (t if t.dim() == 3 else [t])]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "nesterov": False, "weight_decay": 0.0}]
+)
+def test_batched_update_is_torchs_per_matrix_update_bit_for_bit(kw):
+    """BatchedMuon on 2-D and 3-D parameters against torch's Muon on every matrix alone (a 3-D parameter's slices
+    as separate matrices, each with its own momentum and its own shape's lr): equal bit for bit over three steps,
+    and a step skipped on the device (found_inf = 1) changes nothing."""
+    kw = {"lr": 0.02, "momentum": 0.9, **kw}
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MIXED]
+    slices = [torch.nn.Parameter(m.detach().clone()) for m in _matrices(params)]
+    batched, per_matrix = BatchedMuon(params, **kw), torch.optim.Muon(slices, **kw)
+    for step in range(4):
+        grads = [torch.randn(s, generator=gen) for s in MIXED]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        batched.found_inf = torch.tensor(float(step == 2))
+        if step == 2:  # skipped: the reference takes no step
+            before = [p.detach().clone() for p in params]
+            batched.step()
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            continue
+        for s, g in zip(slices, _matrices(grads)):
+            s.grad = g.clone()
+        batched.step()
+        per_matrix.step()
+        assert all(torch.equal(a, b) for a, b in zip(_matrices(params), slices))
+        momenta = _matrices([batched.state[p]["momentum_buffer"] for p in params])
+        assert all(torch.equal(a, per_matrix.state[s]["momentum_buffer"]) for a, s in zip(momenta, slices))
+
+
+def test_checkpoints_of_torchs_muon_load_into_the_batched_one():
+    """The state dict is torch.optim.Muon's (a momentum buffer per parameter, the same group keys): a checkpoint
+    written before batching resumes, and the steps after it are the ones torch's Muon would have taken."""
+    torch_model, ours, torch_opt, _ = _muon_pair(lr=0.02, adjust_lr_fn="match_rms_adamw")
+    _loss(torch_model).backward()
+    torch_opt.step()
+    torch_opt.zero_grad()
+    ours.load_state_dict(torch_model.state_dict())
+    params = [p for n, p in ours.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    opt = BatchedMuon(params, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    sd = copy.deepcopy(torch_opt.state_dict())  # as read back from a checkpoint: no tensor shared with torch_opt
+    opt.load_state_dict(sd)
+    assert opt.state_dict()["param_groups"] == sd["param_groups"]
+    for seed in (1, 2):
+        for m, o in ((torch_model, torch_opt), (ours, opt)):
+            _loss(m, seed).backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(torch_model.parameters(), ours.parameters()))
+
+
+def test_a_3d_parameter_in_the_blocks_goes_to_muon():
+    """Stacked expert weights [n, out, in] inside a block (a mixture-of-experts layer) are Muon's, and train."""
+    model = _model()
+    model.blocks[0].register_parameter("experts", torch.nn.Parameter(torch.randn(2, 32, 16) * 0.02))
+    opt = MuonConfig(lr=0.02).build(model, "cpu")
+    assert any(p is model.blocks[0].experts for p in opt.param_groups[0]["params"])
+    before = model.blocks[0].experts.detach().clone()
+    model.blocks[0].experts.grad = torch.randn(2, 32, 16)
+    _loss(model).backward()
+    opt.step()
+    assert not torch.equal(before, model.blocks[0].experts)

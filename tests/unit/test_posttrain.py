@@ -307,3 +307,11 @@ def test_a_reply_without_an_assistant_message_names_the_row(tokenizer, tmp_path,
     path.write_text(json.dumps({"prompt": "p", "chosen": chosen, "rejected": "b"}) + "\n")
     with pytest.raises(DataError, match=f"^{path}:1: field 'chosen' must end with an assistant message"):
         PreferenceData(tokenizer, LocalRows(str(path)), val_source=LocalRows(str(path)), seq_len=32).prepare()
+
+
+def test_dpo_plan_line_counts_pairs():
+    """trainer.batch_size counts preference pairs under task=dpo: each is a chosen and a rejected sequence."""
+    line = DPO().describe_step(32, 64, 16, 2)
+    assert line == (
+        "32 preference pairs (chosen and rejected: 64 sequences) x 64 tokens (2 micro-batch(es) of 16 pairs per rank)"
+    )

@@ -3,6 +3,7 @@ its process), `overwrite=true` clears only the earlier run's artefacts, and a re
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -91,3 +92,49 @@ def test_resume_refuses_other_settings():
         r"1337 vs now 7; task.data.source.max_bytes: checkpoint 2 vs now 3\)",
     ):
         check_same_run(saved, other, "auto", "ckpt")
+
+
+@pytest.mark.parametrize("moment", ["before", "between"])
+def test_the_loser_of_a_race_for_a_run_dir_is_refused_in_one_line(tmp_path, monkeypatch, capsys, moment):
+    """Two runs into one hydra.run.dir: a rival (this test, through its own open of the lock file) claims the dir
+    before run.py first asks whether it may write `.hydra/` there, or between that question and Hydra asking it
+    again (the window a loaded machine once opened: the answers differed, and Hydra failed with
+    "TypeError: expected str, bytes or os.PathLike object, not NoneType"). Whoever holds the lock first keeps the
+    dir; the other gets the one-line "in use" refusal, and the refused run.py writes nothing there."""
+    from omegaconf import OmegaConf
+
+    from llm.rundir import resolvers
+    from tests.cli_batch import run_once
+
+    run_dir, rival, asked, refused = tmp_path / "run", rundir.RunDirLock(tmp_path / "run"), [], []
+
+    def widened(*args):  # the resolver of `.hydra/`, with the rival's claim at the chosen moment
+        if moment == "before" and not asked:
+            rival.acquire()
+        answer = resolvers.hydra_output_subdir(*args)
+        if moment == "between" and not asked:
+            try:
+                rival.acquire()
+            except ConfigError as e:  # run.py already holds the dir: the rival is the one refused
+                refused.append(str(e))
+        asked.append(answer)
+        return answer
+
+    OmegaConf.register_new_resolver("llm_output_subdir", widened, replace=True)
+    monkeypatch.chdir(tmp_path)
+    try:  # trainer.max_steps=2.5: a run that gets the dir stops at its config check, right after the claim
+        result = run_once([f"hydra.run.dir={run_dir}", "trainer.max_steps=2.5", "logger=none"])
+    finally:
+        rival_held = rival.file is not None
+        rival.release()
+        OmegaConf.register_new_resolver("llm_output_subdir", resolvers.hydra_output_subdir, replace=True)
+    lines = result["stderr"].strip().splitlines()
+    assert "TypeError" not in result["stderr"] and lines[-1].startswith("error: "), result["stderr"]
+    if rival_held:  # the rival holds the dir: run.py is refused in one line and writes nothing there
+        assert result["returncode"] == 2 and len(lines) == 1
+        assert re.fullmatch(rf"error: run dir {run_dir} is in use by another run \(pid \d+ .*", lines[0])
+        assert not (run_dir / ".hydra").exists() and not refused
+    else:  # run.py held the dir first: the rival was refused, run.py went on to its config check
+        assert re.fullmatch(rf"run dir {run_dir} is in use by another run \(pid \d+ .*", refused[0])
+        assert result["returncode"] == 2 and lines[-1].startswith("error: trainer.max_steps=2.5 must be an integer")
+        assert (run_dir / ".hydra" / "config.yaml").is_file()

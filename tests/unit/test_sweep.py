@@ -134,3 +134,34 @@ def test_a_trial_killed_while_being_asked_gets_its_parameters(tmp_path):
     params = _all_params(study, frozen[1], space, optuna).params
     assert set(params) == set(space) and 1e-4 <= params["optim.lr"] <= 1.0 and params["trainer.batch_size"] in (8, 16)
     assert all(t.state.name == "RUNNING" for t in study.get_trials())  # still to be run, under numbers 0 and 1
+
+
+def test_sweep_plot_reads_well(tmp_path, monkeypatch):
+    """Legend values with the digits that tell them apart (not 0.0031622776601683794), a log axis labelled at the
+    swept values with no minor labels on top of them, a pruned trial dashed and named as such."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for i, lr in enumerate(("0.0031622776601683794", "0.01", "0.031622776601683794")):
+        results = {"val_loss": 3 - i, "steps": 10, **({"stopped_early": "pruned at step 5"} if i == 0 else {})}
+        _job(tmp_path, f"{i}_optim.lr={lr}", [f"optim.lr={lr}"], results)
+    summarize(tmp_path, log_params=("optim.lr",))
+    scatter, curves = figures[0].axes[:2]
+    assert [t.get_text() for t in scatter.get_xticklabels()] == ["0.00316", "0.01", "0.0316"]
+    assert not any(t.get_text() for t in scatter.xaxis.get_minorticklabels())
+    legend = [t.get_text() for t in curves.get_legend().get_texts()]
+    assert legend == ["* optim.lr=0.0316", "optim.lr=0.01", "optim.lr=0.00316 (pruned)"]
+    assert [line.get_linestyle() for line in curves.lines] == ["-", "-", "--"]
+
+
+def test_a_trial_pruned_at_its_last_evaluation_ran_to_the_end(tmp_path):
+    """The pruner's verdict on the last step's evaluation stops nothing: the trial is done, not pruned."""
+    from tests.unit.test_muon import _fit, _Tokens
+
+    data = _Tokens(tmp_path / "t.bin")
+    results = _fit(
+        tmp_path / "run", data, 6, early_stop=lambda step, _: f"pruned at step {step}" if step == 6 else None
+    )
+    assert results["steps"] == 6 and "stopped_early" not in results
+    assert "stopped_early" not in json.loads((tmp_path / "run" / "results.json").read_text())
