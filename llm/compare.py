@@ -77,11 +77,35 @@ class Run:
         return self.evals[-1].get(key) if not self.results and self.evals else None
 
 
-def _read_yaml(path: Path):
+def _read_yaml(path: Path, kind: type = dict):
+    """A `.hydra` file's content (missing: empty); a damaged one, or one not a YAML `kind`, is a CompareError."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return kind()
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
+        raise CompareError(
+            f"{path}: unreadable ({str(e).splitlines()[0]}); a run dir's .hydra files are YAML"
+        ) from None
+    return _of_kind(value, kind, path, "YAML")
+
+
+def _of_kind(value, kind: type, path: Path, fmt: str, key: str = ""):
+    """`value` if it is a `kind` (None in YAML, an empty file or key: an empty one), else a CompareError naming
+    the file (and key)."""
+    if value is None and fmt == "YAML":
+        return kind()
+    if not isinstance(value, kind):
+        where, names = f"{path}" + (f": {key}" if key else ""), {dict: "mapping", list: "list"}
+        got = "null" if value is None else names.get(type(value), type(value).__name__)
+        raise CompareError(f"{where} is a {fmt} {got}, not a {fmt} {names[kind]}: is the file damaged?")
+    return value
+
+
+def _finite(value) -> float | None:
+    """A logged number that can be drawn (not a bool, NaN or infinite), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -97,13 +121,15 @@ def read_evals(run_dir: Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] is True:
             continue
-        if isinstance(record.get("tokens"), (int, float)):
-            logged.append((record["step"], record["tokens"]))
-        if isinstance(record.get("val_loss"), (int, float)):
-            evals.append({k: v for k, v in record.items() if k == "step" or k == "wall_seconds" or k.startswith("val")})
-            evals[-1]["tokens"] = record.get("tokens")
+        tokens = _finite(record.get("tokens"))
+        if tokens is not None:
+            logged.append((record["step"], tokens))
+        if _finite(record.get("val_loss")) is not None or isinstance(record.get("val_loss"), float):  # NaN: diverged
+            evals.append({k: v for k, v in record.items() if k.startswith("val") and _finite(v) is not None})
+            evals[-1].update(step=record["step"], tokens=tokens, wall_seconds=_finite(record.get("wall_seconds")))
+            evals[-1].setdefault("val_loss", record["val_loss"])
     logged.sort()
     for e in evals:
         if e["tokens"] is None:
@@ -125,18 +151,24 @@ def read_run(run_dir: Path) -> Run:
     """One run dir as the run-dir contract lays it out."""
     hydra = run_dir / ".hydra"
     overrides = {}
-    for o in _read_yaml(hydra / "overrides.yaml") or []:
+    for o in _read_yaml(hydra / "overrides.yaml", list):
         key, _, value = str(o).partition("=")
         if not key.lstrip("+~").startswith("hydra.") and key != "+trial":  # +trial: the Optuna sweeper's count
             overrides[key.lstrip("+")] = value
-    choices = {k: str(v) for k, v in ((_read_yaml(hydra / "hydra.yaml").get("hydra") or {}).get("runtime") or {})
-               .get("choices", {}).items() if not str(k).startswith("hydra")}  # fmt: skip
+    node = _read_yaml(hydra / "hydra.yaml")
+    for key in ("hydra", "runtime", "choices"):
+        node = _of_kind(node.get(key), dict, hydra / "hydra.yaml", "YAML", key)
+    choices = {k: str(v) for k, v in node.items() if not str(k).startswith("hydra")}
+    path = run_dir / "results.json"
     try:
-        results = json.loads((run_dir / "results.json").read_text())
+        results = _of_kind(json.loads(path.read_text(encoding="utf-8")), dict, path, "JSON")
         status = "pruned" if results.get("stopped_early") else "done"
-    except (OSError, ValueError):
+    except (FileNotFoundError, IsADirectoryError):
         results, status = {}, "failed" if (run_dir / "error.txt").is_file() else "interrupted"
-    return Run(run_dir, overrides, choices, _read_yaml(hydra / "config.yaml"), results, status, read_evals(run_dir))
+    except (OSError, ValueError) as e:  # written atomically at the end of a run: never torn, so damaged
+        raise CompareError(f"{path}: not valid JSON ({str(e).splitlines()[0]}): is the file damaged?") from None
+    config = _read_yaml(hydra / "config.yaml")
+    return Run(run_dir, overrides, choices, config, results, status, read_evals(run_dir))
 
 
 def _is_run(path: Path) -> bool:
@@ -261,6 +293,7 @@ def plot_curves(curves: list[dict], path: Path, title: str = "", hline: tuple[fl
     for ax, (x, name) in zip(axes[0], xs):
         for c in curves:
             points = [(e[x], e["val_loss"]) for e in c["evals"] if e.get(x) is not None]
+            points = [p for p in points if _finite(p[1]) is not None]  # a diverged run's NaN: no point
             if points:
                 style = {k: c[k] for k in ("color", "alpha", "linestyle") if k in c}
                 ax.plot(*zip(*points), marker=".", label=c["label"], **style)

@@ -172,6 +172,23 @@ def cases() -> list[Case]:
             ["task=sft", "init_from={finished}", "post_data=files", "post_data.train.paths={tmp}/m.jsonl"],
             files={"m.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'},
         ),
+        # the keys of the loose ends (#27): the WSD schedule under AdamW, GRPO's lengths against the context
+        Case("wsd: decay_fraction above 1", ["optim.schedule=wsd", "optim.decay_fraction=1.5"]),
+        Case("wsd: decay_fraction nan", ["optim.schedule=wsd", "optim.decay_fraction=nan"]),
+        Case("wsd: decay_fraction a string", ["optim.schedule=wsd", "optim.decay_fraction=abc"]),
+        Case("wsd: decay_shape unknown", ["optim.schedule=wsd", "optim.decay_shape=cubic"]),
+        Case("adamw: schedule unknown", ["optim=adamw", "optim.schedule=wsdd"]),
+        Case(
+            "grpo: completion past the context",
+            ["task=grpo", "init_from={finished}", "task.objective.max_new_tokens=5000"],
+        ),
+        Case(
+            "grpo: held-out past the context",
+            ["task=grpo", "init_from={finished}", "task.objective.eval_max_new_tokens=5000"],
+        ),
+        Case(
+            "grpo: eval_max_new_tokens 0", ["task=grpo", "init_from={finished}", "task.objective.eval_max_new_tokens=0"]
+        ),
         Case("missing tokenizer dir", ["tokenizer=pretrained", "tokenizer.name_or_path=/nonexistent/tok"]),
         Case("resume nonexistent", ["resume=/nonexistent/run"]),
         Case("init_from nonexistent", ["init_from=/nonexistent/run"]),

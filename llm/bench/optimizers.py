@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from llm.bench.models import load_preset
+from llm.errors import LLMError
 from llm.model import build_gpt
 from llm.train import LanguageModeling, MuonConfig
 from llm.train.muon import MuonWithAdamW
@@ -92,6 +93,21 @@ def measure(kwargs: dict, batch_size: int, seq_len: int, steps: int, warmup: int
     }
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (else argparse's one line naming the flag, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m llm.bench.optimizers",
@@ -101,15 +117,20 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="preset name in conf/model or a path to a model yaml")
     p.add_argument("--nanogpt-char", action="store_true", help="nanoGPT's tinyshakespeare-char CPU model and batch")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model keys over the preset's")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16 (--nanogpt-char: 12)")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per optimizer per repeat")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3, help="each a fresh set of models; the spread is over these")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-time ratios too)")
-    p.add_argument("--ns-steps", type=int, default=MuonConfig.ns_steps, help="Muon's Newton-Schulz steps")
+    p.add_argument("--batch-size", type=_at_least(1), default=None, help="default 16 (--nanogpt-char: 12)")
+    p.add_argument("--seq-len", type=_at_least(1), default=None, help="default: the model's max_seq_len")
+    p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps per optimizer per repeat")
+    p.add_argument("--warmup", type=_at_least(0), default=3)
+    p.add_argument(
+        "--repeats", type=_at_least(1), default=3, help="each a fresh set of models; the spread is over these"
+    )
+    p.add_argument("--threads", type=_at_least(1), default=1, help="torch threads (1: CPU-time ratios too)")
+    p.add_argument("--ns-steps", type=_at_least(1), default=MuonConfig.ns_steps, help="Muon's Newton-Schulz steps")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found out now, not after minutes of timing
+        p.error(f"--json {args.json}: {Path(args.json).resolve().parent} is not a directory")
+    return args
 
 
 def model_kwargs(args) -> dict:
@@ -129,6 +150,10 @@ def main(argv=None) -> dict:
     kwargs = model_kwargs(args)
     batch_size = args.batch_size or (12 if args.nanogpt_char else 16)
     seq_len = args.seq_len or kwargs["max_seq_len"]
+    try:
+        build_gpt(**kwargs)  # the --set keys checked before any timing
+    except LLMError as e:
+        raise SystemExit(f"error: {e}") from None
     runs = [measure(kwargs, batch_size, seq_len, args.steps, args.warmup, args.ns_steps) for _ in range(args.repeats)]
     clocks = ("cpu_ms", "wall_ms") if args.threads == 1 else ("wall_ms",)
     res = {
@@ -152,7 +177,10 @@ def main(argv=None) -> dict:
                 res[name][f"ratio_{clock[:-3]}_spread"] = [min(ratios), max(ratios)]
     report(res, clocks)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        except OSError as e:  # the report is printed above: nothing measured is lost
+            raise SystemExit(f"error: --json {args.json}: {e.strerror or e}") from None
     return res
 
 

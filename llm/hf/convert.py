@@ -14,6 +14,7 @@ import torch
 
 from llm.errors import ConfigError
 from llm.hf.families import FAMILIES, Family
+from llm.hf.families.moe import EXPERT
 from llm.model import GPT, GPTConfig
 
 ARCHITECTURES = {name: f.architecture for name, f in FAMILIES.items()}
@@ -34,7 +35,8 @@ def family_of(cfg: GPTConfig) -> Family:
         why = fam.refusal(cfg)
         if why is None:
             return fam
-        reasons[fam.architecture] = why
+        if (cfg.moe is not None) == ("moe" in fam.frees):  # a MoE model: the MoE families' reasons are the close ones
+            reasons[fam.architecture] = why
     arch = {key: getattr(cfg, key) for key in ("pos_emb", "norm", "mlp")}
     close = [r for a, r in reasons.items() if all(f"model.{k}=" not in r for k in arch)]
     if close:  # a family with our block but not this option: its reason names the option
@@ -99,7 +101,10 @@ def name_map(cfg: GPTConfig) -> dict[str, str]:
     pairs = list(fam.top_names().items())
     for i in range(cfg.n_layer):
         pairs += [(f"blocks.{i}.{ours}", theirs) for ours, theirs in fam.layer_names(i).items()]
-    return {f"{ours}.{kind}": f"{theirs}.{kind}" for ours, theirs in pairs for kind in ("weight", "bias")}
+    names = {f"{ours}.{kind}": f"{theirs}.{kind}" for ours, theirs in pairs for kind in ("weight", "bias")}
+    # stacked experts [E, out, in] (a parameter without a .weight suffix) <-> one tensor per expert
+    names.update({ours: f"{theirs}.weight" for ours, theirs in pairs if EXPERT in theirs})
+    return names
 
 
 def _conv1d(fam: Family, ours: str) -> bool:  # GPT-2's Conv1D stores linear weights as [in, out]
@@ -121,6 +126,9 @@ def to_hf(model: GPT) -> dict[str, torch.Tensor]:
         theirs = names[ours]
         if _conv1d(fam, ours):
             tensor = tensor.t()
+        if EXPERT in theirs:  # one tensor per expert
+            out.update({theirs.format(e=e): piece.contiguous().clone() for e, piece in enumerate(tensor)})
+            continue
         if split and ".self_attn.qkv." in theirs:
             for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q, kv, kv], dim=0)):
                 out[theirs.replace("qkv", part)] = piece.contiguous().clone()
@@ -155,9 +163,16 @@ def from_hf(model: GPT, tensors: dict[str, torch.Tensor], where: str) -> None:
             if ours == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             theirs = names[ours]
-            if theirs not in tensors:
+            if EXPERT in theirs:  # the experts' tensors stacked
+                theirs = [theirs.format(e=e) for e in range(target.size(0))]
+                missing = [t for t in theirs if t not in tensors]
+                if missing:
+                    raise ConfigError(f"{where}: tensor {missing[0]!r} is missing")
+                tensor = torch.stack([tensors.pop(t) for t in theirs])
+            elif theirs not in tensors:
                 raise ConfigError(f"{where}: tensor {theirs!r} is missing")
-            tensor = tensors.pop(theirs)
+            else:
+                tensor = tensors.pop(theirs)
             if _conv1d(fam, ours):
                 tensor = tensor.t()
             rows = tensor.size(0) if ours.startswith(("tok_emb.", "lm_head.")) else target.size(0)

@@ -114,7 +114,9 @@ class RunningBatch:
         keep = torch.cat([self.keep, self.keep.new_ones(len(self.rows), 1)], dim=1)  # [B, L + 1]
         x = torch.tensor([[r.last] for r in self.rows], device=self.device)
         padded = {}
-        if not bool(keep.all()):  # each row at its own position, never attending to padding
+        # a row has left padding when it has fewer tokens in the cache (length - 1) than the cache has columns:
+        # known on the host, where `keep.all()` would wait for the device
+        if any(r.length - 1 != cache.length for r in self.rows):  # each row at its own position, never padding
             positions = torch.tensor([[r.length - 1] for r in self.rows], device=self.device)
             padded = {"position_ids": positions, "attn_mask": keep[:, None, None, :]}
         was_training = self.model.training

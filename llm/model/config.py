@@ -13,6 +13,10 @@ are off by default, so a config without them builds the same model bit for bit:
                             Gemma: embedding x sqrt(D), RMSNorm weight applied as 1 + w, GELU-tanh gated MLP, a norm
                             after attention and after the MLP as well as before, attention scaled by
                             query_pre_attn_scalar^-1/2, tanh soft-capping of the final logits
+  qk_norm_scope=projection, clip_qkv
+                            OLMoE: the q/k norms over the whole projection (all heads at once), q/k/v clamped
+  moe                       a mixture-of-experts feed-forward in some or all layers (`moe.py`, Mixtral, Qwen3-MoE,
+                            OLMoE)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.model.moe import parse_moe
 from llm.model.rope import parse_scaling
 
 
@@ -57,6 +62,9 @@ class GPTConfig:
     post_norms: bool = False  # also a norm on the attention and MLP outputs, before the residual add (Gemma 2/3)
     query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar^-1/2; None: head_dim^-1/2
     logit_softcap: float | None = None  # final logits -> c * tanh(logits / c) (Gemma 2/3's final_logit_softcapping)
+    qk_norm_scope: str = "head"  # head: per head over hd | projection: over all of q and all of k (OLMoE)
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after the projections and norms (OLMoE)
+    moe: dict | None = None  # mixture-of-experts feed-forward (llm/model/moe.py); None: dense
     family: str | None = None  # the HF model_type an imported model came from, written back on export
 
     def __post_init__(self):
@@ -68,7 +76,7 @@ class GPTConfig:
         check_int("model.ffn_hidden", self.ffn_hidden, 1, allow_none=True)
         for key in ("bias", "qkv_bias", "qk_norm", "scale_embeddings", "norm_unit_offset", "post_norms"):
             check_bool(f"model.{key}", getattr(self, key))
-        for key in ("local_rope_theta", "query_pre_attn_scalar", "logit_softcap"):
+        for key in ("local_rope_theta", "query_pre_attn_scalar", "logit_softcap", "clip_qkv"):
             check_number(f"model.{key}", getattr(self, key), 0, low_open=True, allow_none=True)
         if self.family is not None and not isinstance(self.family, str):
             raise ConfigError(f"model.family={self.family!r} must be a Hugging Face model_type or null")
@@ -78,6 +86,12 @@ class GPTConfig:
         check_choice("model.pos_emb", self.pos_emb, {"rope", "learned"})
         check_choice("model.norm", self.norm, {"rmsnorm", "layernorm"})
         check_choice("model.mlp", self.mlp, {"swiglu", "gelu", "geglu"})
+        check_choice("model.qk_norm_scope", self.qk_norm_scope, {"head", "projection"})
+        if self.qk_norm_scope == "projection" and not self.qk_norm:
+            raise ConfigError("model.qk_norm_scope=projection needs model.qk_norm=true")
+        self.moe = parse_moe(self.moe, self.n_layer)
+        if self.moe is not None and self.mlp != "swiglu":
+            raise ConfigError(f"model.moe needs model.mlp=swiglu (its experts are SwiGLU), not {self.mlp}")
         if self.norm_unit_offset and self.norm != "rmsnorm":
             raise ConfigError("model.norm_unit_offset=true needs model.norm=rmsnorm (it is Gemma's RMSNorm)")
         if self.head_dim is None:
@@ -117,6 +131,10 @@ class GPTConfig:
         """Whether `layer` attends to the last sliding_window positions only."""
         return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether `layer`'s feed-forward is the mixture of experts (model.moe) rather than the dense MLP."""
+        return self.moe is not None and (self.moe["layers"] is None or layer in self.moe["layers"])
+
     @property
     def padded_vocab_size(self) -> int:
         return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
@@ -155,6 +173,9 @@ OPTIONS_OFF = {
         "post_norms",
         "query_pre_attn_scalar",
         "logit_softcap",
+        "qk_norm_scope",
+        "clip_qkv",
+        "moe",
     )
 }
 

@@ -5,8 +5,9 @@ Shapes: B batch, T sequence length, D model width, H query heads, K key/value he
 real tokens: the embedding and head have padded_vocab_size rows for faster matmuls, and the padded rows never enter
 a softmax; logits are [B, T, V]).
 Choices per config: positions RoPE or learned absolute; LayerNorm or RMSNorm (pre-norm, optionally post-norm too);
-MLP GELU, SwiGLU or GeGLU; grouped-query attention, optionally with QK-norm, a sliding window per layer, its own
-head width and scale; LM head tied to the token embedding (or its own matrix, as some pretrained models have).
+MLP GELU, SwiGLU or GeGLU, or in some layers a mixture of SwiGLU experts (`moe.py`); grouped-query attention,
+optionally with QK-norm (per head, or over the whole projection) and q/k/v clipping, a sliding window per layer, its
+own head width and scale; LM head tied to the token embedding (or its own matrix, as some pretrained models have).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llm.model.attention import causal_mask, sliding_mask
 from llm.model.config import GPTConfig, gpt_config
 from llm.model.fused_loss import linear_cross_entropy, logits_cross_entropy
 from llm.model.generation import KVCache, stream
+from llm.model.moe import MoE, idle_params
 from llm.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -58,10 +60,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_projection = True
         self.dropout = cfg.dropout
-        if cfg.qk_norm:  # per-head norm of queries and keys before RoPE (OLMo 2, Qwen 3, Gemma 3): bounded logits
-            self.q_norm, self.k_norm = make_norm(cfg, cfg.head_dim), make_norm(cfg, cfg.head_dim)
+        self.whole = cfg.qk_norm_scope == "projection"  # OLMoE: one norm over all heads' queries, one over keys
+        if cfg.qk_norm:  # norm of queries and keys before RoPE (OLMo 2, Qwen 3, Gemma 3, OLMoE): bounded logits
+            q_dim, k_dim = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim) if self.whole else (None, None)
+            self.q_norm, self.k_norm = make_norm(cfg, q_dim or cfg.head_dim), make_norm(cfg, k_dim or cfg.head_dim)
         else:
             self.q_norm = self.k_norm = None
+        self.clip = cfg.clip_qkv
         self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5  # None: hd^-1/2
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache: KVCache | None = None):
@@ -69,10 +74,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
+        if self.whole:
+            q, k = self.q_norm(q), self.k_norm(k)  # over H hd and K hd, per position
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.whole:
             q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -119,7 +128,9 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, layer)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.sparse = cfg.is_sparse(layer)  # a mixture of experts (model.moe) in place of the MLP
+        self.norm2 = make_norm(cfg)
+        self.mlp = MoE(cfg.d_model, cfg.ffn_hidden, cfg.moe) if self.sparse else MLP(cfg)
         # Gemma 2/3 ("sandwich"): the attention and MLP outputs are normed too, before the residual add
         self.post_attn_norm = make_norm(cfg) if cfg.post_norms else None
         self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else None
@@ -138,8 +149,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos=None, sin=None, attn_mask=None, kv_cache=None):
         if self.activation_checkpointing and self.training and kv_cache is None:
-            return checkpoint(self._forward, x, cos, sin, attn_mask, use_reentrant=False)
-        return self._forward(x, cos, sin, attn_mask, kv_cache)
+            out = checkpoint(self._forward, x, cos, sin, attn_mask, use_reentrant=False)
+        else:
+            out = self._forward(x, cos, sin, attn_mask, kv_cache)
+        if self.sparse and self.training and torch.is_grad_enabled():  # here, not again when checkpointing recomputes
+            self.mlp.record_load()
+        return out
 
 
 class GPT(nn.Module):
@@ -171,6 +186,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+            elif hasattr(module, "init_weights"):  # the MoE's router and stacked experts
+                module.init_weights(std, 1 / math.sqrt(2 * self.config.n_layer))
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, UnitOffsetRMSNorm)):
                 module.reset_parameters()
         for rope in (self.rope, self.local_rope):
@@ -319,9 +336,10 @@ class GPT(nn.Module):
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> int:
     """Training FLOPs per token, for MFU: 6N for the matmuls forward and backward (N without a learned position
-    table, which is a lookup) plus 12 L (H hd) T for the attention scores and values (T at most the window in
-    sliding-window layers)."""
+    table, which is a lookup, and without the experts a token skips in a mixture of experts) plus 12 L (H hd) T for
+    the attention scores and values (T at most the window in sliding-window layers)."""
     pos_params = cfg.max_seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0
+    pos_params += idle_params(cfg.moe, cfg.n_layer, cfg.d_model, cfg.ffn_hidden)
     keys = sum(min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layer))
     return 6 * (n_params - pos_params) + 12 * cfg.n_head * cfg.head_dim * keys
 

@@ -21,9 +21,11 @@ def left_padding_inputs(keep: torch.Tensor, new: int) -> tuple[torch.Tensor, tor
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits [B, V] -> token ids [B, 1]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that it is 0 in the logits' dtype (x / 0: NaN)
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the largest logit made 0 first: a tiny temperature then sends the others to -inf, never the whole row to inf
+    # (inf - inf is NaN: no distribution to draw from)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from llm.data.chat import encode_chat, stop_token_id
 from llm.serve.engine import Engine, QueueFull
 from llm.serve.engine import Request as EngineRequest
-from llm.serve.protocol import APIError, Limits, Params, check_chat, check_completion, parse_json
+from llm.serve.protocol import APIError, Limits, Params, check_chat, check_completion, parse_json, shown
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 
@@ -159,7 +159,7 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     body = parse_json(await _read_body(request, state.limits.max_body_bytes), state.limits)
     params = (check_chat if chat else check_completion)(body, state.limits)
     if params.model != state.model_name:
-        raise APIError(404, f"the model {params.model!r} does not exist; this server has {state.model_name!r}",
+        raise APIError(404, f"the model {shown(params.model)} does not exist; this server has {state.model_name!r}",
                        "model", "model_not_found")  # fmt: skip
     if chat and not state.has_template:
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 import threading
 import time
@@ -56,6 +57,34 @@ def check_args(args) -> None:
         if value < low or (key == "port" and value > 65535):
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag}={value} must be {'in [0, 65535]' if key == 'port' else '>= 1'}")
+
+
+def check_address(host: str, port: int) -> None:
+    """--host and --port can be bound here, found out before the model loads (uvicorn's own failure comes after
+    it, as a log line and exit 3)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host={host!r} is not an address or host name ({e}); e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e})") from None
+
+
+def check_api_key(key: str | None, source: str) -> str | None:
+    """The key clients send as 'Authorization: Bearer <key>': printable ASCII without spaces (an HTTP header
+    carries nothing else intact), or None (no key) when unset or empty."""
+    if not key:
+        return None
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise ConfigError(
+            f"{source}: the API key must be printable ASCII without spaces (it travels in an HTTP header)"
+        )
+    return key
 
 
 def device_of(name: str) -> torch.device:
@@ -111,7 +140,11 @@ def prepare(args, log_config=uvicorn.config.LOGGING_CONFIG) -> tuple[uvicorn.Ser
     check_args(args)
     device = device_of(args.device)
     source = ModelSource.resolve(args.model, key="model")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None:
+        api_key = check_api_key(args.api_key, "--api-key")
+    else:
+        api_key = check_api_key(os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    check_address(args.host, args.port)
     if not _loopback(args.host) and api_key is None:
         logger.warning(f"--host {args.host} without an API key: anyone who reaches this port can use the model")
     limits = Limits(args.max_tokens, args.max_messages, args.max_chars)

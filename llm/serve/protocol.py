@@ -1,7 +1,7 @@
 """The OpenAI request bodies the server takes, checked by hand (every field's type and range, the sizes a client may
 send), and the error shape it answers with: `{"error": {"message", "type", "param", "code"}}`, as OpenAI and vLLM
 send it, with 400 for any invalid request (never 422). Unknown fields are ignored, as vLLM does; fields this
-server cannot honour (n > 1, logprobs, tools, ...) are a 400 naming the field."""
+server cannot honour (n > 1, logprobs, tools, penalties, a JSON response_format, ...) are a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "tools", "functions", "logit_bias", "suffix")
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "logit_bias", "suffix")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -70,6 +70,8 @@ def parse_json(raw: bytes, limits: Limits) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests its arrays or objects too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     return body
@@ -79,11 +81,21 @@ def _number(body: dict, key: str, low: float, high: float, low_open: bool = Fals
     value = body.get(key)
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or (value <= low if low_open else value < low):
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (isinstance(value, int) or math.isfinite(value))
+    )
+    if not ok or value > high or (value <= low if low_open else value < low):  # an int of any size compares
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise APIError(400, f"{key}={value!r} must be a number in {bounds}", key)
+        raise APIError(400, f"{key}={shown(value)} must be a number in {bounds}", key)
     return float(value)
+
+
+def shown(value) -> str:
+    """A client's value in an error message, cut short (a 2 MiB string or a 400-digit number is not repeated)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + f"... ({len(text)} characters)"
 
 
 def _int(body: dict, key: str, low: int, high: int) -> int | None:
@@ -91,7 +103,7 @@ def _int(body: dict, key: str, low: int, high: int) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise APIError(400, f"{key}={value!r} must be an integer in [{low}, {high}]", key)
+        raise APIError(400, f"{key}={shown(value)} must be an integer in [{low}, {high}]", key)
     return value
 
 
@@ -100,7 +112,7 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise APIError(400, f"{key}={value!r} must be true or false", key)
+        raise APIError(400, f"{key}={shown(value)} must be true or false", key)
     return value
 
 
@@ -112,8 +124,15 @@ def check_common(body: dict, limits: Limits) -> Params:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, [], {}, ""):
             raise APIError(400, f"{key} is not supported by this server", key)
-    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise APIError(400, f"n={body['n']!r}: this server returns one choice per request (n=1)", "n")
+    for key in ("n", "best_of"):
+        if body.get(key) not in (None, 1) or isinstance(body.get(key), bool):
+            raise APIError(400, f"{key}={shown(body[key])}: this server returns one choice per request ({key}=1)", key)
+    for key in ("presence_penalty", "frequency_penalty"):  # OpenAI's range; only their default is honoured
+        if _number(body, key, -2, 2):
+            raise APIError(400, f"{key}={shown(body[key])} is not supported by this server (only 0)", key)
+    for key, default in (("response_format", {"type": "text"}), ("tool_choice", "none")):  # no JSON mode, no tools
+        if body.get(key) not in (None, default) and not (key == "tool_choice" and body[key] == "auto"):
+            raise APIError(400, f"{key}={shown(body[key])} is not supported by this server", key)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
@@ -145,7 +164,7 @@ def _stop(value, limits: Limits) -> tuple[str, ...]:
     if not ok or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stops):
         raise APIError(400, f"stop must be a string of 1 to {limits.max_stop_chars} characters or a list of at most "
                        f"{limits.max_stop} of them", "stop")  # fmt: skip
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
 
 
 def check_chat(body: dict, limits: Limits) -> Params:
@@ -163,7 +182,7 @@ def check_chat(body: dict, limits: Limits) -> Params:
         if not isinstance(m, dict) or "role" not in m:
             raise APIError(400, f"{where} must be an object with 'role' and 'content'", where)
         if m["role"] not in ROLES:
-            raise APIError(400, f"{where}.role={m['role']!r} is not allowed; choose one of {list(ROLES)}", where)
+            raise APIError(400, f"{where}.role={shown(m['role'])} is not allowed; choose one of {list(ROLES)}", where)
         content = _content(m.get("content"), where)
         chars += len(content)
         out.append({"role": m["role"], "content": content})
@@ -175,12 +194,22 @@ def check_chat(body: dict, limits: Limits) -> Params:
 
 def _content(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
     ):
-        return "".join(p["text"] for p in content)
+        return _text("".join(p["text"] for p in content), f"{where}.content")
     raise APIError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def _text(text: str, param: str) -> str:
+    """`text` if it is Unicode text; a lone UTF-16 surrogate (JSON's "\\ud800" alone: no character) is a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = f"\\u{ord(text[e.start]):04x}"
+        raise APIError(400, f"{param} holds a lone surrogate ({bad} at character {e.start}): not text", param) from None
+    return text
 
 
 def check_completion(body: dict, limits: Limits) -> Params:
@@ -191,6 +220,7 @@ def check_completion(body: dict, limits: Limits) -> Params:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise APIError(400, "prompt must be a string (or a list of one string)", "prompt")
+    _text(prompt, "prompt")
     if len(prompt) > limits.max_chars:
         raise APIError(400, f"the prompt has {len(prompt)} characters; the server takes at most {limits.max_chars}")
     params.prompt = prompt

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from llm.compare import short_values
+from llm.compare import read_evals, short_values
 from llm.eval.length import write_table_and_plot
 from llm.utils.files import write_atomic
 
@@ -154,16 +154,10 @@ def _numeric(values: list[str | None]) -> list[float] | None:
 
 
 def _val_curve(job: Job) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    try:
-        for line in (Path(job.dir) / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if isinstance(record.get("val_loss"), (int, float)):
-                steps.append(record["step"])
-                losses.append(record["val_loss"])
-    except (OSError, ValueError):
-        pass
-    return steps, losses
+    """The job's validation losses by step, as llm.compare reads them (torn or foreign lines skipped, a diverged
+    run's NaN left out of the plot)."""
+    evals = [e for e in read_evals(Path(job.dir)) if math.isfinite(e["val_loss"])]
+    return [e["step"] for e in evals], [e["val_loss"] for e in evals]
 
 
 def plot_sweep(jobs: list[Job], swept: list[str], metric: str, path: Path, log_params: set[str]) -> None:

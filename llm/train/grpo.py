@@ -92,8 +92,10 @@ class GRPO(Objective):
         self.top_k = check_int("task.objective.top_k", top_k, 1, allow_none=True)
         self.max_new_tokens = check_int("task.objective.max_new_tokens", max_new_tokens, 1)
         self.eval_max_new_tokens = check_int(
-            "task.objective.eval_max_new_tokens", eval_max_new_tokens or max_new_tokens, 1
-        )
+            "task.objective.eval_max_new_tokens",
+            max_new_tokens if eval_max_new_tokens is None else eval_max_new_tokens,
+            1,
+        )  # 0 is refused, not taken for null
         self.loss_type, self.seed = loss_type, seed
         self.rewards = load_rewards(list(rewards)) if rewards and isinstance(rewards[0], dict) else list(rewards)
         if not self.rewards:
@@ -244,8 +246,10 @@ class GRPO(Objective):
         of every rank, not means of per-batch statistics."""
         s = {k[len(STATS) :]: v.float() for k, v in batch.items() if k.startswith(STATS)}
         out = {
-            "samples" + SUM_METRIC: torch.tensor(float(s["rewards"].numel()), device=s["rewards"].device),
-            "groups" + SUM_METRIC: torch.tensor(float(s["zero_variance"].numel()), device=s["rewards"].device),
+            # counts filled on the device (torch.tensor(n, device=...) would copy from the host and wait: a sync
+            # in every micro-batch's loss)
+            "samples" + SUM_METRIC: s["rewards"].new_full((), s["rewards"].numel()),
+            "groups" + SUM_METRIC: s["zero_variance"].new_full((), s["zero_variance"].numel()),
             "zero_variance_groups" + SUM_METRIC: s["zero_variance"].sum(),
             "completions/length" + SUM_METRIC: s["length"].sum(),
             "completions/max_length" + MAX_METRIC: s["length"].max(),

@@ -26,7 +26,7 @@ from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError, check_choice, check_int, check_number
 from llm.eval import bpb
 from llm.eval.exact_match import exact_match
-from llm.model import unwrap_model
+from llm.model import router_terms, unwrap_model
 from llm.peft import adapters_disabled, has_lora
 
 
@@ -46,7 +46,7 @@ class LanguageModeling(Objective):
     loss: keeps the softmax normaliser near 1, the logits from drifting); logged as `z_loss`, `loss` stays the NLL.
     The fused head computes it in the same chunked pass (its gradient folded into the one it forms), so it costs no
     logits' memory; a head that is not fused (soft-capped logits) computes it on its full logits. Validation is
-    unchanged.
+    unchanged. A mixture-of-experts model's balancing terms join the loss the same way (`with_router_terms`).
     """
 
     def __init__(self, loss_chunk_size: int = 0, z_loss: float = 0.0):
@@ -66,9 +66,9 @@ class LanguageModeling(Objective):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.z_loss:
-            return self._loss_with_z(model, batch)
+            return with_router_terms(model, *self._loss_with_z(model, batch))
         _, loss = self._nll(model, batch)
-        return loss, {"loss": loss.detach()}
+        return with_router_terms(model, loss, {"loss": loss.detach()})
 
     def _loss_with_z(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean NLL + z_loss x mean lse^2 of the labelled tokens, from the model's loss pass (fused if its head is)."""
@@ -87,6 +87,18 @@ class LanguageModeling(Objective):
 
     def summarize(self, metrics: dict) -> dict:
         return bpb.summarize(metrics)
+
+
+def with_router_terms(model, loss: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, dict]:
+    """A mixture-of-experts model's balancing terms from the forward just run, added as the z-loss is: the penalty
+    (model.moe.balance=aux_loss: aux_loss_coef x the load-balancing loss; + z_loss_coef x the router z-loss) joins
+    the loss, `loss` stays the NLL, and the router's metrics (`moe/aux_loss`, `moe/router_z_loss`,
+    `moe/load_imbalance`, `moe/dropped_tokens`) are logged. A dense model: unchanged."""
+    plain = unwrap_model(model)
+    if getattr(plain.config, "moe", None) is None:
+        return loss, metrics
+    penalty, router = router_terms(plain, plain.config.moe)
+    return loss + penalty, {**metrics, **router}
 
 
 class SFT(LanguageModeling):

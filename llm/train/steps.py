@@ -12,6 +12,7 @@ import torch
 from llm.contract import MAX_METRIC, SUM_METRIC, Objective, combine_metric
 from llm.dist.parallel import clip_grad_norm_, set_gradient_sync
 from llm.errors import ConfigError, TrainingError
+from llm.model import update_router_bias
 from llm.train.optim import OptimizerConfig
 from llm.train.settings import TrainerSettings
 
@@ -85,6 +86,7 @@ def train_on(
                 sums[k] = combine_metric(k, sums.get(k), v)
         spike = guard.spike(sums.get("loss"), inner) if i == 0 else None
         grad_norm, skipped = optimizer_step(optimizer, raw_model.parameters(), grad_clip, spike)
+        update_router_bias(raw_model, skipped)  # model.moe.balance=aux_free: the step's load nudges the bias
         bad = torch.maximum(bad, skipped)  # any skipped update marks the step
     return sums, grad_norm, bad
 

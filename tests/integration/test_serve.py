@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 
@@ -279,6 +280,26 @@ BAD = [  # (body or raw bytes, headers, status, text in the message, param)
     ({"model": NAME, "prompt": ["a", "b"]}, {}, 400, "prompt must be", "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, {}, 404, "'gpt-4' does not exist", "model"),
     ({"model": NAME, "prompt": "x" * 20_000}, {}, 413, "at most 10000", None),
+    ({"model": NAME, "prompt": "x", "temperature": 10**400}, {}, 400, "(401 characters) must be", "temperature"),
+    (b'{"model": "tiny", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", JSON, 400, "too deeply", None),
+    (
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+        JSON,
+        400,
+        r"\ud800 at",
+        "messages[0].content",
+    ),
+    (b'{"model": "tiny", "prompt": "a\\udfff", "stop": "\\ud800"}', JSON, 400, "lone surrogate", "stop"),
+    ({"model": NAME, "prompt": "x", "best_of": 2}, {}, 400, "best_of=1", "best_of"),
+    ({"model": NAME, "prompt": "x", "presence_penalty": 1}, {}, 400, "not supported", "presence_penalty"),
+    ({"model": NAME, "prompt": "x", "frequency_penalty": "x"}, {}, 400, "[-2, 2]", "frequency_penalty"),
+    (
+        {"model": NAME, "prompt": "x", "response_format": {"type": "json_object"}},
+        {},
+        400,
+        "not supported",
+        "response_format",
+    ),
 ]
 
 
@@ -403,9 +424,10 @@ def test_chat_page_in_chromium(served, tiny, monkeypatch, tmp_path):
             browser.close()
 
 
-def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys):
+def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
     """`python -m llm.serve <checkpoint dir>` (its functions in-process): /health answers 503 while the model loads
-    in the background, then 200, and the model answers as `llm.generate` does; a wrong path is one line, exit 2."""
+    in the background, then 200, and the model answers as `llm.generate` does; a wrong path, a port in use, a host
+    that is no address, an API key no header can carry: one line, exit 2."""
     model, tokenizer = tiny
     ckpt = save_checkpoint(tmp_path / "ckpt", model, None, {"step": 1}, model.config.to_dict(), tokenizer)
     args = parse_args([str(ckpt), "--port", "0", "--served-model-name", NAME, "--api-key", KEY])
@@ -425,6 +447,19 @@ def test_command_line_serves_a_checkpoint(tiny, tmp_path, capsys):
         if state.engine is not None:
             state.engine.close()
     capsys.readouterr()
-    assert main([str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing" in err and len(err.splitlines()) == 1
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    for argv, env, says in [  # each one line naming the culprit, exit 2, before the model loads
+        ([str(tmp_path / "missing")], "", "missing"),
+        ([str(ckpt), "--port", port], "", f"--port={port}: cannot listen there"),
+        ([str(ckpt), "--host", "no such host", "--port", "0"], "", "--host='no such host' is not an address"),
+        ([str(ckpt), "--port", "0"], " key with spaces", "LLM_SERVE_API_KEY: the API key must be printable ASCII"),
+        ([str(ckpt), "--port", "0", "--api-key", "cl\u00e9"], "", "--api-key: the API key must be printable ASCII"),
+    ]:
+        monkeypatch.setenv("LLM_SERVE_API_KEY", env)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1, (argv, err)
+    busy.close()

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from llm.bench import optimizers  # noqa: E402
 from llm.bench import throughput as bench  # noqa: E402
 
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--device", "cpu"]
@@ -37,3 +38,19 @@ def test_bench_sft_vs_dpo():
     res = bench.main(TINY + ["--sft-vs-dpo"])
     assert res["sft_step_ms"] > 0 and res["dpo_step_ms"] > 0
     assert res["dpo_over_sft"] == pytest.approx(res["dpo_step_ms"] / res["sft_step_ms"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--steps", "0"], "argument --steps: 0 must be >= 1"),
+        (["--threads", "x"], "argument --threads: 'x' is not an integer"),
+        (["--json", "/nonexistent/dir/o.json"], "/nonexistent/dir is not a directory"),
+        (["--set", "n_layer=abc"], "error: model.n_layer='abc' must be an integer >= 1"),
+        (["--set", "nope=3"], "error: unknown model key(s) ['nope']"),
+    ],
+)
+def test_optimizer_bench_bad_flags_are_one_line_before_any_timing(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        optimizers.main(argv)
+    assert e.value.code != 0 and says in (str(e.value.code) + capsys.readouterr().err)

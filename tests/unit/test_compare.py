@@ -68,3 +68,30 @@ def test_runs_found_below_dirs_and_bad_arguments(tmp_path, capsys):
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'empty'}: no run dir there or below (a run dir holds .hydra/)"]
+
+
+DAMAGED = [  # file of the run dir, its content, what the one error line says
+    ("results.json", "[1, 2]", "results.json is a JSON list, not a JSON mapping"),
+    ("results.json", "null", "results.json is a JSON null, not a JSON mapping"),
+    ("results.json", '{"val_loss": 4', "results.json: not valid JSON"),
+    (".hydra/overrides.yaml", "5", "overrides.yaml is a YAML int, not a YAML list"),
+    (".hydra/hydra.yaml", "hydra: {runtime: x}", "hydra.yaml: runtime is a YAML str, not a YAML mapping"),
+    (".hydra/config.yaml", b"\xff\x00", "config.yaml: unreadable ('utf-8' codec"),
+]
+
+
+def test_damaged_run_files_are_one_line_and_a_diverged_run_is_drawn(tmp_path, capsys):
+    """A damaged results.json or .hydra file: one line naming it, exit 2; a NaN validation loss (a diverged run) and
+    records with junk in their numbers are read, tabled and drawn without the junk."""
+    for i, (name, content, says) in enumerate(DAMAGED):
+        run = make_run(tmp_path / str(i), ["optim.lr=1"], {"val_loss": 4.0})
+        (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        assert main([str(run), "--out", str(tmp_path / "o")]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run / name}") and says in err[0], (name, err)
+    diverged = [{"step": 0, "val_loss": 5.0, "tokens": True}, {"step": 2, "val_loss": float("nan"), "tokens": "x"}]
+    a = make_run(tmp_path / "runs" / "a", ["optim.lr=1"], None, diverged)
+    make_run(tmp_path / "runs" / "b", ["optim.lr=2"], None, [{"step": True, "val_loss": 1.0}] + diverged[:1])
+    assert [e["tokens"] for e in read_run(a).evals] == [0, 0]
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert "| a   | interrupted | 1" in capsys.readouterr().out and (tmp_path / "out" / "compare.png").is_file()

@@ -322,6 +322,8 @@ def test_a_prompt_and_its_completion_past_the_context_is_refused_before_any_step
     )
     with pytest.raises(ConfigError, match=r"^task.objective.eval_max_new_tokens=50 \+ the longest held-out prompt"):
         make(max_new_tokens=1, eval_max_new_tokens=50).setup(model, data)
+    with pytest.raises(ConfigError, match=r"^task.objective.eval_max_new_tokens=0 must be an integer >= 1"):
+        make(max_new_tokens=1, eval_max_new_tokens=0)  # not taken for null (= max_new_tokens)
 
 
 def _stats(rewards, lengths):

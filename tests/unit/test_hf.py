@@ -171,8 +171,10 @@ def test_import_refuses_what_we_cannot_represent(tokenizer, tmp_path, kw, field)
 def test_import_errors_name_the_culprit(tokenizer, tmp_path):
     _, path = hf_dir(tokenizer, tmp_path, "gpt2")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))  # MoE
-    with pytest.raises(ConfigError, match="model_type='mixtral' is not supported"):
+    (path / "config.json").write_text(
+        json.dumps({**config, "model_type": "qwen2_moe"})
+    )  # MoE with a gated shared expert
+    with pytest.raises(ConfigError, match="model_type='qwen2_moe' is not supported"):
         ModelSource.resolve(path).load()
     (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))  # GPT-2's fields only
     with pytest.raises(ConfigError, match="config.json: hidden_size is missing"):

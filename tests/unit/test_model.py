@@ -96,6 +96,8 @@ def test_sampling_filters():
     # softmax of [0..4]: p(4)=0.636, p(3)=0.234 -> top_p=0.6 keeps only token 4, 0.8 keeps {3, 4}
     assert {sample_next_token(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(100)} == {4}
     assert {sample_next_token(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(300)} == {3, 4}
+    for tiny in (1e-30, 1e-45, 1e-300):  # a temperature whose logits / t overflow, or that is 0 in fp32: greedy
+        assert sample_next_token(logits * 1e9, tiny, top_p=1e-300, generator=g).item() == 4
 
 
 def test_generate_stops_at_eos():

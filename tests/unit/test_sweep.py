@@ -22,7 +22,7 @@ def _job(sweep, name, overrides, results=None, error=None, checkpoint=False):
         (job / "results.json").write_text(json.dumps(results))
         (job / "metrics.jsonl").write_text(
             json.dumps({"step": 0, "val_loss": 3.0})
-            + "\n"
+            + "\n[1, 2]\n{torn\n"  # lines the plot skips: not a record, not JSON
             + json.dumps({"step": 10, "val_loss": results.get("val_loss", 2.0)})
             + "\n"
         )

@@ -1,0 +1,97 @@
+"""model=tiny_moe through run.py (shrunk as the other integration runs): the loss falls with the load imbalance,
+the balancing losses and no dropped tokens logged; 2 DDP ranks give the losses of one process (the aux-loss-free
+bias summed over the ranks); a run stopped after its step-3 checkpoint (as kill -9 leaves it) resumes bit for bit,
+the bias included; and SFT with LoRA from an imported Qwen3-MoE trains and exports to transformers' class."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm.checkpoint.files import latest_checkpoint
+from llm.hf import save_hf
+from llm.tasks.source import ModelSource
+from tests.conftest import SMALL, read_metrics, run_cli, run_cli_batch
+from tests.integration.test_distributed import assert_same_losses, truncate_to_step_3
+from tests.unit.test_moe_families import hf_model
+
+pytestmark = pytest.mark.integration
+transformers = pytest.importorskip("transformers")
+
+MOE = [
+    *SMALL,
+    "model=tiny_moe",
+    "model.moe.num_experts=4",
+    "model.moe.expert_hidden=64",
+    "model.moe.balance=aux_free",
+    "model.moe.bias_update_rate=0.01",
+    "optim=adamw",  # Muon (experts included) has its own DDP tolerance: tests/unit/test_muon.py
+    "trainer.max_steps=6",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.save_every=3",
+    "task.sample.max_new_tokens=4",
+]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("moe") / "single"
+    run_cli([*MOE, f"hydra.run.dir={run_dir}"], cache_dir)
+    return run_dir
+
+
+def test_tiny_moe_trains_ddp_resumes_and_sft_lora_exports(single, small_run, cache_dir, tmp_path):
+    metrics = [m for m in read_metrics(single) if "loss" in m]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
+    assert all(m["moe/dropped_tokens"] == 0 and m["moe/load_imbalance"] >= 1 for m in metrics)
+    assert {"moe/aux_loss", "moe/router_z_loss"} <= set(metrics[0])
+    bias = load_file(str(latest_checkpoint(single) / "model.safetensors"))["blocks.1.mlp.router.bias"]
+    assert bias.abs().sum() > 0 and abs(bias.sum().item()) < 1e-5  # nudged every step, centred
+
+    ddp = tmp_path / "ddp"
+    run_cli([*MOE, "trainer.nproc_per_node=2", f"hydra.run.dir={ddp}"], cache_dir)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(latest_checkpoint(small_run) / "tokenizer")
+    hf_model("qwen3_moe", tokenizer, tmp_path / "qwen3_moe")
+    sft = [o for o in SMALL if not o.startswith(("model.", "trainer."))] + [
+        "task=sft",
+        "peft=lora",
+        f"init_from={tmp_path / 'qwen3_moe'}",
+        "trainer.max_steps=3",
+        "trainer.batch_size=4",
+        "trainer.seq_len=48",
+        "trainer.eval_every=3",
+        "trainer.eval_batches=1",
+        "post_data.train.num_examples=40",
+        "post_data.val.num_examples=4",
+        "task.data.eval_samples=1",
+        "task.objective.max_new_tokens=4",
+        "task.sample.max_new_tokens=4",
+        f"hydra.run.dir={tmp_path / 'sft'}",
+    ]
+    resumed = truncate_to_step_3(single, tmp_path / "resumed")
+    for result in run_cli_batch([[*MOE, "resume=auto", f"hydra.run.dir={resumed}"], sft], cache_dir):
+        assert result["returncode"] == 0, result["stderr"][-3000:]
+
+    assert_same_losses(single, ddp)
+    untimed = [{k: v for k, v in m.items() if not k.endswith(("_s", "seconds"))} for m in read_metrics(single)]
+    assert untimed == [{k: v for k, v in m.items() if not k.endswith(("_s", "seconds"))} for m in read_metrics(resumed)]
+    a, b = (load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (single, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    results = json.loads((tmp_path / "sft" / "results.json").read_text())
+    assert results["steps"] == 3 and results["trainable_params"] < results["params"]
+    written = save_hf(*ModelSource.resolve(tmp_path / "sft").load(), tmp_path / "out")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(written["out_dir"], attn_implementation="eager")
+    assert type(exported).__name__ == "Qwen3MoeForCausalLM"
+    model, _ = ModelSource.resolve(tmp_path / "sft").load()
+    x = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x)[..., : exported.config.vocab_size], exported.eval()(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    shutil.rmtree(tmp_path / "out")
