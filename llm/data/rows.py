@@ -70,7 +70,10 @@ class HubRows:
         revision: str | None = None,
         max_rows: int | None = None,
         trust_remote_code: bool = False,
+        key: str = "post_data dataset",
     ):
+        """`key`: the option an error names (a dataset the hub cannot give)."""
+        self.key = key
         if not name:
             raise ConfigError("data name is empty: give a hub dataset name")
         self.name, self.config_name, self.split, self.revision = name, config_name, split, revision
@@ -88,7 +91,7 @@ class HubRows:
             return datasets.load_dataset(local, self.config_name, split=self.split, **kwargs)
 
         try:
-            ds = load() if os.path.exists(local) else hub_call("post_data dataset", self.name, load)
+            ds = load() if os.path.exists(local) else hub_call(self.key, self.name, load)
         except DataError:
             raise
         except Exception as e:

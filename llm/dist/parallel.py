@@ -173,6 +173,24 @@ def reduce_sums(sums: dict, count):
     return dict(zip(keys, flat[:-1].unbind())), flat[-1]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank (one collective; `[obj]` for one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_indices(indices: list, rank: int, world_size: int) -> list:
+    """This rank's share of `indices` (every world_size-th from its rank), padded with the first index so every
+    rank gets the same number (FSDP forwards are collectives): the gathered results carry each index once per
+    rank that scored it, so the one who gathers keeps one result per index."""
+    share = list(indices[rank::world_size])
+    rounds = math.ceil(len(indices) / world_size) if indices else 0
+    return share + [indices[0]] * (rounds - len(share))
+
+
 def eval_shard(n: int, batch_size: int, env: DistEnv):
     """This rank's share of the validation micro-batches [0, n) in steps of batch_size: (start, weight) pairs.
     Every rank gets the same number of batches (lockstep: FSDP forwards are collectives); a rank short of one

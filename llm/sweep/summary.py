@@ -28,6 +28,8 @@ from llm.utils.files import write_atomic
 ERROR_FILE = "error.txt"  # a failed sweep job's one-line error, in its dir
 # higher is better for these; every other metric (losses, perplexities) is minimised
 MAXIMIZED = {"exact_match", "preference_accuracy", "reward_margin", "accuracy", "passkey", "tokens_per_s", "mfu"}
+# and the downstream evaluations' accuracies (conf/evals/: eval/<task>/acc, ..., eval/core); their bpb is minimised
+HIGHER_ENDINGS = ("accuracy", "exact_match", "/acc", "/acc_norm", "/acc_tok", "/centered", "eval/core")
 METRICS = ("val_loss", "val_bpb", "train_loss", "exact_match", "preference_accuracy", "reward_margin")
 
 
@@ -51,7 +53,7 @@ def direction_of(metric: str, declared: str | None = None) -> str:
     """'minimize' or 'maximize': as declared (the Optuna sweeper's `direction`), else from the metric's name."""
     if declared in ("minimize", "maximize"):
         return declared
-    return "maximize" if metric in MAXIMIZED or metric.endswith(("accuracy", "exact_match")) else "minimize"
+    return "maximize" if metric in MAXIMIZED or metric.endswith(HIGHER_ENDINGS) else "minimize"
 
 
 def read_job(job_dir: Path, metric: str) -> Job:

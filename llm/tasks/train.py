@@ -112,6 +112,7 @@ def _train(cfg: DictConfig, run_dir: Path, stop: StopSignals, source: ModelSourc
         loggers=parts["loggers"],
         early_stop=early_stop,
         stop=stop,
+        downstream=parts.get("evals"),
     )
     return trainer.fit()
 

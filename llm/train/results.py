@@ -60,14 +60,23 @@ def write_results(run_dir: Path, results: dict, objective, sample: str | None) -
         logger.info("sample:\n" + sample)
 
 
-def log_done(state: TrainerState, max_steps: int, run_dir: Path) -> None:
+def log_done(state: TrainerState, max_steps: int, run_dir: Path, headline=()) -> None:
     """The closing line: steps and time, the validation loss before -> after; a task without one (task=grpo) shows
-    its own evaluation's numbers (exact match, reward) before -> after instead."""
+    its own evaluation's numbers (exact match, reward) before -> after instead; `headline`: keys of the downstream
+    evaluations (eval/core) shown before -> after too."""
     done = f"{state.step} steps in {state.seconds:.1f}s" if max_steps else f"evaluation in {state.seconds:.1f}s"
     change = f"val_loss {state.initial_val_loss} -> {state.last_val_loss}"
     if max_steps and state.initial_val_loss is None and state.last_val_loss is None:
         before, after = state.initial_eval, state.last_eval
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        own = [f"{k} {before[k]:.4g} -> {v:.4g}" for k, v in after.items() if number(v) and number(before.get(k))]
+        own = [
+            f"{k} {before[k]:.4g} -> {v:.4g}"
+            for k, v in after.items()
+            if number(v) and number(before.get(k)) and not k.startswith("eval/")
+        ]
         change = ", ".join(own) or change
+    before, after = state.initial_eval, state.last_eval
+    shown = [f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k in headline if k in after and k in before and max_steps]
+    shown += [f"{k} {after[k]:.4g}" for k in headline if k in after and not (k in before and max_steps)]
+    change = ", ".join([change, *shown])
     logger.info(f"done: {done}, {change}; results in {run_dir / 'results.json'}")

@@ -30,6 +30,7 @@ from llm.eval.sample import generate_sample
 from llm.model import flops_per_token, unwrap_model
 from llm.peft import trainable_report
 from llm.train.branch import branch_origin, continue_optimizer
+from llm.train.downstream import DownstreamEvals
 from llm.train.evaluation import evaluate
 from llm.train.guard import StepGuard
 from llm.train.loggers import MetricsWindow, log_line, open_loggers
@@ -69,10 +70,12 @@ class Trainer:
         loggers=(),
         early_stop: Callable[[int, dict], str | None] | None = None,
         stop: StopSignals | None = None,
+        downstream=None,
     ):
         """`loggers`: factories called on rank 0 as `make(run_dir=, config=, start_step=)` (metrics.jsonl is
         always written). `early_stop(step, metrics)`: after each evaluation, a reason to finish the run now (a
-        sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own)."""
+        sweep's pruner giving up on the trial), or None. `stop`: the signals the job caught before (its own).
+        `downstream`: a `DownstreamEvals` (conf/evals/), asked at step 0, at its cadence and at the end."""
         check_fits(settings, model.config.max_seq_len, optim)
         self.model, self.data, self.objective, self.optim = model, data, objective, optim
         self.settings, self.run, self.tokenizer = settings, run, tokenizer
@@ -80,6 +83,7 @@ class Trainer:
         self.run_dir = Path(run.run_dir)
         self.max_steps = self.loop.max_steps if objective.trains else 0  # evaluation-only tasks take no step
         self.logger_factories, self.early_stop = list(loggers or []), early_stop
+        self.downstream = downstream or DownstreamEvals()  # none: no task, nothing due
         self.state, self.stop, self.loggers = TrainerState(), stop or StopSignals(), []
         self._started, self._wall_before = time.perf_counter(), 0.0
 
@@ -175,23 +179,6 @@ class Trainer:
         self.state.tokens_seen += tokens * self.env.world_size
         return sums, tokens * self.env.world_size
 
-    def evaluate(self) -> dict[str, float]:
-        """val_* metrics (as the objective summarizes them: loss, bits per byte) over the first eval_batches
-        micro-batches of the validation split, the data's report, and the objective's own `evaluate`."""
-        n_batches, micro = self.cadence.eval_batches, self.micro_batch_size
-        return evaluate(
-            self.model,
-            self.data,
-            self.objective,
-            self.sampler,
-            self.env,
-            n_batches,
-            self.eval_micro,
-            micro,
-            self.autocast,
-            self._batch,
-        )
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         try:
@@ -208,10 +195,10 @@ class Trainer:
         st, cadence = self.state, self.cadence
         self._wall_before = st.wall_seconds  # carried over a resume
         if st.step == 0 or st.initial_val_loss is None:
-            val = self.evaluate()
+            val = evaluations(self, True, True, final=True)  # downstream tasks: on the items of the end
             st.initial_eval, st.last_eval = val, val
             st.initial_val_loss = st.last_val_loss = val.get("val_loss")
-            record = {**val, "wall_seconds": self._wall()}
+            record = {**val, "wall_seconds": self._wall(), **self.downstream.seconds_record()}
             log_line(st.step, self.max_steps, record)
             for lg in self.loggers:
                 lg.log(record, st.step)
@@ -234,8 +221,9 @@ class Trainer:
             bar.update(1)
             last = st.step == self.max_steps
             do_eval = last or (cadence.eval_every and st.step % cadence.eval_every == 0)
-            if do_eval or st.step % cadence.log_every == 0:
-                self._log_step(do_eval, bar)
+            downstream = self.downstream.due(st.step, last)
+            if do_eval or downstream or st.step % cadence.log_every == 0:
+                self._log_step(do_eval, bar, downstream, last)
             st.seconds = seconds_before + time.perf_counter() - t_start
             stop = self.stop.agreed(self.env.world_size, self.device)
             if last or stop or (cadence.save_every and st.step % cadence.save_every == 0):
@@ -252,18 +240,18 @@ class Trainer:
     def _wall(self) -> float:  # the run's wall time so far: its earlier attempts' (from the checkpoint) + this one's
         return self._wall_before + time.perf_counter() - self._started
 
-    def _log_step(self, do_eval: bool, bar) -> None:
-        """Average the metrics since the last log line (the one host sync), evaluate if due, write them out,
-        and stop the run when too many consecutive steps were skipped."""
+    def _log_step(self, do_eval: bool, bar, downstream: bool = False, last: bool = False) -> None:
+        """Average the metrics since the last log line (the one host sync), evaluate if due (validation,
+        downstream tasks), write them out, and stop the run when too many consecutive steps were skipped."""
         st = self.state
         record = step_record(self.window, self.optimizer, st.tokens_seen, self._wall(), self.device, self.mfu_per_token)
         st.train_loss = record.get("loss")
         st.skipped_steps = self.guard.skipped
         record["skipped_steps"] = st.skipped_steps
-        if do_eval:
-            val = self.evaluate()
-            record.update(val)
-            st.last_eval = val
+        if do_eval or downstream:
+            val = evaluations(self, do_eval, downstream, final=last)
+            record.update(val, **self.downstream.seconds_record())
+            st.last_eval = {**st.last_eval, **val}  # a downstream-only step keeps the last validation's values
             st.last_val_loss = val.get("val_loss", st.last_val_loss)
             reason = self.early_stop(st.step, val) if self.early_stop else None
             if reason and st.step < self.max_steps:  # at the last step nothing is left to stop: the run is done
@@ -299,10 +287,28 @@ class Trainer:
         results.update(branch_origin(self.run.config.get("init_from")))  # an anneal branch's checkpoint
         if self.stop.finish_reason:
             results["stopped_early"] = self.stop.finish_reason
+        results.update(self.downstream.summary(st.wall_seconds, st.seconds))  # eval_seconds, its share of the run
         sample = generate_sample(self.raw_model, self.tokenizer, self.settings.sample, self.run.seed, self.autocast)
         if sample is not None:
             results["sample"] = sample
         if self.env.is_main:
             write_results(self.run_dir, results, self.objective, sample)
-        log_done(st, self.max_steps, self.run_dir)
+        log_done(st, self.max_steps, self.run_dir, self.downstream.headline())
         return results
+
+
+def evaluations(trainer: Trainer, validation: bool, downstream: bool, final: bool) -> dict:
+    """The evaluations due at a step. `validation`: val_* metrics (as the objective summarizes them: loss, bits
+    per byte) over the first eval_batches micro-batches of the validation split, the data's report, and the
+    objective's own `evaluate`. `downstream`: the downstream tasks' metrics (conf/evals/), this rank's share of
+    their items (all of them when `final`, at step 0 and the end; else the in-loop subset)."""
+    tr, env = trainer, trainer.env
+    out = {}
+    if validation:
+        batches, micro = tr.cadence.eval_batches, tr.micro_batch_size
+        out = evaluate(
+            tr.model, tr.data, tr.objective, tr.sampler, env, batches, tr.eval_micro, micro, tr.autocast, tr._batch
+        )
+    if downstream:
+        out.update(tr.downstream.run(tr.raw_model, tr.tokenizer, env.rank, env.world_size, final, tr.autocast))
+    return out

@@ -25,7 +25,10 @@ def setup_logging(run_dir: str | Path | None, rank: int = 0, level: str = "INFO"
         logger.add(_console_sink, level=level, format=CONSOLE_FORMAT, colorize=sys.stderr.isatty())
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        logger.add(str(log_file(run_dir, rank)), level="DEBUG", format=FILE_FORMAT, enqueue=False)
+        # loguru formats a path ({time}): the braces of a dir named by its overrides (a sweep job's
+        # `+evals.tasks.x={...}`) are escaped
+        path = str(log_file(run_dir, rank)).replace("{", "{{").replace("}", "}}")
+        logger.add(path, level="DEBUG", format=FILE_FORMAT, enqueue=False)
 
 
 def log_file(run_dir: str | Path, rank: int = 0) -> Path:

@@ -199,6 +199,9 @@ def test_print_composed_config():
 
 
 BAD_ROWS = '{"text": "fine"}\n{"text": oops}\n'
+ITEMS = '{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": "b", "choices": [" c", " d"], "gold": 1}\n'
+BAD_ITEMS = '{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": "b", "gold": 1}\n'
+EVAL_TASK = "+evals.tasks.t={source:jsonl,path:{tmp}/t.jsonl,type:mc,metrics:[acc]"  # + "}", or more keys first
 NO_FIELD = '{"text": "fine"}\n{"body": "x"}\n'
 
 # (overrides, files to create in tmp_path {name: content} referenced as {tmp}, message in the one-line error)
@@ -241,6 +244,11 @@ ERRORS = [
     (["hydra.run.dir=/proc/llm_run"], {}, "hydra.run.dir=/proc/llm_run: cannot write to /proc/llm_run"),
     (["hydra.run.dir={tmp}/" + "a" * 300], {}, "hydra.run.dir: the name 'aaaaaaaaaaaaaaaaaaaaaaaa...' has 300 bytes"),
     (["trainer.micro_batch_size=0"], {}, "trainer.micro_batch_size=0 must be an integer >= 1 (or null)"),
+    ([EVAL_TASK + "}"], {}, "evals.tasks.t.path: file not found: {tmp}/t.jsonl"),
+    ([EVAL_TASK + "}"], {"t.jsonl": BAD_ITEMS}, "{tmp}/t.jsonl:2: missing field 'choices' (a mc item has context"),
+    ([EVAL_TASK[:-1] + ",f1]}"], {"t.jsonl": ITEMS}, "evals.tasks.t.metrics: 'f1' is not a metric of a mc task"),
+    ([EVAL_TASK + ",num_fewshot:2}"], {"t.jsonl": ITEMS}, "evals.tasks.t.num_fewshot=2: more shots than the task's"),
+    (["task=evaluate"], {}, "task=evaluate has no tasks to score: choose evals=core, evals=code or your own"),
     (["model.pos_emb=learned", "model.max_seq_len=4000000000"], {}, "model.max_seq_len=4000000000 with learned"),
     (["task=sft", "post_data=files", "post_data.train.paths=[]"], {}, "post_data.train.paths is empty"),
     (
@@ -369,7 +377,10 @@ def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
 
 def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     """SFT from the pretraining run, then DPO from the SFT run, through run.py; the results carry the
-    post-training metrics."""
+    post-training metrics, and SFT's the downstream evaluation of a local task before -> after."""
+    from tests.unit.test_downstream import mc_rows, write_jsonl
+
+    toy = write_jsonl(tmp_path / "toy.jsonl", mc_rows())
     post = [
         "task.data.eval_samples=16",
         "post_data.train.num_examples=200",
@@ -388,6 +399,7 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
             "trainer.max_steps=10",
             f"init_from={small_run}",
             "task.data.packing=true",
+            f"+evals.tasks.toy={{source:jsonl,path:{toy},type:mc,metrics:[acc,acc_norm],primary:acc_norm}}",
             f"hydra.run.dir={sft_dir}",
         ],
         cache_dir,
@@ -396,6 +408,8 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     assert sft["task"] == "sft" and 0 <= sft["exact_match"] <= 1 and "exact_match_before" in sft
     assert sft["val_loss"] < sft["initial_val_loss"]
     assert "packed" in (sft_dir / "train.log").read_text()
+    core = f"eval/core {sft['eval/core_before']:.4g} -> {sft['eval/core']:.4g}"  # the closing line: before -> after
+    assert "eval/toy/acc_norm_before" in sft and core in (sft_dir / "train.log").read_text()
     run_cli(
         [
             *base,

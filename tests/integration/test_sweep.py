@@ -15,7 +15,8 @@ from tests.conftest import SMALL, read_metrics, run_cli
 
 pytestmark = pytest.mark.integration
 
-# 3 jobs of 4 steps (a checkpoint every 2): two learning rates and one that fails its validation
+# 3 jobs of 4 steps (a checkpoint every 2): two learning rates and one that fails its validation; ranked by the
+# downstream evaluation of a local 12-item multiple-choice task (eval/core: maximised), evaluated every 2 steps
 SWEEP = [
     "-m",
     *SMALL,
@@ -26,10 +27,12 @@ SWEEP = [
     "logger=none",
     "task.sample.max_new_tokens=4",
     "optim.lr=1e-3,1e-2,-1",
+    "optimized_metric=eval/core",
 ]
+EVALS = "+evals.tasks.toy={source:jsonl,path:%s,type:mc,metrics:[acc,acc_norm],primary:acc_norm}"
 
 
-COMPARED = ("loss", "grad_norm", "lr", "val_loss", "tokens")
+COMPARED = ("loss", "grad_norm", "lr", "val_loss", "tokens", "eval/core", "eval/toy/acc")
 
 
 def _jobs(sweep):
@@ -37,10 +40,13 @@ def _jobs(sweep):
 
 
 def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path, small_run):
+    from tests.unit.test_downstream import mc_rows, write_jsonl
+
     sweep = tmp_path / "sweep"
-    first = run_cli([*SWEEP, f"hydra.sweep.dir={sweep}"], cache_dir, check=False)
+    args = [*SWEEP, EVALS % write_jsonl(tmp_path / "toy.jsonl", mc_rows()), f"hydra.sweep.dir={sweep}"]
+    first = run_cli(args, cache_dir, check=False)
     assert first.returncode == 2, first.stderr[-2000:]  # the sweep finished, but says a job failed
-    assert f"sweep summary: {sweep / 'sweep_summary.md'} (3 jobs; best: job 1" in first.stderr
+    assert f"sweep summary: {sweep / 'sweep_summary.md'} (3 jobs; best: job " in first.stderr
     jobs = _jobs(sweep)
     assert [j.name[:2] for j in jobs] == ["0_", "1_", "2_"] and all(len(j.name) <= 122 for j in jobs)
     for job, lr in zip(jobs, ("optim.lr=0.001", "optim.lr=0.01", "optim.lr=-1")):
@@ -51,17 +57,20 @@ def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path, small_run):
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["counts"] == {"done": 2, "pruned": 0, "failed": 1, "interrupted": 0}
     rows = summary["jobs"]
-    assert [r["name"][:1] for r in rows] == ["1", "0", "2"]  # by val_loss, best first; the failed job last
-    assert rows[0]["best"] and rows[0]["objective"] < rows[1]["objective"] and not rows[1]["best"]
+    assert {r["name"][:1] for r in rows[:2]} == {"0", "1"} and rows[2]["name"][:1] == "2"  # the failed job last
+    assert rows[0]["best"] and rows[0]["objective"] >= rows[1]["objective"] and not rows[1]["best"]  # maximised
     assert rows[2]["status"] == "failed" and "optim.lr=-1 must be a finite number > 0" in rows[2]["error"]
     table = list(csv.reader((sweep / "sweep_summary.csv").open()))
-    assert table[0][:5] == ["", "job", "status", "val_loss", "optim.lr"] and table[1][:3] == ["best", "1", "done"]
-    assert "| best | 1 | done |" in (sweep / "sweep_summary.md").read_text()
+    best = rows[0]["name"][:1]
+    assert table[0][:5] == ["", "job", "status", "eval/core", "optim.lr"] and table[1][:3] == ["best", best, "done"]
+    assert f"| best | {best} | done |" in (sweep / "sweep_summary.md").read_text()
     assert (sweep / "sweep.png").stat().st_size > 5000
     for row in rows[:2]:  # what a summary needs, in every finished job's results.json
         results = json.loads((sweep / row["name"] / "results.json").read_text())
         assert results["steps"] == 4 and results["wall_seconds"] > 0 and results["overrides"]
         assert results["checkpoint"].endswith("step_0000004")
+        assert results["eval/core"] == row["objective"] and -1 <= results["eval/core_before"] <= 1
+        assert [m["step"] for m in read_metrics(sweep / row["name"]) if "eval/core" in m] == [0, 2, 4]  # its cadence
 
     # job 1 "interrupted" after its step-2 checkpoint; the same command again continues the sweep
     original = read_metrics(jobs[1])
@@ -69,7 +78,7 @@ def test_sweep_summary_failed_job_and_resume(cache_dir, tmp_path, small_run):
     shutil.rmtree(jobs[1] / "checkpoints" / "step_0000004")
     (jobs[1] / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in original if m["step"] <= 2))
     job0_results = (jobs[0] / "results.json").read_bytes()
-    again = run_cli([*SWEEP, f"hydra.sweep.dir={sweep}"], cache_dir, check=False)
+    again = run_cli(args, cache_dir, check=False)
     assert again.returncode == 2
     assert (jobs[0] / "results.json").read_bytes() == job0_results  # finished: skipped, untouched
     assert "sweep job already finished" in (jobs[0] / "train.log").read_text()

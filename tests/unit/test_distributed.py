@@ -174,6 +174,17 @@ def _failed_save(rank: int, blocked_dir: str) -> str | None:
     return None
 
 
+def _downstream(rank: int, world_size: int, tok_dir: str, rows: str) -> dict:
+    """A downstream evaluation (llm/train/downstream.py) of a seeded tiny model on 7 items, this rank's share."""
+    from llm.data.tokenizer import load_pretrained
+    from llm.train.downstream import DownstreamEvals
+    from tests.unit.test_downstream import tiny, toy_task
+
+    tokenizer = load_pretrained(tok_dir)
+    evals = DownstreamEvals({"t": toy_task(rows)}, batch_items=3)
+    return evals.run(tiny(len(tokenizer)), tokenizer, rank=rank, world_size=world_size)
+
+
 def _grpo_statistics(rank: int) -> dict:
     """A GRPO log line over two ranks, each with its own 4 samples (groups of 2) and a mean-type metric."""
     from llm.train.grpo import GRPO
@@ -191,7 +202,7 @@ def _grpo_statistics(rank: int) -> dict:
     return window.mean()
 
 
-def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_dir: str):
+def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_dir: str, evals: tuple):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -207,18 +218,22 @@ def _stop_flag_worker(rank: int, port: int, signalled_rank: int, out, blocked_di
         if rank == signalled_rank:
             stop.received = "SIGTERM"
             stop.finish("pruned")  # a signal wins over an early finish
-        logged = _grpo_statistics(rank)
-        out.put(
-            (rank, quiet, finished, stop.agreed(2, torch.device("cpu")), stop.received, agreed, failed_save, logged)
-        )
+        logged, downstream = _grpo_statistics(rank), _downstream(rank, 2, *evals)
+        agreed_stop = stop.agreed(2, torch.device("cpu"))
+        out.put((rank, quiet, finished, agreed_stop, stop.received, agreed, failed_save, logged, downstream))
     finally:
         dist.destroy_process_group()
 
 
-def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
+def test_a_signal_on_one_rank_stops_every_rank(tmp_path, tiny_tokenizer):
     """SIGTERM reaching rank 1 only: both ranks agree to stop after the same step (rank 0 names the peer). And a
     checkpoint rank 0 cannot write fails the save on both ranks (rank 1 does not wait at a barrier for ever). And
-    GRPO's logged statistics are over every rank's samples."""
+    GRPO's logged statistics are over every rank's samples. And (sharing the spawned ranks) a downstream
+    evaluation over 2 ranks, gathered, equals one process's."""
+    from tests.unit.test_downstream import mc_rows, write_jsonl
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    evals = (str(tmp_path / "tok"), write_jsonl(tmp_path / "rows.jsonl", mc_rows(7)))
     import socket
 
     import torch.multiprocessing as mp
@@ -230,7 +245,7 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     out = ctx.Queue()
     blocked = tmp_path / "run"
     blocked.write_text("a file where the run dir should be")
-    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, 1, out, str(blocked))) for r in range(2)]
+    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, 1, out, str(blocked), evals)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(out.get(timeout=60) for _ in procs)
@@ -249,6 +264,9 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
         assert logged["loss"] == 0.5 and logged["completions/max_length"] == 8.0
         assert logged["rewards/mean"] == pytest.approx(0.625) and logged["zero_variance_groups"] == 0.75
         assert logged["rewards/std"] == pytest.approx(everyone.std(correction=0).item())
+    single = _downstream(0, 1, *evals)
+    assert set(single) == {"eval/t/acc", "eval/t/acc_norm", "eval/t/bpb", "eval/t/centered", "eval/core"}
+    assert results[0][8] == pytest.approx(single, abs=1e-6) and results[1][8] == pytest.approx(single, abs=1e-6)
 
 
 def test_each_error_line_printed_once_per_machine(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ replies, exact match and log-likelihoods), and bad input is one error raised bef
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -156,3 +157,62 @@ def test_missing_extra_is_named_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"task=lm_eval needs the optional lm-eval extra: pip install -e \.\[eval\]"):
         run_job(tmp_path, "init_from=/nonexistent")
     assert not (tmp_path / "run").exists()
+
+
+def test_downstream_scores_equal_lm_eval(exported, tmp_path):
+    """Parity of the downstream evaluations (llm/eval/downstream.py) with lm-eval on a local multiple-choice task of
+    30 items: per choice the same log-likelihood (<= 1e-4) and the same acc / acc_norm, for our model as trained
+    and for the same model imported back from its HF export."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from llm.eval.downstream import aggregate, item_metrics, score_items
+    from llm.eval.items import file_items
+    from llm.tasks.source import ModelSource
+    from tests.unit.test_downstream import mc_rows, write_jsonl
+
+    model, tokenizer, hf_dir = exported
+    rows = mc_rows(30)
+    items = file_items(write_jsonl(tmp_path / "items.jsonl", rows), "mc", "path")
+    docs = [{"prompt": r["context"], "choices": r["choices"], "gold": r["gold"]} for r in rows]
+    config = {
+        "output_type": "multiple_choice",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": "",  # our continuations carry their leading space
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
+    harness._write_task(tmp_path, "llm_parity", docs, config)
+    scores, samples = harness.run_lm_eval(
+        hf_dir, [str(tmp_path / "llm_parity.yaml")], TaskManager(include_defaults=False), batch_size=8
+    )
+    theirs = [[resp[0][0] for resp in s["resps"]] for s in sorted(samples["llm_parity"], key=lambda s: s["doc_id"])]
+    imported, _ = ModelSource.resolve(str(hf_dir)).load()
+    for ours in (model, imported):
+        scored = score_items(ours, tokenizer, items, ours.config.max_seq_len, batch_items=4)
+        torch.testing.assert_close(torch.tensor([s.lls for s in scored]), torch.tensor(theirs), rtol=0, atol=1e-4)
+        per_item = [item_metrics(it, s, "mc") for it, s in zip(items, scored)]
+        mine = aggregate(per_item, ["acc", "acc_norm"])
+        assert mine == {m: pytest.approx(scores[f"lm_eval/llm_parity/{m}"]) for m in ("acc", "acc_norm")}
+    assert 0 < mine["acc"] < 1 and mine["acc"] != mine["acc_norm"]  # neither trivial nor the same ranking
+
+
+def test_task_evaluate_on_an_hf_dir(exported, tmp_path):
+    """task=evaluate init_from=<HF dir>: the downstream tasks scored with no training, results.json with their keys,
+    the same values as the scorer gives the model itself."""
+    from llm.train.downstream import DownstreamEvals
+    from tests.unit.test_downstream import mc_rows, toy_task, write_jsonl
+
+    model, tokenizer, hf_dir = exported
+    rows = write_jsonl(tmp_path / "items.jsonl", mc_rows(9))
+    task = f"+evals.tasks.toy={{source:jsonl,path:{rows},type:mc,metrics:[acc,acc_norm,bpb],primary:acc_norm}}"
+    cfg = compose_config(["task=evaluate", f"init_from={hf_dir}", task])
+    hydra = OmegaConf.create(
+        {"runtime": {"output_dir": str(tmp_path / "run")}, "overrides": {"task": [task]}, "mode": RunMode.RUN}
+    )
+    results = job.run(cfg, hydra)
+    expected = DownstreamEvals({"toy": toy_task(rows, metrics=["acc", "acc_norm", "bpb"])}).run(model, tokenizer)
+    assert {k: v for k, v in results.items() if k.startswith("eval/")} == pytest.approx(expected, abs=1e-5)
+    assert results["task"] == "evaluate" and set(expected) <= set(
+        json.loads((tmp_path / "run/results.json").read_text())
+    )
