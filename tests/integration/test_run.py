@@ -179,8 +179,8 @@ def test_help_is_the_projects():
     assert proc.returncode == 0, proc.stderr
     for line in (
         "Usage: python run.py",
-        "hparams_search: dpo, pretrain",
-        "task: dpo, eval_length, export, grpo, lm_eval, pretrain, sft",
+        "hparams_search: dpo, mup, pretrain",
+        "task: dpo, eval_length, evaluate, export, grpo, lm_eval, pretrain, sft",
         "optim: adamw, muon",
         "peft: lora",
         "python run.py -m hparams_search=pretrain",
