@@ -25,6 +25,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from llm.errors import ConfigError, DataError
 from llm.failures import about
 from llm.model import OPTIONS_OFF, GPTConfig
+from llm.model.moe import TRAINING_KEYS
 from llm.model.rope import parse_scaling
 from llm.utils.files import atomic_dir, fsync_dir, write_atomic
 
@@ -286,6 +287,8 @@ def check_compatible(saved: dict, now: dict, key: str, path, strict: bool = Fals
     for side in (saved, now):  # compared parsed: checkpoints written before GPTConfig kept the parsed form
         if side.get("rope_scaling") is not None:
             side["rope_scaling"] = parse_scaling(side["rope_scaling"])
+        if side.get("moe") and not strict:  # init_from may train the experts with other coefficients
+            side["moe"] = {k: v for k, v in side["moe"].items() if k not in TRAINING_KEYS}
     keys = list(now) if strict else list(ARCH_KEYS)
     if not strict and now.get("pos_emb") == "learned":
         keys.append("max_seq_len")  # the learned position table has that many rows

@@ -46,6 +46,7 @@ MOE_DEFAULTS = {
     "dispatch": "grouped",
 }
 BALANCES = ("aux_loss", "aux_free", "none")
+TRAINING_KEYS = ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "dispatch")  # no weight depends on them
 
 
 def parse_moe(moe, n_layer: int) -> dict | None:

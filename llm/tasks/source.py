@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm.checkpoint.adapters import is_adapter_checkpoint, load_adapted
 from llm.checkpoint.files import ARCH_KEYS, DEFAULTS, load_model_weights, read_json, resolve_checkpoint
@@ -129,7 +129,7 @@ def open_source(cfg: DictConfig, explicit: set[str]) -> ModelSource | None:
     with open_dict(cfg):  # the source's architecture, except model keys set on the command line
         for key in CARRIED_KEYS:
             if key in saved and key in cfg.model and "model" not in explicit and f"model.{key}" not in explicit:
-                cfg.model[key] = saved[key]  # before anything interpolates ${model.*}
+                cfg.model[key] = with_nested(saved[key], cfg.model, key, explicit)  # before ${model.*} is read
         if "model.max_seq_len" not in explicit and saved.get("pos_emb") == "rope":
             cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.trainer.seq_len)  # a longer-context fine-tune
         own_scaling = source.hf or cfg.task.get("source_rope_scaling")
@@ -137,3 +137,18 @@ def open_source(cfg: DictConfig, explicit: set[str]) -> ModelSource | None:
             cfg.extrapolation = saved.get("rope_scaling") or {"type": "none"}
         cfg.init_from = str(source.path)
     return source
+
+
+def with_nested(value, model: DictConfig, key: str, explicit: set[str]):
+    """The source's model.<key> with the command line's nested overrides (model.<key>.<sub>=..., such as
+    model.moe.balance) applied on it, as a top-level model key's override is honoured; one with nothing to apply on
+    (the source's model.<key> is not a mapping: a dense source's moe=null) is a ConfigError naming it."""
+    subs = sorted(k.split(".", 2)[2] for k in explicit if k.startswith(f"model.{key}."))
+    if not subs:
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.{key}.{subs[0]}: init_from's model has model.{key}={value!r}, nothing to override")
+    merged = OmegaConf.create(value)
+    for sub in subs:
+        OmegaConf.update(merged, sub, OmegaConf.select(model, f"{key}.{sub}"), merge=False)
+    return merged

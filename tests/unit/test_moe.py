@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.checkpoint.files import check_compatible
 from llm.errors import ConfigError
-from llm.model import build_gpt, router_terms, update_router_bias
+from llm.model import GPTConfig, build_gpt, router_terms, update_router_bias
 from llm.model.moe import MoE, parse_moe
+from llm.tasks.source import ModelSource, open_source
 from llm.train import LanguageModeling
+from tests.conftest import compose_config
 
 
 def _moe(**kw) -> MoE:
@@ -172,3 +175,26 @@ def test_bad_moe_keys_are_one_line(moe, match):
         build_gpt(vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, d_model=16, moe=moe)
     with pytest.raises(ConfigError, match="model.moe needs model.mlp=swiglu"):
         build_gpt(vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, d_model=16, mlp="gelu", moe={})
+
+
+def test_init_from_keeps_a_nested_moe_override(monkeypatch, tmp_path):
+    """init_from an MoE checkpoint: its model.moe replaces the preset's (here the default dense model's), but
+    model.moe.<key> given on the command line applies on it (a coefficient trains on; an architecture key is refused
+    by check_compatible); over a dense source's moe=null it is one ConfigError naming it."""
+    moe = {"num_experts": 4, "aux_loss_coef": 0.02}
+    saved = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16, moe=moe)
+    source = ModelSource(tmp_path, False, saved.to_dict())
+    monkeypatch.setattr(ModelSource, "resolve", classmethod(lambda cls, value, key="init_from": source))
+    overrides = [f"init_from={tmp_path}", "+model.moe.aux_loss_coef=0.5", "+model.moe.num_experts=2"]
+    explicit = {o.split("=")[0].lstrip("+") for o in overrides}
+    cfg = compose_config(overrides)
+    open_source(cfg, explicit)
+    moe = cfg.model.moe
+    assert moe.aux_loss_coef == 0.5 and moe.num_experts == 2 and moe.experts_per_token == saved.moe["experts_per_token"]
+    now = {**saved.to_dict(), "moe": {**saved.moe, "aux_loss_coef": 0.5}}
+    check_compatible(saved.to_dict(), now, "init_from", tmp_path)  # a training coefficient: no weight depends on it
+    with pytest.raises(ConfigError, match="incompatible model .moe: checkpoint"):
+        check_compatible(saved.to_dict(), {**now, "moe": {**now["moe"], "num_experts": 2}}, "init_from", tmp_path)
+    source.config = {**saved.to_dict(), "moe": None}
+    with pytest.raises(ConfigError, match="model.moe.aux_loss_coef: init_from's model has model.moe=None"):
+        open_source(compose_config(overrides), explicit)
