@@ -7,7 +7,8 @@ a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) exte
 µP (model.parametrization=mup, llm/model/config.py): `width_scaled` multiplies each parameter's peak lr by µP's
 table for the width ratio m = d_model / base_width (`lr_multiplier`): the block matrices (hidden weights) 1/m under
 AdamW; under Muon 1/sqrt(m) with adjust_lr=match_rms_adamw (its update's spectral norm grows as sqrt(width)) and 1
-with `original` (already width-free); the embedding, LM head, norms and biases 1 (the head's 1/m is the model's
+with `original` (already width-free), each by the optimizer that trains it (an MoE's router is AdamW's under
+Muon too: 1/m); the embedding, LM head, norms and biases 1 (the head's 1/m is the model's
 output multiplier). A group with several multipliers is split; at m = 1 nothing changes. The defaults are
 conf/optim/adamw.yaml's (tests/unit/test_config.py compares them).
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.model.moe import Router
 from llm.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 
 
@@ -109,12 +111,12 @@ def group_lrs(optimizer) -> dict[str, float]:
 
 
 def hidden_matrices(model: nn.Module) -> set[int]:
-    """The ids of the 2-D weights of the linear layers inside the transformer blocks, and of the 3-D parameters
-    there (stacked expert matrices): µP's hidden weights."""
+    """The ids of the 2-D weights of the linear layers and MoE routers inside the transformer blocks, and of the
+    3-D parameters there (stacked expert matrices): µP's hidden weights, whose fan-in grows with the width."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         return set()
-    linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
+    linear = {id(m.weight) for m in blocks.modules() if isinstance(m, (nn.Linear, Router))}
     return linear | {id(p) for p in blocks.parameters() if p.dim() == 3}
 
 
@@ -140,7 +142,10 @@ def width_scaled(groups: list[dict], model: nn.Module, lr: float, muon_adjust: s
     for group in groups:
         parts: dict[float, list] = {}
         for p in group["params"]:
-            parts.setdefault(lr_multiplier(width_mult, id(p) in hidden, muon_adjust), []).append(p)
+            # the multiplier of the optimizer that trains it: Muon's group, or AdamW (the rest under optim=muon,
+            # such as an MoE's router)
+            adjust = muon_adjust if group.get("name") == "muon" else None
+            parts.setdefault(lr_multiplier(width_mult, id(p) in hidden, adjust), []).append(p)
         for mult, params in sorted(parts.items(), reverse=True):
             name = group["name"] if mult == 1 or len(parts) == 1 else f"{group['name']}_hidden"
             out.append({**group, "params": params, "lr": group.get("lr", lr) * mult, "name": name})
