@@ -171,7 +171,7 @@ class MoE(nn.Module):
         self.experts = Experts(self.num_experts, d_model, hidden, m["dispatch"])
         self.shared = SharedExperts(d_model, m["shared_experts"] * hidden) if m["shared_experts"] else None
         self.register_buffer("step_load", torch.zeros(self.num_experts), persistent=False)  # aux_free: this step's
-        self.stats: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor | int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -189,7 +189,7 @@ class MoE(nn.Module):
         self.stats = {
             "counts": counts.float(),
             "prob_sum": probs.sum(0),
-            "rows": torch.tensor(float(x.size(0)), device=x.device),
+            "rows": x.size(0),  # a number: a tensor made from it would be a host-to-device copy (a sync) per layer
             "z": logits.logsumexp(-1).square().mean(),
             "dropped": (flat.numel() - counts.sum()).float(),
         }
@@ -215,7 +215,7 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def load_balancing_loss(counts: torch.Tensor, prob_sum: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(counts: torch.Tensor, prob_sum: torch.Tensor, rows: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss as transformers computes it over the layers pooled: E x Σ_e f_e P_e with
     f_e the share of (token, layer) rows choosing e (summing to k) and P_e the mean router probability of e.
     counts / prob_sum [E] are summed over the layers, rows the number of (token, layer) rows."""
