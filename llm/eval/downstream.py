@@ -4,10 +4,11 @@ trainer's, `llm.train.downstream`).
 Log-likelihood of a continuation after its context, as lm-evaluation-harness computes it: trailing spaces of the
 context move to the continuation; the continuation's tokens are those of `tokenize(context + continuation)` after
 the first `len(tokenize(context))` (no special tokens added); an empty context is the BOS token (EOS without one);
-the input is the last `max_seq_len + 1` tokens, so a long context loses its start. The log-softmax is over the
-tokenizer's real vocabulary only (`logits[..., :vocab_size]`: the rows the model pads its embedding with never
-enter it). All choices of an item go in the same batch; a batch is `batch_items` whole items, right-padded (the
-model is causal: padding after a sequence changes none of its positions).
+the input is the last `max_seq_len + 1` tokens, so a long context loses its start. The log-likelihoods are the
+model's own per-token NLL (`model(ids, labels=..., reduction="none")`, its loss path: over its real vocabulary,
+the rows it pads its embedding with never in the softmax, fused with the head). All choices of an item go in the
+same batch; a batch is `batch_items` whole items, right-padded (the model is causal: padding after a sequence
+changes none of its positions).
 
 Per-item metrics (`item_metrics`), averaged over the items (`aggregate`):
 - `acc`: 1 when the right choice has the highest summed log-likelihood (the first of ties, as numpy's argmax);
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llm.contract import IGNORE_INDEX
 from llm.errors import ConfigError
 from llm.eval.items import Item
 
@@ -58,12 +60,11 @@ ACCURACIES = ("acc", "acc_norm", "acc_tok", "exact_match")
 
 @dataclass
 class Scored:
-    """One item's scores: per choice the summed log-likelihood of its continuation, its tokens and whether greedy
-    decoding would give it (every continuation token the argmax); a `generate` item's greedy reply."""
+    """One item's scores: per choice the summed log-likelihood of its continuation and its number of tokens; a
+    `generate` item's greedy reply."""
 
     lls: list[float]
     tokens: list[int]
-    greedy: list[bool]
     reply: str | None = None
 
 
@@ -81,11 +82,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @torch.no_grad()
-def score_items(
-    model, tokenizer, items: list[Item], max_seq_len: int, batch_items: int = 8, vocab_size: int | None = None
-) -> list[Scored]:
+def score_items(model, tokenizer, items: list[Item], max_seq_len: int, batch_items: int = 8) -> list[Scored]:
     """Every choice of every item scored (see the module docstring), `batch_items` items per forward."""
-    vocab = vocab_size or len(tokenizer)
     device = next(model.parameters()).device
     out: list[Scored] = []
     for start in range(0, len(items), max(1, batch_items)):
@@ -97,27 +95,19 @@ def score_items(
                 ids = (c + k)[-(max_seq_len + 1) :]
                 n = min(len(k), len(ids) - 1)
                 rows.append(ids)
-                spans.append((len(ids) - 1 - n, n))
+                spans.append(n)
         width = max(len(r) for r in rows) - 1
         x = torch.zeros(len(rows), width, dtype=torch.long)
-        y = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, ids in enumerate(rows):
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # the continuations' tokens only
+        for i, (ids, n) in enumerate(zip(rows, spans)):
             x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-            y[i, : len(ids) - 1] = torch.tensor(ids[1:])
-        logits = model(x.to(device))[..., :vocab].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        target = logp.gather(-1, y.to(device)[..., None])[..., 0].cpu()
-        best = logits.argmax(-1).cpu()
+            labels[i, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[len(ids) - n :])
+        # the model's per-token NLL (its loss path: fused with the head, no [B, T, V] logits; 0 where ignored)
+        lls = (-model(x.to(device), labels=labels.to(device), reduction="none")).sum(-1).tolist()
         r = 0
         for item in chunk:
-            lls, tokens, greedy = [], [], []
-            for _ in range(item.n_choices):
-                s, n = spans[r]
-                lls.append(target[r, s : s + n].sum().item())
-                tokens.append(n)
-                greedy.append(bool((best[r, s : s + n] == y[r, s : s + n]).all()))
-                r += 1
-            out.append(Scored(lls, tokens, greedy))
+            out.append(Scored(lls[r : r + item.n_choices], spans[r : r + item.n_choices]))
+            r += item.n_choices
     return out
 
 
@@ -142,7 +132,7 @@ def greedy_replies(
             text = tokenizer.decode(ids, skip_special_tokens=True)
             cut = min([text.find(s) for s in until if s and s in text], default=len(text))
             replies[i] = text[:cut]
-    return [Scored([], [], [], reply=r) for r in replies]
+    return [Scored([], [], reply=r) for r in replies]
 
 
 def _argmax(values: list[float]) -> int:

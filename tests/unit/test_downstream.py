@@ -48,20 +48,20 @@ def test_metrics_by_hand():
     item = Item("x", ("Q:",), (" a", " bbbbbbb", " cc"), gold=1)
     # lls: choice 0 best raw (-2.0); per char: -2/2 = -1, -5.6/8 = -0.7 (best), -3/3 = -1;
     # per token: -2/1, -5.6/4 = -1.4 (best), -3/2
-    scored = Scored([-2.0, -5.6, -3.0], [1, 4, 2], [True, False, False])
+    scored = Scored([-2.0, -5.6, -3.0], [1, 4, 2])
     m = item_metrics(item, scored, "mc")
     assert (m["acc"], m["acc_norm"], m["acc_tok"]) == (0.0, 1.0, 1.0)
     assert m["bpb_nats"] == pytest.approx(5.6) and m["bpb_bytes"] == 8.0
-    other = item_metrics(Item("y", ("Q:",), (" z", " yy"), gold=0), Scored([-1.0, -4.0], [1, 1], [True, True]), "mc")
+    other = item_metrics(Item("y", ("Q:",), (" z", " yy"), gold=0), Scored([-1.0, -4.0], [1, 1]), "mc")
     agg = aggregate([m, other], ["acc", "acc_norm", "acc_tok", "bpb"])
     assert agg["acc"] == 0.5 and agg["acc_norm"] == 1.0 and agg["acc_tok"] == 1.0
     assert agg["bpb"] == pytest.approx((5.6 + 1.0) / (8 + 2) / math.log(2))
     assert centered(0.25, 0.25) == 0.0 and centered(1.0, 0.25) == 1.0 and centered(0.625, 0.25) == pytest.approx(0.5)
     schema = Item("s", ("He went, so Sam", "He went, so Kim"), (" left.",), gold=1)
     assert schema.requests() == [("He went, so Sam", " left."), ("He went, so Kim", " left.")]
-    assert item_metrics(schema, Scored([-3.0, -1.0], [2, 2], [False, True]), "schema")["acc"] == 1.0
+    assert item_metrics(schema, Scored([-3.0, -1.0], [2, 2]), "schema")["acc"] == 1.0
     gen = Item("g", ("2+2=",), ("4",))
-    assert item_metrics(gen, Scored([], [], [], reply=" 4 "), "generate") == {"exact_match": 1.0}
+    assert item_metrics(gen, Scored([], [], reply=" 4 "), "generate") == {"exact_match": 1.0}
 
 
 def test_core_is_the_mean_of_centred_accuracies(tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def test_core_is_the_mean_of_centred_accuracies(tmp_path, monkeypatch):
             item = task.items.items[i]
             lls = [-1.0] * item.n_choices
             lls[answers.get((name, i), 0)] = -0.5
-            out[i] = item_metrics(item, Scored(lls, [1] * item.n_choices, [False] * item.n_choices), task.items.kind)
+            out[i] = item_metrics(item, Scored(lls, [1] * item.n_choices), task.items.kind)
         return out
 
     monkeypatch.setattr(evals, "score", fake_score)
