@@ -122,6 +122,8 @@ def validate(cfg: DictConfig) -> dict:
     built["loggers"] = [build(node, f"logger {name}") for name, node in (cfg.get("logger") or {}).items() if node]
     built["peft"] = build(cfg.peft, "peft") if cfg.get("peft") else None  # LoRA's settings, checked
     built["evals"] = build(cfg.evals, "evals") if cfg.get("evals") else None  # downstream tasks: items read, checked
+    if built["evals"] is not None:
+        built["evals"].check_strategy(built["settings"].hardware.strategy)
     model_keys = {k: v for k, v in plain["model"].items() if k != "_target_"}
     model = gpt_config(**{"vocab_size": 1, **model_keys, "rope_scaling": plain.get("extrapolation")})
     built["rope_scaling"] = model.rope_scaling  # parsed here, once: the model is built with this form

@@ -107,6 +107,16 @@ class DownstreamEvals:
     def enabled(self) -> bool:
         return bool(self.tasks)
 
+    def check_strategy(self, strategy: str) -> None:
+        """A ConfigError for a `generate` task under trainer.strategy=fsdp: each rank decodes its own prompts for
+        as many steps as they need, so FSDP's per-forward all-gathers would not line up (a hang)."""
+        generate = [n for n, t in self.tasks.items() if t.items.kind == "generate"]
+        if strategy == "fsdp" and generate:
+            raise ConfigError(
+                f"evals.tasks.{generate[0]}: type=generate does not work with trainer.strategy=fsdp (ranks decode "
+                f"for different numbers of steps); use ddp or single, or drop the task"
+            )
+
     def due(self, step: int, last: bool) -> bool:
         return self.enabled and (last or bool(self.every and step % self.every == 0))
 

@@ -248,3 +248,15 @@ def test_hub_rows_are_mapped_into_items(tmp_path):
         (" a", " b"),
         1,
     )
+
+
+def test_generate_task_refused_under_fsdp(tmp_path):
+    """A generate task's ranks decode for different numbers of steps: under FSDP (a collective per forward) one
+    ConfigError naming the task, before any work; DDP and single scored as usual."""
+    rows = write_jsonl(tmp_path / "g.jsonl", [{"context": "2+2=", "continuation": " 4"}])
+    evals = D.DownstreamEvals(
+        {"sums": {"source": "jsonl", "path": rows, "type": "generate", "metrics": ["exact_match"]}}
+    )
+    evals.check_strategy("ddp")
+    with pytest.raises(ConfigError, match="evals.tasks.sums: type=generate does not work with trainer.strategy=fsdp"):
+        evals.check_strategy("fsdp")
