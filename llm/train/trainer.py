@@ -195,7 +195,7 @@ class Trainer:
         st, cadence = self.state, self.cadence
         self._wall_before = st.wall_seconds  # carried over a resume
         if st.step == 0 or st.initial_val_loss is None:
-            val = evaluations(self, True, True, final=True)  # downstream tasks: on the items of the end
+            val = evaluations(self, True, self.downstream.enabled, final=True)  # downstream: all items, as at the end
             st.initial_eval, st.last_eval = val, val
             st.initial_val_loss = st.last_val_loss = val.get("val_loss")
             record = {**val, "wall_seconds": self._wall(), **self.downstream.seconds_record()}
