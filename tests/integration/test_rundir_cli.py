@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL, read_metrics, run_cli
+from tests.conftest import SMALL, read_metrics, run_cli_batch
 
 pytestmark = pytest.mark.integration
+SHARES_RUNS = pytest.mark.xdist_group("rundir_cli")  # the tests of the module's batch of runs: on one worker
 
 
 def _snapshot(run_dir: Path) -> dict:
@@ -23,49 +24,52 @@ def _snapshot(run_dir: Path) -> dict:
     }
 
 
-@pytest.fixture
-def finished(small_run, tmp_path) -> Path:
-    run_dir = tmp_path / "run"
-    shutil.copytree(small_run, run_dir)
-    return run_dir
+# the three runs of the module, each on its own copy of the small run: (run.py arguments besides SMALL and the dir)
+RUNS = {
+    "fresh": ["trainer.save_every=10"],
+    "other_seed": ["trainer.save_every=10", "resume=auto", "seed=7", "logger=none"],
+    "overwrite": ["trainer.max_steps=2", "trainer.log_every=1", "trainer.eval_every=0", "overwrite=true"],
+}
 
 
-def test_a_fresh_run_into_a_finished_runs_dir_changes_nothing(finished, cache_dir):
-    before = _snapshot(finished)
-    proc = run_cli([*SMALL, "trainer.save_every=10", f"hydra.run.dir={finished}"], cache_dir, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+@pytest.fixture(scope="module")
+def runs(small_run, cache_dir, tmp_path_factory) -> dict:
+    """Each of RUNS through run.py on a fresh copy of the small run, in one interpreter (run_cli_batch):
+    {name: (result, run dir, its files before the run)}."""
+    dirs = {name: tmp_path_factory.mktemp(name) / "run" for name in RUNS}
+    for run_dir in dirs.values():
+        shutil.copytree(small_run, run_dir)
+    before = {name: _snapshot(run_dir) for name, run_dir in dirs.items()}
+    results = run_cli_batch([[*SMALL, *args, f"hydra.run.dir={dirs[name]}"] for name, args in RUNS.items()], cache_dir)
+    return {name: (result, dirs[name], before[name]) for name, result in zip(RUNS, results)}
+
+
+@SHARES_RUNS
+def test_a_fresh_run_into_a_finished_runs_dir_changes_nothing(runs):
+    result, finished, before = runs["fresh"]
+    assert result["returncode"] == 2
+    assert result["stderr"].strip().splitlines()[-1] == (
         f"error: run dir {finished} already holds another run's checkpoints, metrics.jsonl, results.json; continue "
         f"that run with resume=auto, write somewhere else (hydra.run.dir=<new dir>), or replace it with overwrite=true"
     )
     assert _snapshot(finished) == before  # .hydra/, train.log and metrics.jsonl included
 
 
-def test_resume_with_another_seed_is_refused_before_it_writes(finished, cache_dir):
-    metrics = (finished / "metrics.jsonl").read_bytes()
-    proc = run_cli(
-        [*SMALL, "trainer.save_every=10", "resume=auto", "seed=7", "logger=none", f"hydra.run.dir={finished}"],
-        cache_dir,
-        check=False,
+@SHARES_RUNS
+def test_resume_with_another_seed_is_refused_before_it_writes(runs):
+    result, finished, before = runs["other_seed"]
+    assert result["returncode"] == 2
+    assert (
+        "was trained with other settings (seed: checkpoint 1337 vs now 7)" in result["stderr"].strip().splitlines()[-1]
     )
-    assert proc.returncode == 2
-    assert "was trained with other settings (seed: checkpoint 1337 vs now 7)" in proc.stderr.strip().splitlines()[-1]
-    assert (finished / "metrics.jsonl").read_bytes() == metrics
+    assert (finished / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["last", "step_0000010", "step_0000020"]
 
 
-def test_overwrite_replaces_the_earlier_run(finished, cache_dir):
-    run_cli(
-        [
-            *SMALL,
-            "trainer.max_steps=2",
-            "trainer.log_every=1",
-            "trainer.eval_every=0",
-            "overwrite=true",
-            f"hydra.run.dir={finished}",
-        ],
-        cache_dir,
-    )
+@SHARES_RUNS
+def test_overwrite_replaces_the_earlier_run(runs):
+    result, finished, _ = runs["overwrite"]
+    assert result["returncode"] == 0, result["stderr"][-3000:]
     assert [m["step"] for m in read_metrics(finished)] == [0, 1, 2]  # 0: the evaluation before training
     assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["last", "step_0000002"]
     assert json.loads((finished / "results.json").read_text())["steps"] == 2
