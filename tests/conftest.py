@@ -95,10 +95,19 @@ def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: 
     return proc
 
 
-def run_cli_batch(arg_lists: list[list[str]], cache_dir: Path, timeout: int = 600) -> list[dict]:
-    """`python run.py <args>` for each argument list, all in one interpreter (tests/cli_batch.py): for runs that
-    stop early, whose start-up would cost more than the run. Returns {returncode, stdout, stderr} per run."""
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+def run_cli_batch(
+    arg_lists: list[list[str]], cache_dir: Path, timeout: int = 600, env: dict | None = None
+) -> list[dict]:
+    """`python run.py <args>` for each argument list, one after the other in one interpreter (tests/cli_batch.py):
+    for runs that stop early, whose start-up (~2.5 s of CPU: torch, Hydra, the project) would cost more than the
+    run, and for short runs of one test module. Returns {returncode, stdout, stderr} per run."""
+    env = {
+        **os.environ,
+        "LLM_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        **(env or {}),
+    }
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "cli_batch.py")],
         input=json.dumps(arg_lists),

@@ -3,7 +3,9 @@ Face model dir> for training, task=lm_eval of a run, and the errors of export an
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +18,49 @@ from llm.errors import ConfigError, DataError
 from llm.eval.exact_match import generate_replies
 from llm.hf import save_hf
 from llm.tasks.source import ModelSource, open_source
-from tests.conftest import SMALL, compose_config, run_cli, run_cli_batch
+from tests.conftest import SMALL, compose_config, run_cli_batch
 
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
+USES_RUNS = pytest.mark.xdist_group("use")  # the tests of the module's batch of runs: on one worker
 
 
-def test_export_a_run(small_run, cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def use_runs(small_run, cache_dir, tmp_path_factory) -> dict:
+    """The module's runs through run.py, one after the other in one interpreter (run_cli_batch): task=export of the
+    small run, SFT from an HF Llama dir, pretraining from an HF GPT-2 dir, task=lm_eval of the small run (with
+    lm-eval installed): {"dir": their tmp dir, name: result}."""
+    tmp = tmp_path_factory.mktemp("use")
+    llama, gpt2 = hf_model_dir(small_run, tmp / "llama", "llama"), hf_model_dir(small_run, tmp / "gpt2", "gpt2")
+    post = [
+        "task.data.eval_samples=8",
+        "post_data.train.num_examples=100",
+        "post_data.val.num_examples=8",
+        "task.objective.max_new_tokens=8",
+    ]
+    steps = [o for o in SMALL if not o.startswith(("model.", "trainer.max_steps"))] + ["trainer.max_steps=5"]
+    runs = {
+        "export": ["task=export", f"init_from={small_run}", f"hydra.run.dir={tmp / 'export'}"],
+        "sft": [*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp / 'sft'}"],
+        "pre": [*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp / 'pre'}"],
+    }
+    if importlib.util.find_spec("lm_eval"):
+        lm_eval = ["task=lm_eval", f"init_from={small_run}", "task.limit=4", "task.max_new_tokens=8"]
+        runs["lm_eval"] = [*lm_eval, f"hydra.run.dir={tmp / 'lm_eval'}"]
+    results = run_cli_batch(list(runs.values()), cache_dir, env={"HF_DATASETS_OFFLINE": "1"})
+    return {"dir": tmp, **dict(zip(runs, results))}
+
+
+def _finished(use_runs, name: str) -> Path:
+    assert use_runs[name]["returncode"] == 0, use_runs[name]["stderr"][-3000:]
+    return use_runs["dir"] / name
+
+
+@USES_RUNS
+def test_export_a_run(small_run, use_runs):
     """task=export init_from=<run dir>: hf/ in the export's run dir, loaded by transformers, same logits as the
     checkpoint; results.json says what was written."""
-    run_dir = tmp_path / "export"
-    run_cli(["task=export", f"init_from={small_run}", f"hydra.run.dir={run_dir}"], cache_dir)
+    run_dir = _finished(use_runs, "export")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == "export" and results["architecture"] == "Qwen3ForCausalLM"  # QK-norm
     assert results["out_dir"] == str(run_dir / "hf") and "model.safetensors" in results["files"]
@@ -68,35 +102,18 @@ def hf_model_dir(small_run, path, kind: str):
     return path
 
 
-def test_train_from_hf_models_and_export_back(small_run, cache_dir, tmp_path):
+@USES_RUNS
+def test_train_from_hf_models_and_export_back(use_runs, tmp_path):
     """init_from=<HF dir>: SFT from an untied GQA Llama, continued pretraining of a GPT-2 whose 64 positions the
     end-of-run sample outgrows (its context is cropped); the architecture comes from config.json; exports load in
     transformers, and an export of the untouched import holds the very same tensors."""
-    llama, gpt2 = (
-        hf_model_dir(small_run, tmp_path / "llama", "llama"),
-        hf_model_dir(small_run, tmp_path / "gpt2", "gpt2"),
-    )
-    post = [
-        "task.data.eval_samples=8",
-        "post_data.train.num_examples=100",
-        "post_data.val.num_examples=8",
-        "task.objective.max_new_tokens=8",
-    ]
-    steps = [o for o in SMALL if not o.startswith(("model.", "trainer.max_steps"))] + ["trainer.max_steps=5"]
-    results = run_cli_batch(  # one interpreter for both runs
-        [
-            [*steps, *post, "task=sft", f"init_from={llama}", f"hydra.run.dir={tmp_path / 'sft'}"],
-            [*steps, "task.sample.max_new_tokens=80", f"init_from={gpt2}", f"hydra.run.dir={tmp_path / 'pre'}"],
-        ],
-        cache_dir,
-    )
-    assert [r["returncode"] for r in results] == [0, 0], [r["stderr"][-3000:] for r in results]
-    sft, pre = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("sft", "pre"))
+    sft_dir, pre_dir, llama = _finished(use_runs, "sft"), _finished(use_runs, "pre"), use_runs["dir"] / "llama"
+    sft, pre = (json.loads((d / "results.json").read_text()) for d in (sft_dir, pre_dir))
     assert sft["steps"] == pre["steps"] == 5 and sft["val_loss"] < sft["initial_val_loss"] and pre["sample"]
-    saved = json.loads((latest_checkpoint(tmp_path / "sft") / "model_config.json").read_text())
+    saved = json.loads((latest_checkpoint(sft_dir) / "model_config.json").read_text())
     assert (saved["tie_embeddings"], saved["n_kv_head"], saved["rope_theta"], saved["d_model"]) == (False, 2, 5e4, 64)
-    assert "init_from:" in (tmp_path / "sft" / "train.log").read_text()
-    save_hf(*ModelSource.resolve(tmp_path / "sft").load(), tmp_path / "sft_hf")  # as task=export does
+    assert "init_from:" in (sft_dir / "train.log").read_text()
+    save_hf(*ModelSource.resolve(sft_dir).load(), tmp_path / "sft_hf")  # as task=export does
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft_hf")
     assert type(exported).__name__ == "LlamaForCausalLM" and exported.config.num_key_value_heads == 2
     assert not exported.config.tie_word_embeddings
@@ -146,17 +163,13 @@ def test_init_from_what_cannot_be_imported(small_run, tmp_path, monkeypatch):
     assert resolved.model.qk_norm is False  # the preset's QK-norm gives way to a family without it
 
 
-def test_lm_eval_of_a_run(small_run, cache_dir, tmp_path):
+@USES_RUNS
+def test_lm_eval_of_a_run(small_run, use_runs):
     """task=lm_eval init_from=<run dir> task.limit=4, offline: the run is exported to hf/, our two tasks are written
     from all 200 held-out rows into lm_eval/, lm-eval scores the first 4 of each, and results.json has its scores
     as flat keys; lm-eval's replies are the checkpoint's own greedy replies to the same prompts."""
     pytest.importorskip("lm_eval")
-    run_dir = tmp_path / "lm_eval"
-    run_cli(
-        ["task=lm_eval", f"init_from={small_run}", "task.limit=4", "task.max_new_tokens=8", f"hydra.run.dir={run_dir}"],
-        cache_dir,
-        env={"HF_DATASETS_OFFLINE": "1"},
-    )
+    run_dir = _finished(use_runs, "lm_eval")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == "lm_eval" and results["exported"] and results["model_dir"] == str(run_dir / "hf")
     assert results["tasks"] == ["llm_builtin_gen", "llm_builtin_mc"] and results["limit"] == 4
