@@ -7,8 +7,6 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from llm.checkpoint.files import latest_checkpoint, load_model_weights, read_jso
 from llm.data import PretrainData, StdlibCorpus, load_pretrained
 from llm.model import GPT, GPTConfig
 from llm.train.objectives import cross_entropy
-from tests.conftest import ROOT, SMALL, read_metrics, run_cli, run_cli_batch
+from tests.conftest import SMALL, read_metrics, run_cli, run_cli_batch
 
 pytestmark = pytest.mark.integration
 
@@ -118,14 +116,11 @@ def test_init_from_starts_where_the_run_ended(small_run, cache_dir, tmp_path):
     assert after["initial_val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)
 
 
-def test_init_from_incompatible_model_is_one_line_error(small_run, cache_dir, tmp_path):
-    proc = run_cli(
-        [*SMALL, "model.d_model=96", f"init_from={small_run}", f"hydra.run.dir={tmp_path / 'x'}"],
-        cache_dir,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "d_model: checkpoint 64 vs model 96" in proc.stderr.strip().splitlines()[-1]
+@pytest.mark.xdist_group("bad_input")
+def test_init_from_incompatible_model_is_one_line_error(bad_input_runs):
+    result = bad_input_runs["other"]["init_from_incompatible"]
+    assert result["returncode"] != 0
+    assert "d_model: checkpoint 64 vs model 96" in result["stderr"].strip().splitlines()[-1]
 
 
 def test_exact_resume_from_checkpoint(small_run, cache_dir, tmp_path):
@@ -174,9 +169,10 @@ def test_several_loggers_at_once(cache_dir, tmp_path):
     assert (run_dir / "wandb_run_id.txt").read_text().strip()
 
 
-def test_help_is_the_projects():
-    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.xdist_group("bad_input")
+def test_help_is_the_projects(bad_input_runs):
+    result = bad_input_runs["other"]["help"]
+    assert result["returncode"] == 0, result["stderr"]
     for line in (
         "Usage: python run.py",
         "hparams_search: dpo, mup, pretrain",
@@ -186,16 +182,15 @@ def test_help_is_the_projects():
         "python run.py -m hparams_search=pretrain",
         "Main keys: seed, init_from",
     ):
-        assert line in proc.stdout, line
-    assert "Powered by Hydra" not in proc.stdout
+        assert line in result["stdout"], line
+    assert "Powered by Hydra" not in result["stdout"]
 
 
-def test_print_composed_config():
-    proc = subprocess.run(
-        [sys.executable, "run.py", "model=1b", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "d_model: 1600" in proc.stdout and "max_seq_len: 2048" in proc.stdout
+@pytest.mark.xdist_group("bad_input")
+def test_print_composed_config(bad_input_runs):
+    result = bad_input_runs["other"]["cfg"]
+    assert result["returncode"] == 0, result["stderr"]
+    assert "d_model: 1600" in result["stdout"] and "max_seq_len: 2048" in result["stdout"]
 
 
 BAD_ROWS = '{"text": "fine"}\n{"text": oops}\n'
@@ -292,10 +287,53 @@ DAMAGED = [  # (damage, run.py arguments besides SMALL, the one line's start aft
 ]
 
 
+def _other_runs(small_run, tmp_path_factory) -> dict:
+    """The other runs that stop before any work (errors about init_from, resume, SFT rows and Hydra's own config
+    errors; --help and --cfg job): {name: (run.py arguments, what its test needs besides the result)}."""
+    tmp = tmp_path_factory.mktemp("other_runs")
+    rows = tmp / "chats.jsonl"
+    rows.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": ""}\n')
+    resumed = tmp / "resumed"  # a bad resume (incompatible model) of a copy of the small run
+    shutil.copytree(small_run, resumed)
+    watched = [
+        p
+        for p in resumed.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name not in ("train.log", ".lock")
+    ]
+    other = {
+        "help": (["--help"], None),
+        "cfg": (["model=1b", "--cfg", "job"], None),
+        "init_from_incompatible": (
+            [*SMALL, "model.d_model=96", f"init_from={small_run}", f"hydra.run.dir={tmp / 'x'}"],
+            None,
+        ),
+        "failed_resume": (
+            [*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={resumed}"],
+            (watched, {p: p.read_bytes() for p in watched}),
+        ),
+        "sft_bad_rows": (
+            [
+                *SMALL,
+                "task=sft",
+                f"init_from={small_run}",
+                "post_data=files",
+                f"post_data.train.paths={rows}",
+                f"hydra.run.dir={tmp / 'r'}",
+            ],
+            rows,
+        ),
+    }
+    for i, (overrides, _) in enumerate(CONFIG_ERRORS):
+        other[f"config{i}"] = ([*overrides, f"hydra.run.dir={tmp / f'never{i}'}"], tmp / f"never{i}")
+    return other
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(cache_dir, tmp_path_factory, small_run) -> dict:
-    """Every row of ERRORS, then every DAMAGED copy of the small run, through run.py in one interpreter
-    (run_cli_batch): {"table": [(result, tmp dir)], "damaged": [(result, run dir, its files before)]}."""
+    """Every row of ERRORS, every DAMAGED copy of the small run, then the other runs that stop before any work
+    (_other_runs), through run.py in one interpreter (run_cli_batch): {"table": [(result, tmp dir)], "damaged":
+    [(result, run dir, its files before)], "other": {name: result or (result, what the test needs)}, "config":
+    [(result, run dir)] for CONFIG_ERRORS}."""
     arg_lists, dirs, damaged = [], [], []
     for overrides, files, _ in ERRORS:
         tmp = tmp_path_factory.mktemp("bad_input")
@@ -314,10 +352,16 @@ def bad_input_runs(cache_dir, tmp_path_factory, small_run) -> dict:
         out = tmp / ("new" if how == "not-safetensors" else "run")  # init_from writes a new run
         arg_lists.append([*SMALL, *[a.replace("{run}", str(tmp / "run")) for a in args], f"hydra.run.dir={out}"])
         damaged.append((tmp / "run", _files(tmp / "run")))
-    results = run_cli_batch(arg_lists, cache_dir)
+    other = _other_runs(small_run, tmp_path_factory)
+    results = run_cli_batch([*arg_lists, *(args for args, _ in other.values())], cache_dir)
+    by_name = dict(zip(other, results[len(arg_lists) :]))
     return {
         "table": list(zip(results, dirs)),
         "damaged": [(r, run, before) for r, (run, before) in zip(results[len(ERRORS) :], damaged)],
+        "other": {
+            name: by_name[name] if extra is None else (by_name[name], extra) for name, (_, extra) in other.items()
+        },
+        "config": [(by_name[f"config{i}"], other[f"config{i}"][1]) for i in range(len(CONFIG_ERRORS))],
     }
 
 
@@ -333,18 +377,11 @@ def test_bad_input_is_a_one_line_error(case, bad_input_runs):
     assert "Traceback" not in result["stderr"]
 
 
-def test_failed_resume_leaves_the_run_untouched(small_run, cache_dir, tmp_path):
+@pytest.mark.xdist_group("bad_input")
+def test_failed_resume_leaves_the_run_untouched(bad_input_runs):
     """A bad resume (incompatible model) deletes or rewrites nothing of the run it points at."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(small_run, run_dir)
-    watched = [
-        p
-        for p in run_dir.rglob("*")
-        if p.is_file() and ".hydra" not in p.parts and p.name not in ("train.log", ".lock")
-    ]
-    before = {p: p.read_bytes() for p in watched}
-    proc = run_cli([*SMALL, "model.d_model=96", "resume=auto", f"hydra.run.dir={run_dir}"], cache_dir, check=False)
-    assert proc.returncode == 2 and "d_model: checkpoint 64 vs model 96" in proc.stderr
+    result, (watched, before) = bad_input_runs["other"]["failed_resume"]
+    assert result["returncode"] == 2 and "d_model: checkpoint 64 vs model 96" in result["stderr"]
     assert {p: p.read_bytes() for p in watched} == before
 
 
@@ -361,17 +398,17 @@ def test_damaged_runs_are_refused_in_one_line_untouched(case, bad_input_runs):
     assert _files(run) == before
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
-        (["model=no_such_model"], "Could not find 'model/no_such_model'"),
-    ],
-)
-def test_config_errors_write_nothing(overrides, message, cache_dir, tmp_path):
-    run_dir = tmp_path / "never"
-    proc = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cache_dir, check=False)
-    assert proc.returncode != 0 and message in proc.stderr
+CONFIG_ERRORS = [  # (overrides, Hydra's message)
+    (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
+    (["model=no_such_model"], "Could not find 'model/no_such_model'"),
+]
+
+
+@pytest.mark.xdist_group("bad_input")
+@pytest.mark.parametrize("case", range(len(CONFIG_ERRORS)), ids=[e[0][0] for e in CONFIG_ERRORS])
+def test_config_errors_write_nothing(case, bad_input_runs):
+    result, run_dir = bad_input_runs["config"][case]
+    assert result["returncode"] != 0 and CONFIG_ERRORS[case][1] in result["stderr"]
     assert not run_dir.exists()
 
 
@@ -391,36 +428,29 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     ]
     base = [o for o in SMALL if not o.startswith(("trainer.seq_len", "trainer.eval_every", "trainer.log_every"))]
     sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
-    run_cli(
+    results = run_cli_batch(  # one interpreter for both runs: DPO starts once SFT has finished
         [
-            *base,
-            *post,
-            "task=sft",
-            "trainer.max_steps=10",
-            f"init_from={small_run}",
-            "task.data.packing=true",
-            f"+evals.tasks.toy={{source:jsonl,path:{toy},type:mc,metrics:[acc,acc_norm],primary:acc_norm}}",
-            f"hydra.run.dir={sft_dir}",
+            [
+                *base,
+                *post,
+                "task=sft",
+                "trainer.max_steps=10",
+                f"init_from={small_run}",
+                "task.data.packing=true",
+                f"+evals.tasks.toy={{source:jsonl,path:{toy},type:mc,metrics:[acc,acc_norm],primary:acc_norm}}",
+                f"hydra.run.dir={sft_dir}",
+            ],
+            [*base, *post, "task=dpo", "trainer.max_steps=10", f"init_from={sft_dir}", f"hydra.run.dir={dpo_dir}"],
         ],
         cache_dir,
     )
+    assert [r["returncode"] for r in results] == [0, 0], [r["stderr"][-3000:] for r in results]
     sft = json.loads((sft_dir / "results.json").read_text())
     assert sft["task"] == "sft" and 0 <= sft["exact_match"] <= 1 and "exact_match_before" in sft
     assert sft["val_loss"] < sft["initial_val_loss"]
     assert "packed" in (sft_dir / "train.log").read_text()
     core = f"eval/core {sft['eval/core_before']:.4g} -> {sft['eval/core']:.4g}"  # the closing line: before -> after
     assert "eval/toy/acc_norm_before" in sft and core in (sft_dir / "train.log").read_text()
-    run_cli(
-        [
-            *base,
-            *post,
-            "task=dpo",
-            "trainer.max_steps=10",
-            f"init_from={sft_dir}",
-            f"hydra.run.dir={dpo_dir}",
-        ],
-        cache_dir,
-    )
     dpo = json.loads((dpo_dir / "results.json").read_text())
     assert dpo["task"] == "dpo"
     for key in ("preference_accuracy", "reward_margin", "exact_match", "preference_accuracy_before"):
@@ -435,23 +465,11 @@ def test_pretrain_sft_dpo_chain(small_run, cache_dir, tmp_path):
     )
 
 
-def test_sft_bad_rows_name_file_and_line(cache_dir, tmp_path, small_run):
-    rows = tmp_path / "chats.jsonl"
-    rows.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "hi", "response": ""}\n')
-    proc = run_cli(
-        [
-            *SMALL,
-            "task=sft",
-            f"init_from={small_run}",
-            "post_data=files",
-            f"post_data.train.paths={rows}",
-            f"hydra.run.dir={tmp_path / 'r'}",
-        ],
-        cache_dir,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert f"{rows}:2: field 'response' is empty" in proc.stderr.strip().splitlines()[-1]
+@pytest.mark.xdist_group("bad_input")
+def test_sft_bad_rows_name_file_and_line(bad_input_runs):
+    result, rows = bad_input_runs["other"]["sft_bad_rows"]
+    assert result["returncode"] != 0
+    assert f"{rows}:2: field 'response' is empty" in result["stderr"].strip().splitlines()[-1]
 
 
 EVAL = [
