@@ -99,20 +99,29 @@ def test_checkpoint_loads_into_fresh_model(small_run, cache_dir):
     assert sum(losses) / len(losses) == pytest.approx(results["val_loss"], abs=1e-5)
 
 
-def test_init_from_starts_where_the_run_ended(small_run, cache_dir, tmp_path):
-    run_dir = tmp_path / "init"
+@pytest.fixture(scope="module")
+def continued_run(small_run, cache_dir, tmp_path_factory) -> Path:
+    """2 steps from the small run (init_from) logging to tensorboard and wandb at once: one run for the two tests
+    below (each had its own 2-step run)."""
+    run_dir = tmp_path_factory.mktemp("continued") / "run"
     run_cli(
         [
             *SMALL,
             "trainer.max_steps=2",
             f"init_from={small_run}",
             "tokenizer.vocab_size=999",  # ignored: taken from the run
+            "logger=[tensorboard,wandb]",
             f"hydra.run.dir={run_dir}",
         ],
         cache_dir,
     )
+    return run_dir
+
+
+@pytest.mark.xdist_group("continued_run")
+def test_init_from_starts_where_the_run_ended(small_run, continued_run):
     before = json.loads((small_run / "results.json").read_text())
-    after = json.loads((run_dir / "results.json").read_text())
+    after = json.loads((continued_run / "results.json").read_text())
     assert after["initial_val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)
 
 
@@ -152,21 +161,11 @@ def test_compiled_model_trains_like_eager(small_run, cache_dir, tmp_path):
     )
 
 
-def test_several_loggers_at_once(cache_dir, tmp_path):
-    run_dir = tmp_path / "loggers"
-    run_cli(
-        [
-            *SMALL,
-            "trainer.max_steps=2",
-            "trainer.eval_every=0",
-            "logger=[tensorboard,wandb]",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cache_dir,
-    )
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
-    assert list((run_dir / "wandb").glob("offline-run-*"))
-    assert (run_dir / "wandb_run_id.txt").read_text().strip()
+@pytest.mark.xdist_group("continued_run")
+def test_several_loggers_at_once(continued_run):
+    assert list((continued_run / "tb").glob("events.out.tfevents.*"))
+    assert list((continued_run / "wandb").glob("offline-run-*"))
+    assert (continued_run / "wandb_run_id.txt").read_text().strip()
 
 
 @pytest.mark.xdist_group("bad_input")
