@@ -20,7 +20,7 @@ from llm.tasks.source import ModelSource, open_source
 from llm.tasks.train import train
 from tests.conftest import SMALL, compose_config, read_metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("lora_run")]  # one worker makes lora_run
 STEPS = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.log_every=1", "trainer.eval_every=3"]
 POST = [
     "task=sft",

@@ -27,6 +27,9 @@ CONV = [
 ]
 
 
+pytestmark = pytest.mark.xdist_group("posttrain")  # one worker trains the module's tokenizer
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tok")
