@@ -21,6 +21,8 @@ from llm.train import LanguageModeling, RunInfo, Trainer, trainer_settings
 from llm.train.loggers import TensorBoardLogger
 from llm.train.optim import OptimizerConfig
 
+pytestmark = pytest.mark.xdist_group("bpb")  # one worker trains the module's tokenizer
+
 TEXT = "hello wörld ✓ naïve café, ünïcödé € 😀 x = 1\n"
 
 

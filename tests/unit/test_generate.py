@@ -22,6 +22,8 @@ from llm.hf import save_hf
 from llm.model import GPT, GPTConfig
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.xdist_group("generate")  # one worker saves the module's model dirs
+
 
 @pytest.fixture(scope="module")
 def dirs(tiny_tokenizer, tmp_path_factory):

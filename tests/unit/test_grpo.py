@@ -23,6 +23,8 @@ from llm.train.grpo_loss import group_advantages, policy_loss
 from llm.train.results import log_done
 from llm.train.state import TrainerState
 
+pytestmark = pytest.mark.xdist_group("grpo_unit")  # one worker builds the module's model and prompts
+
 ROWS = [{"answer": "3"}, {"answer": "12"}, {"answer": "7"}]
 
 

@@ -15,6 +15,8 @@ from llm.data import FileCorpus, PretrainData, ResumableSampler, train_bpe
 from llm.data.shards import KILL_AFTER_ENV
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.xdist_group("shards")  # one worker trains the module's tokenizer
+
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 SHARD = 97  # tokens per shard: tiny, so documents and windows cross many boundaries
 
