@@ -480,53 +480,11 @@ EVAL = [
 ]
 
 
-def test_eval_length_writes_table_and_plot(small_run, cache_dir, tmp_path):
-    run_dir = tmp_path / "eval"
-    base = [
-        o for o in SMALL if not o.startswith(("model.", "task.sample"))
-    ]  # the architecture comes from the checkpoint
-    run_cli(
-        [
-            *base,
-            *EVAL,
-            "extrapolation=yarn",
-            "extrapolation.factor=2",
-            f"init_from={small_run}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cache_dir,
-    )
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
-    assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
-    assert set(results["bpb_by_length"]) == {"128", "256"} and all(v > 0 for v in results["bpb_by_length"].values())
-    assert results["val_bpb"] > 0
-    assert all(v > 1 for v in results["ppl_by_length"].values())
-    assert (run_dir / "length_eval.png").stat().st_size > 1000
-    assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
-    assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
-    log = (run_dir / "train.log").read_text()
-    assert "evaluation only (no training step)" in log and "0 steps x" not in log
-    assert results["seconds"] > 0 and "done: evaluation in " in log  # its real duration, not '0 steps in 0.0s'
-
-
-def test_eval_length_sweep_combines_methods(small_run, cache_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    base = [o for o in SMALL if not o.startswith(("model.", "task.sample"))]
-    run_cli(
-        ["-m", *base, *EVAL, "extrapolation=none,ntk", f"init_from={small_run}", f"hydra.sweep.dir={sweep}"], cache_dir
-    )
-    table = (sweep / "length_eval.md").read_text()
-    assert "| none |" in table and "| ntk x4 |" in table
-    assert (sweep / "length_eval.png").stat().st_size > 1000
-    assert len(json.loads((sweep / "length_eval.json").read_text())) == 2
-    assert (sweep / "sweep_summary.md").read_text().count("| done |") == 2
-
-
-def test_a_mixture_realises_its_weights(cache_dir, tmp_path):
+def _mixture_args(tmp: Path) -> list[str]:
+    """A mixture of two local files, a at 0.8 and b at 0.2, with a capped at its first 64 windows."""
     rng = __import__("numpy").random.default_rng(0)
     for name, words in (("a", "red green blue cyan magenta"), ("b", "one two three four five six")):
-        (tmp_path / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words.split(), 30)) for _ in range(300)))
+        (tmp / f"{name}.txt").write_text("\n".join(" ".join(rng.choice(words.split(), 30)) for _ in range(300)))
     model = [o for o in SMALL if o.startswith("model.")]
     trainer = [
         "trainer.max_steps=20",
@@ -545,12 +503,64 @@ def test_a_mixture_realises_its_weights(cache_dir, tmp_path):
         "data=mix",
         "~data.sources.code",
         "~data.sources.text",
-        f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/a.txt]}},weight:0.8,"
+        f"+data.sources.a={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp}/a.txt]}},weight:0.8,"
         f"max_tokens:{64 * 32}}}",
-        f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp_path}/b.txt]}},weight:0.2}}",
+        f"+data.sources.b={{corpus:{{_target_:llm.data.FileCorpus,paths:[{tmp}/b.txt]}},weight:0.2}}",
     ]
-    run_cli([*model, *trainer, *sources, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    return [*model, *trainer, *sources, f"hydra.run.dir={tmp / 'run'}"]
+
+
+@pytest.fixture(scope="module")
+def eval_and_mixture_runs(small_run, cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """The length evaluation of the small run (yarn x2), its -m sweep (none, ntk) and the mixture run, one after
+    the other in one interpreter (run_cli_batch; each had its own): {name: its dir}."""
+    tmp = tmp_path_factory.mktemp("eval_and_mixture")
+    base = [o for o in SMALL if not o.startswith(("model.", "task.sample"))]  # the architecture: the checkpoint's
+    (tmp / "mixture").mkdir()
+    runs = {
+        "eval": [*base, *EVAL, "extrapolation=yarn", "extrapolation.factor=2", f"init_from={small_run}"],
+        "sweep": ["-m", *base, *EVAL, "extrapolation=none,ntk", f"init_from={small_run}"],
+        "mixture": _mixture_args(tmp / "mixture"),
+    }
+    runs["eval"].append(f"hydra.run.dir={tmp / 'eval'}")
+    runs["sweep"].append(f"hydra.sweep.dir={tmp / 'sweep'}")
+    results = run_cli_batch(list(runs.values()), cache_dir)
+    for name, result in zip(runs, results):
+        assert result["returncode"] == 0, (name, result["stderr"][-3000:])
+    return {"eval": tmp / "eval", "sweep": tmp / "sweep", "mixture": tmp / "mixture" / "run"}
+
+
+@pytest.mark.xdist_group("eval_and_mixture")
+def test_eval_length_writes_table_and_plot(eval_and_mixture_runs):
+    run_dir = eval_and_mixture_runs["eval"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 0 and results["method"] == "yarn x2" and results["context"] == 128
+    assert set(results["ppl_by_length"]) == set(results["passkey_by_length"]) == {"128", "256"}
+    assert set(results["bpb_by_length"]) == {"128", "256"} and all(v > 0 for v in results["bpb_by_length"].values())
+    assert results["val_bpb"] > 0
+    assert all(v > 1 for v in results["ppl_by_length"].values())
+    assert (run_dir / "length_eval.png").stat().st_size > 1000
+    assert "| yarn x2 |" in (run_dir / "length_eval.md").read_text()
+    assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+    log = (run_dir / "train.log").read_text()
+    assert "evaluation only (no training step)" in log and "0 steps x" not in log
+    assert results["seconds"] > 0 and "done: evaluation in " in log  # its real duration, not '0 steps in 0.0s'
+
+
+@pytest.mark.xdist_group("eval_and_mixture")
+def test_eval_length_sweep_combines_methods(eval_and_mixture_runs):
+    sweep = eval_and_mixture_runs["sweep"]
+    table = (sweep / "length_eval.md").read_text()
+    assert "| none |" in table and "| ntk x4 |" in table
+    assert (sweep / "length_eval.png").stat().st_size > 1000
+    assert len(json.loads((sweep / "length_eval.json").read_text())) == 2
+    assert (sweep / "sweep_summary.md").read_text().count("| done |") == 2
+
+
+@pytest.mark.xdist_group("eval_and_mixture")
+def test_a_mixture_realises_its_weights(eval_and_mixture_runs):
+    run_dir = eval_and_mixture_runs["mixture"]
+    results = json.loads((run_dir / "results.json").read_text())
     assert results["mix/a"] == pytest.approx(0.8, abs=0.02) and results["mix/b"] == pytest.approx(0.2, abs=0.02)
-    assert "mix/a 0.8" in (tmp_path / "run" / "train.log").read_text()
-    assert "data: mixture of 80 train windows: a 80.0% (64 of" in (tmp_path / "run" / "train.log").read_text()
+    assert "mix/a 0.8" in (run_dir / "train.log").read_text()
+    assert "data: mixture of 80 train windows: a 80.0% (64 of" in (run_dir / "train.log").read_text()
