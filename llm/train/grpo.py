@@ -33,6 +33,7 @@ from llm.model import unwrap_model
 from llm.peft import adapters_disabled, has_lora
 from llm.rewards import load_rewards, score
 from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
+from llm.train.objectives import with_router_terms
 
 ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
 TOKEN_COUNT = "token_count"  # dapo: the step's completion tokens per micro-batch (over all micro-batches and ranks)
@@ -235,7 +236,9 @@ class GRPO(Objective):
             self.max_new_tokens,
             batch.get(TOKEN_COUNT),
         )
-        return loss, {**metrics, **self.batch_metrics(batch)}
+        # a MoE policy keeps balancing: the routing of this forward (sampling and pi_old / reference log-probs ran
+        # without gradient in `prepare` and count no load)
+        return with_router_terms(model, loss, {**metrics, **self.batch_metrics(batch)})
 
     @staticmethod
     def batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
