@@ -5,7 +5,8 @@ Each optimizer step, `prepare` samples `group_size` completions for each prompt 
 model's KV-cache generation (one left-padded batch, each row stopping at the chat template's end token), scores
 them with the rewards (llm/rewards), turns each group's rewards into advantages and lays the prompt + completion
 tokens out as a training batch (labels on the completion tokens only). `loss` is the clipped policy-ratio
-objective of llm/train/grpo_loss.py over that batch; the trainer takes `inner_steps` optimizer steps on it.
+objective of llm/train/grpo_loss.py over that batch (+ a mixture-of-experts policy's balancing terms, as in
+pretraining); the trainer takes `inner_steps` optimizer steps on it.
 
 pi_old (the policy that sampled) is the model at `prepare`: with one inner step its log-probs equal the current
 ones (taken detached, no extra forward); with more they are computed once in `prepare`. With beta > 0 a frozen

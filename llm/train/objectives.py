@@ -178,7 +178,8 @@ class DPO(Objective):
     computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
     gives the same numbers. reference=live: a frozen copy of the starting model scores each batch.
     With LoRA (llm.peft) the reference is the policy itself with its adapters off: the base, no second copy.
-    Chosen and rejected go through the policy in one concatenated forward pass.
+    Chosen and rejected go through the policy in one concatenated forward pass; a mixture-of-experts policy's
+    balancing terms (`with_router_terms`) are those of that forward, taken before any reference forward.
     """
 
     LOSSES = ("sigmoid", "ipo", "hinge")

@@ -11,7 +11,7 @@ from llm.data import PromptData, VerifiableTasks
 from llm.model import build_gpt, router_terms
 from llm.peft import LoRAConfig, adapters_disabled, apply_lora
 from llm.train.grpo import GRPO
-from llm.train.objectives import DPO, _pair_logps, preference_loss
+from llm.train.objectives import DPO, preference_loss
 
 MOE = {"num_experts": 4, "experts_per_token": 2, "z_loss_coef": 0.1, "aux_loss_coef": 0.5}
 
@@ -41,7 +41,7 @@ def test_dpo_adds_the_policys_router_terms_and_their_gradient_reaches_the_router
     loss, metrics = DPO(beta=0.5).loss(model, batch)  # the precomputed reference: the log-probs in the batch
     assert {"moe/aux_loss", "moe/router_z_loss", "moe/load_imbalance", "moe/dropped_tokens"} <= set(metrics)
     full = torch.autograd.grad(loss, _routers(model))
-    chosen, rejected = _pair_logps(model, batch)  # by hand: the preference loss and the routing's penalty
+    chosen, rejected = DPO._logps(model, batch)  # by hand: the preference loss and the routing's penalty
     penalty, router = router_terms(model, model.config.moe)
     pref, _ = preference_loss(chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"], 0.5, "sigmoid")
     torch.testing.assert_close(loss, pref + penalty, rtol=0, atol=1e-6)
@@ -64,10 +64,10 @@ def test_dpo_lora_reference_forward_does_not_replace_the_policys_routing():
     batch, objective = _pairs(), DPO(reference="live")
     objective.setup(model, None)
     loss, metrics = objective.loss(model, batch)
-    _pair_logps(model, batch)
+    DPO._logps(model, batch)
     penalty, policy = router_terms(model, model.config.moe)
     with torch.no_grad(), adapters_disabled(model):
-        _pair_logps(model, batch)
+        DPO._logps(model, batch)
     _, reference = router_terms(model, model.config.moe)
     assert policy["moe/aux_loss"] != reference["moe/aux_loss"]  # the two forwards route differently
     assert metrics["moe/aux_loss"] == policy["moe/aux_loss"]
@@ -77,7 +77,7 @@ def test_dpo_lora_reference_forward_does_not_replace_the_policys_routing():
 def test_dense_dpo_loss_is_the_preference_loss_alone():
     model, batch = _gpt(moe=None), _pairs()
     loss, metrics = DPO(beta=0.5).loss(model, batch)
-    chosen, rejected = _pair_logps(model, batch)
+    chosen, rejected = DPO._logps(model, batch)
     pref, want = preference_loss(chosen, rejected, batch["ref_chosen_logp"], batch["ref_rejected_logp"], 0.5, "sigmoid")
     assert torch.equal(loss, pref) and metrics.keys() == want.keys()
 
