@@ -4,18 +4,20 @@ orthogonalises the stack.
 Per matrix the arithmetic is torch.optim.Muon's (torch.optim._muon): the momentum average and the Nesterov pull
 (`lerp`), the cast to bf16, the scaling to Frobenius norm 1, the quintic iteration
 x <- a x + (b A + c A^2) x with A = x x^T on the matrix laid wide, decoupled weight decay and the shape-scaled lr.
-On the CPU a batched bf16 matmul gives each matrix of the stack the bits its own matmul gives, and the product of
-two operands the bits of their transposes' product in the other order, so a tall matrix is iterated as it lies, on
-its transpose's terms (A = x^T x, x <- a x + x P^T: no copy into or out of the wide layout torch's Muon works in);
-tests/unit/test_muon.py checks the update is torch's bit for bit. Batching changes the speed, not the numbers: one
-matmul over the stack instead of one per matrix.
+On the CPU (oneDNN's bf16 matmul) a batched matmul gives each matrix of the stack the bits its own matmul gives,
+whatever the operands' layout, and a product taken transposed the bits of the product it transposes (each entry is
+the same fp32 sum of the same exact products), so a tall matrix is iterated as it lies, on its transpose's terms
+(A = x^T x, x <- a x + x P^T), with no copy into or out of the wide layout torch's Muon works in; its Frobenius
+norm is then summed in torch's order too (the matrix's memory order). tests/unit/test_muon.py checks the update is
+torch's bit for bit. Batching changes the speed, not the numbers: one matmul over the stack instead of one per
+matrix.
 
-On this project's CPU (one thread, bf16 on AMX) the work of a step is laid out for the caches and the AMX units:
-each matrix's momentum, Nesterov pull and cast to bf16 run one after the other while it is in cache (one op per
-matrix beat torch's foreach ops over all of them, which stream every tensor through memory once per op), then the
-Newton-Schulz iterations of all the stacks run back to back (the matrix unit warms up once, not once per stack),
-then each matrix's decay and update. At nanoGPT's 4 x 128 dims (16 matrices) the Newton-Schulz takes ~6 ms batched
-and 12.6 ms one at a time (docs/benchmarks.md: `python -m llm.bench.optimizers`).
+On this project's CPU (one thread, bf16 on AMX) the work is laid out for the caches: each matrix's momentum,
+Nesterov pull and cast to bf16 run one after the other while it is in cache (one op per matrix beat torch's
+foreach ops over all of them, which stream every tensor through memory once per op), then the Newton-Schulz
+iterations of all the stacks back to back (0.3 ms a step faster than interleaved at nanoGPT's dims), then each
+matrix's decay and update. At nanoGPT's 4 x 128 dims (16 matrices) the Newton-Schulz takes ~6 ms batched and
+12.6 ms one at a time (docs/benchmarks.md: `python -m llm.bench.optimizers`).
 
 A 3-D parameter [n, out, in] (a mixture-of-experts layer's stacked expert weights) is n matrices [out, in]: each is
 orthogonalised on its own, in the same stack as the 2-D matrices of its shape, with the lr scaled by its [out, in].
