@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,53 @@ def run_cli_batch(arg_lists: list[list[str]], cache_dir: Path, timeout: int = 60
     results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and len(results) == len(arg_lists), proc.stderr[-3000:]
     return results
+
+
+def start_run(args, cache_dir: Path) -> subprocess.Popen:
+    """python run.py <args> started in the background (for the tests that signal a running run); stderr piped."""
+    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_run_batch(arg_lists: list[list[str]], cache_dir: Path, out: Path) -> subprocess.Popen:
+    """`run_cli_batch`'s runs started in the background, their RESULT lines and stderr written to `out`: to kill
+    the interpreter in its last run, which then starts warm (torch imported, its kernels run once)."""
+    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    with open(out, "w") as sink:  # a file, not a pipe nobody reads while the runs fill it
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "cli_batch.py")],
+            stdin=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    proc.stdin.write(json.dumps(arg_lists))
+    proc.stdin.close()
+    return proc
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Poll metrics.jsonl until a record of `step` or later exists; return the last step seen."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return json.loads(lines[-1])["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        time.sleep(0.01)
+    raise AssertionError("timed out")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -17,7 +17,8 @@
                                    numbers, the speeds in docs/moe.md
 
 The router runs in fp32 (autocast off). Dispatch is dropless: every token reaches its k experts (tokens sorted by
-expert, the experts run, the weighted outputs added back per token), so `dropped_tokens` is always 0.
+expert, the experts run, the weighted outputs added back per token), so `dropped_tokens` is always 0. Under
+torch.compile the dispatch runs eagerly (`_eager_dispatch`), the rest of the model compiles.
 Expert weights are stacked per layer as [E, out, in] parameters (`experts.gate`, `experts.up`, `experts.down`).
 """
 
@@ -112,6 +113,21 @@ class Experts(nn.Module):
         return torch.cat(out)
 
 
+_EAGER_DISPATCH = []
+
+
+def _eager_dispatch():
+    """`MoE._dispatch` run eagerly under torch.compile (trainer.compile): its rows per expert are data, which the
+    grouped matmul's fake tensors refuse (they ask for bf16) and the loop's split breaks the graph on; the router,
+    the shared experts and the rest of the model compile, the numbers stay eager's. Made when the first MoE is built,
+    outside any trace (`torch.compiler.disable` called while tracing breaks the caller's graph), not at import:
+    it imports dynamo (1.5 s), which a training process imports anyway (the optimizer's step) but an import of
+    llm.model need not."""
+    if not _EAGER_DISPATCH:
+        _EAGER_DISPATCH.append(torch.compiler.disable(MoE._dispatch))
+    return _EAGER_DISPATCH[0]
+
+
 def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, in] times their expert's w[e] [out, in] transposed: [N, out]."""
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
@@ -172,17 +188,13 @@ class MoE(nn.Module):
         self.shared = SharedExperts(d_model, m["shared_experts"] * hidden) if m["shared_experts"] else None
         self.register_buffer("step_load", torch.zeros(self.num_experts), persistent=False)  # aux_free: this step's
         self.stats: dict[str, torch.Tensor | int] = {}
+        _eager_dispatch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         logits, scores, chosen, weights = self.router(x)
-        flat = chosen.flatten()  # [N k]: token n's j-th expert at n k + j
-        order = flat.argsort(stable=True)  # the (token, slot) pairs sorted by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        token = order // self.k
-        y = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y)  # every pair back to its token: nothing dropped
+        out, counts = (_eager_dispatch() if torch.compiler.is_compiling() else MoE._dispatch)(self, x, chosen, weights)
         if self.shared is not None:
             out = out + self.shared(x)
         probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
@@ -191,9 +203,19 @@ class MoE(nn.Module):
             "prob_sum": probs.sum(0),
             "rows": x.size(0),  # a number: a tensor made from it would be a host-to-device copy (a sync) per layer
             "z": logits.logsumexp(-1).square().mean(),
-            "dropped": (flat.numel() - counts.sum()).float(),
+            "dropped": (chosen.numel() - counts.sum()).float(),
         }
         return out.reshape(shape)
+
+    def _dispatch(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor):
+        """x [N, D], each token's k experts and weights [N, k] -> (the weighted sum of its experts [N, D], [E] rows
+        per expert)."""
+        flat = chosen.flatten()  # [N k]: token n's j-th expert at n k + j
+        order = flat.argsort(stable=True)  # the (token, slot) pairs sorted by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        token = order // self.k
+        y = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y), counts  # every pair back to its token: nothing dropped
 
     def record_load(self) -> None:
         """Add this forward's tokens per expert to the step's load (aux_free's update reads it)."""

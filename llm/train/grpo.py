@@ -5,7 +5,8 @@ Each optimizer step, `prepare` samples `group_size` completions for each prompt 
 model's KV-cache generation (one left-padded batch, each row stopping at the chat template's end token), scores
 them with the rewards (llm/rewards), turns each group's rewards into advantages and lays the prompt + completion
 tokens out as a training batch (labels on the completion tokens only). `loss` is the clipped policy-ratio
-objective of llm/train/grpo_loss.py over that batch; the trainer takes `inner_steps` optimizer steps on it.
+objective of llm/train/grpo_loss.py over that batch (+ a mixture-of-experts policy's balancing terms, as in
+pretraining); the trainer takes `inner_steps` optimizer steps on it.
 
 pi_old (the policy that sampled) is the model at `prepare`: with one inner step its log-probs equal the current
 ones (taken detached, no extra forward); with more they are computed once in `prepare`. With beta > 0 a frozen
@@ -33,6 +34,7 @@ from llm.model import unwrap_model
 from llm.peft import adapters_disabled, has_lora
 from llm.rewards import load_rewards, score
 from llm.train.grpo_loss import LOSS_TYPES, group_advantages, policy_loss
+from llm.train.objectives import with_router_terms
 
 ADVANTAGES, OLD_LOGPS, REF_LOGPS = "advantages", "old_logps", "ref_logps"
 TOKEN_COUNT = "token_count"  # dapo: the step's completion tokens per micro-batch (over all micro-batches and ranks)
@@ -235,7 +237,9 @@ class GRPO(Objective):
             self.max_new_tokens,
             batch.get(TOKEN_COUNT),
         )
-        return loss, {**metrics, **self.batch_metrics(batch)}
+        # a MoE policy keeps balancing: the routing of this forward (sampling and pi_old / reference log-probs ran
+        # without gradient in `prepare` and count no load)
+        return with_router_terms(model, loss, {**metrics, **self.batch_metrics(batch)})
 
     @staticmethod
     def batch_metrics(batch: dict) -> dict[str, torch.Tensor]:

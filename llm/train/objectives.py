@@ -89,16 +89,26 @@ class LanguageModeling(Objective):
         return bpb.summarize(metrics)
 
 
-def with_router_terms(model, loss: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, dict]:
-    """A mixture-of-experts model's balancing terms from the forward just run, added as the z-loss is: the penalty
-    (model.moe.balance=aux_loss: aux_loss_coef x the load-balancing loss; + z_loss_coef x the router z-loss) joins
-    the loss, `loss` stays the NLL, and the router's metrics (`moe/aux_loss`, `moe/router_z_loss`,
-    `moe/load_imbalance`, `moe/dropped_tokens`) are logged. A dense model: unchanged."""
-    plain = unwrap_model(model)
-    if getattr(plain.config, "moe", None) is None:
+def with_router_terms(model, loss: torch.Tensor, metrics: dict, terms=None) -> tuple[torch.Tensor, dict]:
+    """A mixture-of-experts model's balancing terms from the forward just run (or `terms`, taken by
+    `policy_router_terms` earlier), added as the z-loss is: the penalty (model.moe.balance=aux_loss: aux_loss_coef x
+    the load-balancing loss; + z_loss_coef x the router z-loss) joins the loss, the logged `loss` stays the
+    objective's own (the NLL, the preference or policy loss), and the router's metrics (`moe/aux_loss`,
+    `moe/router_z_loss`, `moe/load_imbalance`, `moe/dropped_tokens`) are logged. A dense model: unchanged."""
+    terms = policy_router_terms(model) if terms is None else terms
+    if terms is None:
         return loss, metrics
-    penalty, router = router_terms(plain, plain.config.moe)
+    penalty, router = terms
     return loss + penalty, {**metrics, **router}
+
+
+def policy_router_terms(model) -> tuple[torch.Tensor, dict] | None:
+    """(penalty, metrics) of the model's last forward, None for a dense model. An objective that runs another
+    forward of the same model after the policy's (DPO's reference with LoRA: the adapters off) takes them in
+    between: each forward replaces the router's record."""
+    plain = unwrap_model(model)
+    moe = getattr(plain.config, "moe", None)
+    return None if moe is None else router_terms(plain, moe)
 
 
 class SFT(LanguageModeling):
@@ -168,7 +178,8 @@ class DPO(Objective):
     computed from the starting weights again on resume (setup runs before a checkpoint is restored), which
     gives the same numbers. reference=live: a frozen copy of the starting model scores each batch.
     With LoRA (llm.peft) the reference is the policy itself with its adapters off: the base, no second copy.
-    Chosen and rejected go through the policy in one concatenated forward pass.
+    Chosen and rejected go through the policy in one concatenated forward pass; a mixture-of-experts policy's
+    balancing terms (`with_router_terms`) are those of that forward, taken before any reference forward.
     """
 
     LOSSES = ("sigmoid", "ipo", "hinge")
@@ -231,6 +242,7 @@ class DPO(Objective):
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         policy_chosen, policy_rejected = self._logps(model, batch)
+        router = policy_router_terms(model)  # the policy's routing only: taken before a reference forward
         if self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._logps(self.ref_model, batch)
@@ -247,7 +259,7 @@ class DPO(Objective):
             loss = loss + self.sft_weight * nll
             metrics["nll/chosen"] = nll.detach()
             metrics["loss"] = loss.detach()
-        return loss, metrics
+        return with_router_terms(model, loss, metrics, router)  # a MoE policy keeps balancing (TRL's aux_loss too)
 
     def evaluate(self, model, data) -> dict:
         """Over every held-out pair: preference accuracy and mean reward margin (policy vs reference), and exact

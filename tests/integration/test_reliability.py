@@ -5,19 +5,16 @@ a corrupt newest checkpoint is skipped; non-finite steps are skipped and too man
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import llm.checkpoint.files as ckpt
 from llm.dist.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
-from tests.conftest import ROOT, SMALL, read_metrics, run_cli
+from tests.conftest import SMALL, read_metrics, run_cli, start_run, wait_for_step
 
 pytestmark = pytest.mark.integration
 SHARES_REFERENCES = pytest.mark.xdist_group("reliability")  # the tests of the module fixture: on one worker
@@ -36,33 +33,6 @@ def _task_args(task: str, small_run) -> list[str]:
     if task == "pretrain":
         return []
     return [f"task={task}", f"init_from={small_run}", *POST]
-
-
-def _start(args, cache_dir):
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for_step(proc, run_dir, step: int, timeout: float = 300) -> int:
-    """Poll metrics.jsonl until a record of `step` or later exists; return the last step seen."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return json.loads(lines[-1])["step"]
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.01)
-    raise AssertionError("timed out")
 
 
 def _assert_same_trace(reference, resumed):
@@ -89,8 +59,8 @@ def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, 
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, *_task_args(task, small_run), f"hydra.run.dir={run_dir}"]
     kill_at = random.Random(seed).randint(4, 14)
-    proc = _start(args, cache_dir)
-    _wait_for_step(proc, run_dir, kill_at)
+    proc = start_run(args, cache_dir)
+    wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "results.json").exists()
@@ -102,8 +72,8 @@ def test_kill_9_then_resume_is_bit_identical(task, seed, references, small_run, 
 def test_sigterm_saves_exits_75_and_resumes_identically(references, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
-    proc = _start(args, cache_dir)
-    _wait_for_step(proc, run_dir, 8)
+    proc = start_run(args, cache_dir)
+    wait_for_step(proc, run_dir, 8)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE == 75
     stopped = read_metrics(run_dir)[-1]["step"]
@@ -118,7 +88,7 @@ def test_a_signal_before_the_first_step_exits_75_and_ctrl_c_later_saves_and_exit
     command starts again; Ctrl-C in that run saves its step and exits 130 (the shell's code for Ctrl-C)."""
     run_dir = tmp_path / "run"
     args = [*SMALL, *STEPS, f"hydra.run.dir={run_dir}"]
-    proc = _start(args, cache_dir)
+    proc = start_run(args, cache_dir)
     deadline = time.time() + 120
     while time.time() < deadline and "instantiating tokenizer" not in _text(run_dir / "train.log"):
         time.sleep(0.01)  # the tokenizer, the data and the model are still to come
@@ -126,8 +96,8 @@ def test_a_signal_before_the_first_step_exits_75_and_ctrl_c_later_saves_and_exit
     assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
     assert "SIGTERM: before the first step" in proc.stderr.read()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
-    proc = _start(args, cache_dir)  # nothing of a run to refuse: the same command starts again
-    _wait_for_step(proc, run_dir, 4)
+    proc = start_run(args, cache_dir)  # nothing of a run to refuse: the same command starts again
+    wait_for_step(proc, run_dir, 4)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == INTERRUPTED_EXIT_CODE == 130
     assert "Traceback" not in proc.stderr.read()

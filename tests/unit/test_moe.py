@@ -198,3 +198,24 @@ def test_init_from_keeps_a_nested_moe_override(monkeypatch, tmp_path):
     source.config = {**saved.to_dict(), "moe": None}
     with pytest.raises(ConfigError, match="model.moe.aux_loss_coef: init_from's model has model.moe=None"):
         open_source(compose_config(overrides), explicit)
+
+
+def test_compiled_moe_model_gives_the_eager_numbers():
+    """torch.compile (trainer.compile) traces the model with the dispatch left eager: the grouped matmul's fake
+    tensors refused fp32 before. Dynamo only (backend=eager) keeps this cheap; inductor, through run.py, is the slow
+    test in tests/integration/test_moe_run.py."""
+    moe = {"num_experts": 4, "experts_per_token": 2, "balance": "aux_free", "z_loss_coef": 0.1}
+    torch.manual_seed(0)
+    model = build_gpt(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=16, moe=moe).train()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for m in (model, torch.compile(model, backend="eager")):
+        loss, metrics = LanguageModeling().loss(m, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        load = model.blocks[0].mlp.step_load
+        runs.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters()], load.clone()))
+        model.zero_grad()
+        load.zero_()
+    (l0, m0, g0, load0), (l1, m1, g1, load1) = runs
+    assert torch.equal(l0, l1) and m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1)) and torch.equal(load0, load1) and load0.sum() == 2 * 12 * 2
