@@ -5,10 +5,13 @@ Trains three models through run.py on the default corpus, each with every seed g
   dense_active  model=tiny: one MLP of width 512, the width a token sees in the MoE (the same active parameters,
                 the router's 8 x 192 per layer aside)
   dense_total   model=tiny model.ffn_hidden=2048: the MoE's total parameters in one dense MLP
-  (and with --models, moe_aux_free: tiny_moe balanced by DeepSeek-V3's bias instead of the aux loss)
-and reports validation loss against tokens and against wall time, tokens/s and the final validation loss (mean
-over the seeds). First, in this process, the two dispatch paths of one tiny_moe layer (forward + backward on the
-batch's 2,048 tokens, alternated): torch._grouped_mm against a loop of one matmul per expert.
+  (and with --models, moe_aux_free: tiny_moe balanced by DeepSeek-V3's bias instead of the aux loss; and
+  moe_experts_adamw, moe_router_muon, moe_experts_adamw_router_muon: tiny_moe with optim.experts / optim.router
+  switched from the defaults, Muon's experts and AdamW's router)
+and reports validation loss against tokens and against wall time, tokens/s, the final validation loss (mean
+over the seeds) and an MoE's last logged load imbalance (moe/load_imbalance, max / mean tokens per expert).
+First, in this process, the two dispatch paths of one tiny_moe layer (forward + backward on the batch's 2,048
+tokens, alternated): torch._grouped_mm against a loop of one matmul per expert.
 
     python -m llm.bench moe                                  # 150 steps (the default run's), seeds 1 and 2
     python -m llm.bench moe --steps 60 --eval-every 20 --common "trainer.eval_batches=8" --out /tmp/moe_bench
@@ -36,6 +39,10 @@ MODELS = {
     "dense_active": ["model=tiny"],
     "dense_total": ["model=tiny", "model.ffn_hidden=2048"],
     "moe_aux_free": ["model=tiny_moe", "model.moe.balance=aux_free"],  # not by default: --models ... moe_aux_free
+    # optim=muon's choices for the MoE (moe: the experts on Muon, the router on AdamW), not by default either
+    "moe_experts_adamw": ["model=tiny_moe", "optim.experts=adamw"],
+    "moe_router_muon": ["model=tiny_moe", "optim.router=muon"],
+    "moe_experts_adamw_router_muon": ["model=tiny_moe", "optim.experts=adamw", "optim.router=muon"],
 }
 
 
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
             seen = {m["step"]: m["tokens"] for m in metrics if "tokens" in m}
             for e in run["evals"]:
                 e["tokens"] = seen.get(e["step"], 0)
+            imbalance = [m["moe/load_imbalance"] for m in metrics if "moe/load_imbalance" in m]
+            run["load_imbalance"] = imbalance[-1] if imbalance else None  # the last step's; a dense model: none
             runs.append({**run, "seed": seed, "params": params(run_dir)})
             (out / "moe_bench.json").write_text(json.dumps({"dispatch_ms": dispatch, "runs": runs}, indent=2))
     result = {"dispatch_ms": dispatch, "runs": runs}
@@ -109,9 +118,9 @@ def report(result: dict, args) -> str:
         f"dispatch (one tiny_moe layer, fwd+bwd, 2,048 tokens, median ms): grouped {d['grouped']:.1f}, "
         f"loop {d['loop']:.1f}",
         "",
-        "| model | params total / active | final val_loss (mean over seeds) | tokens/s | wall s | load before -> "
-        "after |",
-        "|---|---|---|---|---|---|",
+        "| model | params total / active | final val_loss (mean over seeds) | load imbalance (last step) | "
+        "tokens/s | wall s | load before -> after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in args.models:
         runs = [r for r in result["runs"] if r["name"] == name]
@@ -121,8 +130,10 @@ def report(result: dict, args) -> str:
         tps = statistics.mean(r["tokens_per_s"] or 0 for r in runs)
         wall = statistics.mean(r["evals"][-1]["wall_seconds"] for r in runs)
         loads = "; ".join(f"{r['load_before']} -> {r['load_after']}" for r in runs)
+        imbalance = ", ".join("-" if r.get("load_imbalance") is None else f"{r['load_imbalance']:.2f}" for r in runs)
         lines.append(
-            f"| {name} | {total:,} / {active:,} | {final:.4f} ({per_seed}) | {tps:,.0f} | {wall:.0f} | {loads} |"
+            f"| {name} | {total:,} / {active:,} | {final:.4f} ({per_seed}) | {imbalance} | {tps:,.0f} | {wall:.0f} "
+            f"| {loads} |"
         )
     lines += ["", "validation loss at each evaluation (tokens: val_loss at wall s), seed by seed:", ""]
     for r in result["runs"]:

@@ -213,9 +213,38 @@ def read_optimizer(directory: str | Path) -> dict:
 
 
 def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """Resume's: the checkpoint's optimizer state into `optimizer`; ConfigError in one line when it was saved by
+    another optimizer layout (optim=adamw vs muon; under muon, optim.experts / optim.router of an MoE)."""
     state = read_optimizer(directory)
+    problem = optimizer_mismatch(state, optimizer)
+    if problem:
+        raise ConfigError(
+            f"resume: the optimizer state in {directory} has {problem}: resume with the optim settings it was "
+            f"saved with (optim, and for an MoE optim.experts and optim.router), or start a new run from its weights "
+            f"with init_from={directory}"
+        )
     with about(Path(directory) / "optimizer.json"):
         optimizer.load_state_dict(state)
+
+
+def optimizer_mismatch(saved: dict, optimizer) -> str | None:
+    """Why a saved optimizer state dict does not fit `optimizer`: its parameter groups (name, number of parameters)
+    differ, or a state tensor is shaped for another parameter; None when it fits."""
+    theirs, ours = _layout(saved["param_groups"]), _layout(optimizer.param_groups)
+    if theirs != ours:
+        return f"parameter groups {theirs}, this run's {ours}"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    shaped = all(
+        int(i) < len(params) and (not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape)
+        for i, state in saved["state"].items()
+        for v in state.values()
+    )
+    return None if shaped else "state shaped for another model"
+
+
+def _layout(groups: list[dict]) -> list[tuple]:
+    """(name, number of parameters) of each group."""
+    return [(g.get("name"), len(g["params"])) for g in groups]
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from llm.checkpoint.files import read_optimizer
+from llm.checkpoint.files import optimizer_mismatch, read_optimizer
 from llm.dist.parallel import is_fsdp
 from llm.errors import ConfigError
 
@@ -46,10 +44,9 @@ def continue_optimizer(init_from: str | None, model, optimizer) -> None:
         )
     if is_fsdp(model):
         raise ConfigError("optim.init_state=checkpoint is not built for trainer.strategy=fsdp: use ddp or single")
-    saved, params = read_optimizer(path), [p for g in optimizer.param_groups for p in g["params"]]
-    theirs, ours = _layout(saved["param_groups"]), _layout(optimizer.param_groups)
-    if theirs != ours or not _shapes_match(saved, params):
-        what = f"parameter groups {theirs}, this run's {ours}" if theirs != ours else "state shaped for another model"
+    saved = read_optimizer(path)
+    what = optimizer_mismatch(saved, optimizer)
+    if what:
         raise ConfigError(
             f"optim.init_state=checkpoint: the optimizer state in {path} has {what}: the branch needs the optim and "
             f"model of the run that saved it, or optim.init_state=fresh"
@@ -58,17 +55,3 @@ def continue_optimizer(init_from: str | None, model, optimizer) -> None:
     optimizer.load_state_dict(saved)
     for group, hyper in zip(optimizer.param_groups, own):  # the loaded groups carry the saved run's values
         group.update(hyper)
-
-
-def _layout(groups: list[dict]) -> list[tuple]:
-    """(name, number of parameters) of each group."""
-    return [(g.get("name"), len(g["params"])) for g in groups]
-
-
-def _shapes_match(saved: dict, params: list) -> bool:
-    """Every saved state tensor but scalars (a step count) is shaped like its parameter (ids: the params' order)."""
-    return all(
-        i < len(params) and (not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[i].shape)
-        for i, state in saved["state"].items()
-        for v in state.values()
-    )

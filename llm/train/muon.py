@@ -25,21 +25,31 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 from torch.optim._muon import EPS as NS_EPS
 
 from llm.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from llm.model.moe import Router
 from llm.train.optim import OptimizerConfig, width_scaled
 from llm.train.orthogonalize import muon_update
 
 NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)  # torch's (Keller Jordan's quintic)
 
 
-def muon_matrices(model: nn.Module) -> set[int]:
-    """The ids of the 2-D weights of the linear layers inside the transformer blocks (attention and MLP
-    projections) and of the 3-D parameters there ([n, out, in]: stacked expert matrices): what Muon trains. The
-    embedding and the LM head (tied to it or not) are not among them."""
+def muon_matrices(model: nn.Module, experts: str = "muon", router: str = "adamw") -> set[int]:
+    """The ids of what Muon trains: the 2-D weights of the linear layers inside the transformer blocks (attention
+    and MLP projections), with `experts="muon"` the 3-D parameters there ([n, out, in]: a mixture-of-experts
+    layer's stacked expert matrices) and with `router="muon"` the MoE routers' gate matrices [E, D]. The embedding
+    and the LM head (tied to it or not) are not among them."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ConfigError("optim=muon needs a model with transformer blocks (model.blocks)")
     linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
-    return linear | {id(p) for p in blocks.parameters() if p.dim() == 3 and p.requires_grad}
+    stacks = expert_stacks(model) if experts == "muon" else set()
+    gates = {id(m.weight) for m in blocks.modules() if isinstance(m, Router) and m.weight.requires_grad}
+    return linear | stacks | (gates if router == "muon" else set())
+
+
+def expert_stacks(model: nn.Module) -> set[int]:
+    """The ids of the 3-D parameters inside the transformer blocks (stacked expert matrices [n, out, in])."""
+    blocks = getattr(model, "blocks", None)
+    return set() if blocks is None else {id(p) for p in blocks.parameters() if p.dim() == 3 and p.requires_grad}
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -180,8 +190,10 @@ class MuonWithAdamW:
 class MuonConfig(OptimizerConfig):
     """`optim.lr`, `optim.weight_decay`: Muon's, for the block matrices; `optim.adam_lr`, `optim.betas`,
     `optim.eps`: AdamW's, for the embedding, the LM head, norms and biases (no weight decay on them but an untied
-    head's, which gets `optim.adam_weight_decay`). The schedule's keys are OptimizerConfig's, one for both. The
-    defaults are conf/optim/muon.yaml's (tests/unit/test_config.py compares them)."""
+    head's, which gets `optim.adam_weight_decay`). A mixture-of-experts model's routed experts train on
+    `optim.experts` (muon | adamw) and its routers' gate matrices on `optim.router` (adamw | muon); a dense model
+    has neither. The schedule's keys are OptimizerConfig's, one for both. The defaults are conf/optim/muon.yaml's
+    (tests/unit/test_config.py compares them)."""
 
     lr: float = 6e-3
     schedule: str = "wsd"  # warmup-stable-decay
@@ -193,6 +205,8 @@ class MuonConfig(OptimizerConfig):
     nesterov: bool = True
     ns_steps: int = 5
     adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (AdamW's lr carries over) | original
+    experts: str = "muon"  # MoE: the routed experts' stacked matrices on muon | adamw (no-op for a dense model)
+    router: str = "adamw"  # MoE: the router's gate matrix [E, D] on adamw | muon (no-op for a dense model)
 
     def __post_init__(self):
         super().__post_init__()
@@ -202,22 +216,31 @@ class MuonConfig(OptimizerConfig):
         check_bool("optim.nesterov", self.nesterov)
         check_int("optim.ns_steps", self.ns_steps, 1)
         check_choice("optim.adjust_lr", self.adjust_lr, {"match_rms_adamw", "original"})
+        check_choice("optim.experts", self.experts, {"muon", "adamw"})
+        check_choice("optim.router", self.router, {"adamw", "muon"})
 
     def check_strategy(self, strategy: str) -> None:
         if strategy == "fsdp":
             raise ConfigError(MUON_FSDP)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        matrices = muon_matrices(model)
+        """Muon's group, then AdamW's: `adam` (an untied LM head; a router on AdamW), `adam_no_decay` and, with
+        experts=adamw, `adam_experts` (the stacked experts at adam_lr with Muon's weight decay, optim.weight_decay,
+        as optim=adamw decays the block matrices). Empty groups but `adam_no_decay` are left out, so a dense
+        model's groups are the same whatever `experts` and `router` say."""
+        matrices = muon_matrices(model, self.experts, self.router)
+        stacks = expert_stacks(model) if self.experts == "adamw" else set()
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        muon, adam_decay, adam_no_decay, seen = [], [], [], set()
+        muon, adam_decay, adam_no_decay, adam_experts, seen = [], [], [], [], set()
         for p in model.parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             if id(p) in matrices:
                 muon.append(p)
-            elif p.dim() >= 2 and id(p) not in embeddings:  # an untied LM head
+            elif id(p) in stacks:
+                adam_experts.append(p)
+            elif p.dim() >= 2 and id(p) not in embeddings:  # an untied LM head, a router on AdamW
                 adam_decay.append(p)
             else:
                 adam_no_decay.append(p)
@@ -225,8 +248,9 @@ class MuonConfig(OptimizerConfig):
             {"params": muon, "lr": self.lr, "weight_decay": self.weight_decay, "name": "muon"},
             {"params": adam_decay, "lr": self.adam_lr, "weight_decay": self.adam_weight_decay, "name": "adam"},
             {"params": adam_no_decay, "lr": self.adam_lr, "weight_decay": 0.0, "name": "adam_no_decay"},
+            {"params": adam_experts, "lr": self.adam_lr, "weight_decay": self.weight_decay, "name": "adam_experts"},
         ]
-        return [g for g in groups if g["params"] or g["name"] != "adam"]
+        return [g for g in groups if g["params"] or g["name"] in ("muon", "adam_no_decay")]
 
     def build(self, model: nn.Module, device_type: str) -> MuonWithAdamW:
         """On an accelerator a step is skipped on the device (no host sync); on the CPU, where reading the flag

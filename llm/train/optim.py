@@ -7,9 +7,9 @@ a resumed run needs only the step. `optim=muon` (llm.train.muon.MuonConfig) exte
 µP (model.parametrization=mup, llm/model/config.py): `width_scaled` multiplies each parameter's peak lr by µP's
 table for the width ratio m = d_model / base_width (`lr_multiplier`): the block matrices (hidden weights) 1/m under
 AdamW; under Muon 1/sqrt(m) with adjust_lr=match_rms_adamw (its update's spectral norm grows as sqrt(width)) and 1
-with `original` (already width-free), each by the optimizer that trains it (an MoE's router is AdamW's under
-Muon too: 1/m); the embedding, LM head, norms and biases 1 (the head's 1/m is the model's
-output multiplier). A group with several multipliers is split; at m = 1 nothing changes. The defaults are
+with `original` (already width-free), each by the optimizer that trains it (an MoE's experts and router: the
+one optim.experts / optim.router names); the embedding, LM head, norms and biases 1 (the head's 1/m is the
+model's output multiplier). A group with several multipliers is split; at m = 1 nothing changes. The defaults are
 conf/optim/adamw.yaml's (tests/unit/test_config.py compares them).
 """
 
@@ -143,7 +143,7 @@ def width_scaled(groups: list[dict], model: nn.Module, lr: float, muon_adjust: s
         parts: dict[float, list] = {}
         for p in group["params"]:
             # the multiplier of the optimizer that trains it: Muon's group, or AdamW (the rest under optim=muon,
-            # such as an MoE's router)
+            # such as an MoE's router on optim.router=adamw or its experts on optim.experts=adamw)
             adjust = muon_adjust if group.get("name") == "muon" else None
             parts.setdefault(lr_multiplier(width_mult, id(p) in hidden, adjust), []).append(p)
         for mult, params in sorted(parts.items(), reverse=True):

@@ -54,3 +54,10 @@ def test_optimizer_bench_bad_flags_are_one_line_before_any_timing(argv, says, ca
     with pytest.raises(SystemExit) as e:
         optimizers.main(argv)
     assert e.value.code != 0 and says in (str(e.value.code) + capsys.readouterr().err)
+
+
+def test_optimizer_bench_times_the_step_and_the_optimizer_step_alone():
+    kwargs = dict(vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, d_model=16, max_seq_len=8, dropout=0.0)
+    res = optimizers.measure(kwargs, batch_size=2, seq_len=8, steps=1, warmup=0, ns_steps=2)
+    assert set(res) == set(optimizers.OPTIMIZERS)
+    assert all(0 < r["opt_cpu_ms"] <= r["cpu_ms"] and r["wall_ms"] > 0 for r in res.values())

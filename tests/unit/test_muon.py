@@ -19,7 +19,7 @@ from llm.contract import Data
 from llm.data.pretrain import PackedTokens
 from llm.errors import ConfigError
 from llm.model import build_gpt
-from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, trainer_settings
+from llm.train import LanguageModeling, MuonConfig, RunInfo, Trainer, orthogonalize, trainer_settings
 from llm.train.muon import BatchedMuon
 from llm.train.steps import optimizer_step
 
@@ -290,20 +290,17 @@ def _matrices(tensors):
     return [m for t in tensors for m in (t if t.dim() == 3 else [t])]
 
 
-@pytest.mark.parametrize(
-    "kw", [{"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "nesterov": False, "weight_decay": 0.0}]
-)
-def test_batched_update_is_torchs_per_matrix_update_bit_for_bit(kw):
-    """BatchedMuon on 2-D and 3-D parameters against torch's Muon on every matrix alone (a 3-D parameter's slices
-    as separate matrices, each with its own momentum and its own shape's lr): equal bit for bit over three steps,
-    and a step skipped on the device (found_inf = 1) changes nothing."""
+def _against_torchs_muon(shapes, kw):
+    """BatchedMuon on 2-D and 3-D parameters of these shapes against torch's Muon on every matrix alone (a 3-D
+    parameter's slices as separate matrices, each with its own momentum and its own shape's lr): equal bit for bit
+    over three steps, and a step skipped on the device (found_inf = 1) changes nothing."""
     kw = {"lr": 0.02, "momentum": 0.9, **kw}
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MIXED]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     slices = [torch.nn.Parameter(m.detach().clone()) for m in _matrices(params)]
     batched, per_matrix = BatchedMuon(params, **kw), torch.optim.Muon(slices, **kw)
     for step in range(4):
-        grads = [torch.randn(s, generator=gen) for s in MIXED]
+        grads = [torch.randn(s, generator=gen) for s in shapes]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         batched.found_inf = torch.tensor(float(step == 2))
@@ -319,6 +316,26 @@ def test_batched_update_is_torchs_per_matrix_update_bit_for_bit(kw):
         assert all(torch.equal(a, b) for a, b in zip(_matrices(params), slices))
         momenta = _matrices([batched.state[p]["momentum_buffer"] for p in params])
         assert all(torch.equal(a, per_matrix.state[s]["momentum_buffer"]) for a, s in zip(momenta, slices))
+
+
+@pytest.mark.parametrize(
+    "kw", [{"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "nesterov": False, "weight_decay": 0.0}]
+)
+def test_batched_update_is_torchs_per_matrix_update_bit_for_bit(kw):
+    _against_torchs_muon(MIXED, kw)
+
+
+def test_tall_matrices_at_onednn_sizes_in_groups_are_torchs_bit_for_bit(monkeypatch):
+    """Sizes where torch's bf16 matmuls run in oneDNN (MIXED's are smaller): a tall stack iterated as it lies equals
+    torch's wide iteration bit for bit; with GROUP_BYTES below one stack's size every stack is a group of its own."""
+    monkeypatch.setattr(orthogonalize, "GROUP_BYTES", 2 * 64 * 192)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 60 small matmuls a step: one thread beats two waiting for each other on a busy machine
+    try:
+        _against_torchs_muon([(192, 64), (64, 192), (64, 64), (2, 192, 64), (192, 64)], {"adjust_lr_fn": "original"})
+    finally:
+        torch.set_num_threads(threads)
+    assert len(orthogonalize.stack_plan((torch.Size([192, 64]), torch.Size([64, 64])), 2 * 64 * 192)) == 2
 
 
 def test_checkpoints_of_torchs_muon_load_into_the_batched_one():

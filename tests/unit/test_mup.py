@@ -168,16 +168,20 @@ def test_sweep_prints_the_lr_for_the_target_width(tmp_path):
     assert mup_transfer(tmp_path, 512) is None
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_moe_router_and_experts_take_the_hidden_multiplier(optim):
+@pytest.mark.parametrize(
+    ("optim", "experts", "router"), [("adamw", "", ""), ("muon", "muon", "adamw"), ("muon", "adamw", "muon")]
+)
+def test_moe_router_and_experts_take_the_hidden_multiplier(optim, experts, router):
     """An MoE's router [E, D] and stacked experts grow in fan-in with the width like the block matrices: at m = 4
-    the experts at Muon's or AdamW's hidden multiplier, the router (AdamW's under Muon too) at lr / m."""
+    each at the hidden multiplier of the optimizer that trains it (optim.experts, optim.router): Muon's lr / 2 with
+    match_rms_adamw, AdamW's lr / 4."""
     moe = {"num_experts": 4, "experts_per_token": 2}
     m = model(64, parametrization="mup", base_width=16, moe=moe)
     if optim == "adamw":
-        lrs, expert, router = lrs_by_param(OptimizerConfig(lr=0.01).build(m, "cpu"), m), 0.01 / 4, 0.01 / 4
+        lrs, expert, gate = lrs_by_param(OptimizerConfig(lr=0.01).build(m, "cpu"), m), 0.01 / 4, 0.01 / 4
     else:
-        opt = MuonConfig(lr=0.02, adam_lr=0.004, adjust_lr="match_rms_adamw").build(m, "cpu")
-        lrs, expert, router = lrs_by_param(opt, m), 0.02 / 2, 0.004 / 4
+        cfg = MuonConfig(lr=0.02, adam_lr=0.004, adjust_lr="match_rms_adamw", experts=experts, router=router)
+        lrs, muon, adam = lrs_by_param(cfg.build(m, "cpu"), m), 0.02 / 2, 0.004 / 4
+        expert, gate = (muon if experts == "muon" else adam), (muon if router == "muon" else adam)
     assert lrs["blocks.0.mlp.experts.gate"] == pytest.approx(expert)
-    assert lrs["blocks.0.mlp.router.weight"] == pytest.approx(router)
+    assert lrs["blocks.0.mlp.router.weight"] == pytest.approx(gate)

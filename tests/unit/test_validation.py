@@ -45,6 +45,7 @@ BAD = [
     (["optim.betas=[0.9,1.0]"], "optim.betas[1]=1.0 must be a finite number in [0, 1)"),
     (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)"),
     (["optim.init_state=last"], "optim.init_state='last' is not allowed; choose one of ['checkpoint', 'fresh']"),
+    (["optim.experts=sgd"], "optim.experts='sgd' is not allowed; choose one of ['adamw', 'muon']"),
     (["optim.init_state=checkpoint"], "optim.init_state=checkpoint takes init_from's optimizer state"),
     (["optim.eps=0"], "optim.eps=0 must be a finite number > 0"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2 must be a finite number in [0, 1]"),
