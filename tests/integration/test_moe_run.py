@@ -1,7 +1,8 @@
 """model=tiny_moe through run.py (shrunk as the other integration runs): the loss falls with the load imbalance,
-the balancing losses and no dropped tokens logged; 2 DDP ranks give the losses of one process (the aux-loss-free
-bias summed over the ranks); a run killed with SIGKILL after its step-3 checkpoint resumes bit for bit,
-the bias included; and SFT with LoRA from an imported Qwen3-MoE trains and exports to transformers' class."""
+the balancing losses and no dropped tokens logged; 2 DDP ranks and 2 FSDP2 ranks give the losses of one process
+(the aux-loss-free bias summed over the ranks); a run killed with SIGKILL after its step-3 checkpoint resumes bit
+for bit, the bias included; and SFT with LoRA from an imported Qwen3-MoE trains and exports to transformers' class.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def _untimed(run_dir) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.endswith(("_s", "seconds"))} for m in read_metrics(run_dir)]
 
 
-def test_tiny_moe_trains_ddp_resumes_after_kill_9_and_sft_lora_exports(small_run, cache_dir, tmp_path):
-    single, killed, ddp = tmp_path / "single", tmp_path / "killed", tmp_path / "ddp"
+def test_tiny_moe_trains_ddp_fsdp_resumes_after_kill_9_and_sft_lora_exports(small_run, cache_dir, tmp_path):
+    single, killed, ddp, fsdp = (tmp_path / name for name in ("single", "killed", "ddp", "fsdp"))
     # the uninterrupted run, then the same run in the same interpreter (warm: it costs no start-up) killed with
     # SIGKILL at a step drawn as tests/integration/test_reliability.py draws it: after the step-3 checkpoint,
     # well before the last step (9)
@@ -57,6 +58,7 @@ def test_tiny_moe_trains_ddp_resumes_after_kill_9_and_sft_lora_exports(small_run
     assert proc.wait() == -signal.SIGKILL
     assert (single / "results.json").exists() and not (killed / "results.json").exists()
     run_cli([*MOE, "trainer.nproc_per_node=2", f"hydra.run.dir={ddp}"], cache_dir)
+    run_cli([*MOE, "trainer.nproc_per_node=2", "trainer.strategy=fsdp", f"hydra.run.dir={fsdp}"], cache_dir)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(latest_checkpoint(small_run) / "tokenizer")
     hf_model("qwen3_moe", tokenizer, tmp_path / "qwen3_moe")
@@ -86,7 +88,8 @@ def test_tiny_moe_trains_ddp_resumes_after_kill_9_and_sft_lora_exports(small_run
     bias = load_file(str(latest_checkpoint(single) / "model.safetensors"))["blocks.1.mlp.router.bias"]
     assert bias.abs().sum() > 0 and abs(bias.sum().item()) < 1e-5  # nudged every step, centred
 
-    assert_same_losses(single, ddp)
+    assert_same_losses(single, ddp, steps=range(1, 10))
+    assert_same_losses(single, fsdp, steps=range(1, 10))  # the expert stacks sharded over the ranks
     assert "resumed from" in (killed / "train.log").read_text()
     assert _untimed(killed) == _untimed(single)  # the metrics trace, every step's routing metrics included
     a, b = (load_file(str(latest_checkpoint(d) / "model.safetensors")) for d in (single, killed))
