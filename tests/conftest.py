@@ -138,7 +138,9 @@ def start_run(args, cache_dir: Path) -> subprocess.Popen:
 
 def start_run_batch(arg_lists: list[list[str]], cache_dir: Path, out: Path) -> subprocess.Popen:
     """`run_cli_batch`'s runs started in the background, their RESULT lines and stderr written to `out`: to kill
-    the interpreter in its last run, which then starts warm (torch imported, its kernels run once)."""
+    the interpreter in its last run, which then starts warm (torch imported, its kernels run once). It runs at the
+    lowest priority (nice 19), so the test polling it gets the CPU as soon as it wakes: a warm tiny run's steps take
+    milliseconds, and a busy machine must not let it finish before the test's kill."""
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     with open(out, "w") as sink:  # a file, not a pipe nobody reads while the runs fill it
         proc = subprocess.Popen(
@@ -149,6 +151,7 @@ def start_run_batch(arg_lists: list[list[str]], cache_dir: Path, out: Path) -> s
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=lambda: os.nice(19),
         )
     proc.stdin.write(json.dumps(arg_lists))
     proc.stdin.close()
