@@ -73,16 +73,22 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
-    """python run.py <args> in a subprocess; returns CompletedProcess (stdout+stderr as text)."""
-    full_env = {
+def run_env(cache_dir: Path, extra: dict | None = None) -> dict:
+    """The environment of a run.py the tests start: this one's, with the test cache, no hub, W&B offline,
+    unbuffered output, then `extra`."""
+    return {
         **os.environ,
         "LLM_CACHE_DIR": str(cache_dir),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
-        **(env or {}),
+        **(extra or {}),
     }
+
+
+def run_cli(args, cache_dir: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
+    """python run.py <args> in a subprocess; returns CompletedProcess (stdout+stderr as text)."""
+    full_env = run_env(cache_dir, env)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=ROOT,
@@ -102,13 +108,7 @@ def run_cli_batch(
     """`python run.py <args>` for each argument list, one after the other in one interpreter (tests/cli_batch.py):
     for runs that stop early, whose start-up (~2.5 s of CPU: torch, Hydra, the project) would cost more than the
     run, and for short runs of one test module. Returns {returncode, stdout, stderr} per run."""
-    env = {
-        **os.environ,
-        "LLM_CACHE_DIR": str(cache_dir),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        **(env or {}),
-    }
+    env = run_env(cache_dir, env)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "cli_batch.py")],
         input=json.dumps(arg_lists),
@@ -125,7 +125,7 @@ def run_cli_batch(
 
 def start_run(args, cache_dir: Path) -> subprocess.Popen:
     """python run.py <args> started in the background (for the tests that signal a running run); stderr piped."""
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = run_env(cache_dir)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=ROOT,
@@ -141,7 +141,7 @@ def start_run_batch(arg_lists: list[list[str]], cache_dir: Path, out: Path) -> s
     the interpreter in its last run, which then starts warm (torch imported, its kernels run once). It runs at the
     lowest priority (nice 19), so the test polling it gets the CPU as soon as it wakes: a warm tiny run's steps take
     milliseconds, and a busy machine must not let it finish before the test's kill."""
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = run_env(cache_dir)
     with open(out, "w") as sink:  # a file, not a pipe nobody reads while the runs fill it
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "cli_batch.py")],
