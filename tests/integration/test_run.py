@@ -127,7 +127,7 @@ def test_init_from_starts_where_the_run_ended(small_run, continued_run):
 
 @pytest.mark.xdist_group("bad_input")
 def test_init_from_incompatible_model_is_one_line_error(bad_input_runs):
-    result = bad_input_runs["other"]["init_from_incompatible"]
+    result, _ = bad_input_runs["other"]["init_from_incompatible"]
     assert result["returncode"] != 0
     assert "d_model: checkpoint 64 vs model 96" in result["stderr"].strip().splitlines()[-1]
 
@@ -170,7 +170,7 @@ def test_several_loggers_at_once(continued_run):
 
 @pytest.mark.xdist_group("bad_input")
 def test_help_is_the_projects(bad_input_runs):
-    result = bad_input_runs["other"]["help"]
+    result, _ = bad_input_runs["other"]["help"]
     assert result["returncode"] == 0, result["stderr"]
     for line in (
         "Usage: python run.py",
@@ -187,7 +187,7 @@ def test_help_is_the_projects(bad_input_runs):
 
 @pytest.mark.xdist_group("bad_input")
 def test_print_composed_config(bad_input_runs):
-    result = bad_input_runs["other"]["cfg"]
+    result, _ = bad_input_runs["other"]["cfg"]
     assert result["returncode"] == 0, result["stderr"]
     assert "d_model: 1600" in result["stdout"] and "max_seq_len: 2048" in result["stdout"]
 
@@ -331,7 +331,7 @@ def _other_runs(small_run, tmp_path_factory) -> dict:
 def bad_input_runs(cache_dir, tmp_path_factory, small_run) -> dict:
     """Every row of ERRORS, every DAMAGED copy of the small run, then the other runs that stop before any work
     (_other_runs), through run.py in one interpreter (run_cli_batch): {"table": [(result, tmp dir)], "damaged":
-    [(result, run dir, its files before)], "other": {name: result or (result, what the test needs)}, "config":
+    [(result, run dir, its files before)], "other": {name: (result, what its test needs or None)}, "config":
     [(result, run dir)] for CONFIG_ERRORS}."""
     arg_lists, dirs, damaged = [], [], []
     for overrides, files, _ in ERRORS:
@@ -357,9 +357,7 @@ def bad_input_runs(cache_dir, tmp_path_factory, small_run) -> dict:
     return {
         "table": list(zip(results, dirs)),
         "damaged": [(r, run, before) for r, (run, before) in zip(results[len(ERRORS) :], damaged)],
-        "other": {
-            name: by_name[name] if extra is None else (by_name[name], extra) for name, (_, extra) in other.items()
-        },
+        "other": {name: (by_name[name], extra) for name, (_, extra) in other.items()},
         "config": [(by_name[f"config{i}"], other[f"config{i}"][1]) for i in range(len(CONFIG_ERRORS))],
     }
 
