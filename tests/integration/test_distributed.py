@@ -6,7 +6,6 @@ sweep) and the submitit launcher (each task a rank, as on SLURM)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, SMALL, read_metrics, run_cli
+from tests.conftest import ROOT, SMALL, read_metrics, run_cli, run_env
 
 pytestmark = pytest.mark.integration
 SHARES_RUNS = pytest.mark.xdist_group("distributed")  # the tests of the module fixtures: on one worker
@@ -88,7 +87,7 @@ def torchrun_ddp(runs, cache_dir) -> Path:
     cwd = runs / "torchrun"
     cwd.mkdir()
     (cwd / "slow_rank.py").write_text(SLOW_RANK)
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = run_env(cache_dir)
     env.pop("LLM_RUN_STAMP", None)
     proc = subprocess.run(
         [

@@ -5,7 +5,6 @@ pruned before its last step; a failing trial is marked failed and the search goe
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, SMALL, run_cli
+from tests.conftest import ROOT, SMALL, run_cli, run_env
 
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.integration
@@ -44,7 +43,7 @@ SEARCH = [
 def test_search_survives_a_kill_prunes_and_marks_failures(cache_dir, tmp_path):
     sweep = tmp_path / "search"
     args = [*SEARCH, f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = run_env(cache_dir)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=ROOT,
